@@ -492,7 +492,6 @@ def log_store_phase(b: Bench, eidetic: str, root: str, n_files: int, uploads: in
     inbox = os.path.join(root, "inbox")
     stage = os.path.join(root, "stage")
     per_dir = 100
-    n_dirs = max(1, (n_files + per_dir - 1) // per_dir)
     rels = []
     for i in range(n_files):
         d = i // per_dir

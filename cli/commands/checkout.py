@@ -1,0 +1,28 @@
+"""eidetic checkout"""
+
+from __future__ import annotations
+
+import click
+
+from ..common import Ctx, human_bytes, say
+
+
+@click.command("checkout")
+@click.argument("path")
+@click.option("--version", "version", type=int, help="Version number (1 = oldest).")
+@click.option("--at", "at", metavar="TIME", help="As it stood at TIME (ISO 8601; UTC if no zone).")
+@click.option("--upload", "upload", metavar="ID", help="As it stood right after upload ID.")
+@click.option("-o", "--output", "dest", type=click.Path(), help="Destination (default ./<name>).")
+@click.option("--force", is_flag=True, help="Overwrite an existing destination.")
+@click.pass_obj
+def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: str | None,
+            dest: str | None, force: bool) -> None:
+    """Restore a version of a file, or a folder as it stood, to DEST.
+
+    Every byte is verified against its BLAKE3; recorded mtimes and modes are
+    restored.
+    """
+    from eidetic.checkout import checkout
+
+    r = checkout(ctx.cfg, path, version=version, at=at, upload=upload, dest=dest, force=force)
+    say(f"restored {r.files} file(s), {human_bytes(r.bytes)}, verified, to {r.dest}")

@@ -1,0 +1,37 @@
+"""eidetic log"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..common import Ctx, human_bytes, say
+
+
+@click.command("log")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def command(ctx: Ctx, path: str, as_json: bool) -> None:
+    """Show the version history of PATH, newest first.
+
+    PATH is a file or folder in a study's tree (plain name or any version
+    name) or STUDY:relative/path.
+    """
+    from eidetic import history, layout
+
+    t = history.resolve(ctx.cfg, path)
+    entries = history.history(t)
+    if as_json:
+        click.echo(json.dumps([e.to_json(t.store.name) for e in entries], indent=1))
+        return
+    what = layout.display(t.path) or "(whole study)"
+    say(f"{what}  study {t.store.name}, {len(entries)} version(s)")
+    for e in entries:
+        v = e.version
+        name = layout.display(e.tree_path.encode() if isinstance(e.tree_path, str) else e.tree_path)
+        shown = name.rsplit("/", 1)[1] if not t.is_dir else layout.display(
+            layout.version_relpath(v.path, v.n, v.stamp))
+        say(f"  v{v.n:<4} {v.received[:19].replace('T', ' ')}Z  {e.upload}  {e.source:<12} "
+            f"{human_bytes(v.size):>10}  {v.blake3[:12]}  {shown}")

@@ -1,0 +1,61 @@
+"""The ``eidetic`` command: a click group and the one place where library
+errors become exit statuses and one-line messages (never a traceback)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from eidetic import __version__
+from eidetic.errors import EideticError
+
+from .commands import checkout, fsck, ingest, init, log
+from .common import Ctx
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="EIDETIC_CONFIG", type=click.Path(dir_okay=False),
+              help="Config file (default: $EIDETIC_CONFIG, else /etc/eidetic/eidetic.yaml, "
+                   "else the built-in default layout under the data directory).")
+@click.option("-v", "--verbose", count=True, help="Say more.")
+@click.version_option(__version__, prog_name="eidetic")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
+    """eidetic: a content-addressed archive that never forgets a version."""
+    ctx.obj = Ctx(config_path, verbose)
+
+
+for command in (init.command, ingest.command, log.command, checkout.command, fsck.command):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="eidetic", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("eidetic: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except EideticError as e:
+        click.echo(f"eidetic: {e.message}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("eidetic: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    except OSError as e:
+        # An environment problem we did not anticipate: one line, not a traceback.
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"eidetic: {e.strerror or e}{where}", err=True)
+        sys.exit(3)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

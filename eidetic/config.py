@@ -1,0 +1,229 @@
+"""Configuration: where it is found, what it may say, and the default layout.
+
+Lookup order: an explicit path (``--config``), else ``$EIDETIC_CONFIG``, else
+``/etc/eidetic/eidetic.yaml``; when none exists, the self-contained default
+layout under the data directory (``$EIDETIC_HOME``, else
+``$XDG_DATA_HOME/eidetic``, else ``~/.local/share/eidetic``).
+
+Every problem is a :class:`ConfigError` naming the key; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import ConfigError
+from .layout import STUDY_NAME_RE
+
+SYSTEM_CONFIG = "/etc/eidetic/eidetic.yaml"
+DEFAULT_SETTLE_SECONDS = 30.0
+DEFAULT_LAYOUT_SETTLE_SECONDS = 2.0
+DEFAULT_STUDY = "demo"
+
+_TOP_KEYS = {"inbox", "state", "settle_seconds", "studies"}
+_STUDY_KEYS = {"tree", "store", "inbox"}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    tree: str
+    store: str
+    inbox: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    inbox: str | None
+    state: str
+    settle_seconds: float
+    studies: dict[str, StudyConfig] = field(default_factory=dict)
+    source: str = ""          # file it came from, or "" for the default layout
+
+    @property
+    def is_default_layout(self) -> bool:
+        return not self.source
+
+    def study(self, name: str) -> StudyConfig:
+        try:
+            return self.studies[name]
+        except KeyError:
+            known = ", ".join(sorted(self.studies)) or "none"
+            raise ConfigError(f"unknown study {name!r} (configured: {known})", self.source) from None
+
+    def inboxes(self) -> list[tuple[str, str | None]]:
+        """(inbox directory, study it is dedicated to or None for the shared inbox)."""
+        out: list[tuple[str, str | None]] = []
+        if self.inbox:
+            out.append((self.inbox, None))
+        out.extend((s.inbox, s.name) for s in self.studies.values() if s.inbox)
+        return out
+
+
+def data_dir() -> str:
+    if os.environ.get("EIDETIC_HOME"):
+        return os.path.abspath(os.environ["EIDETIC_HOME"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "eidetic")
+
+
+def default_layout() -> Config:
+    d = data_dir()
+    study = StudyConfig(DEFAULT_STUDY, tree=os.path.join(d, "studies", DEFAULT_STUDY, "tree"),
+                        store=os.path.join(d, "studies", DEFAULT_STUDY, "store"))
+    return Config(inbox=os.path.join(d, "inbox"), state=os.path.join(d, "state"),
+                  settle_seconds=DEFAULT_LAYOUT_SETTLE_SECONDS, studies={DEFAULT_STUDY: study})
+
+
+def find_config_path(explicit: str | None) -> str | None:
+    """The config file to use, or None for the default layout."""
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ConfigError("file not found", explicit)
+        return explicit
+    env = os.environ.get("EIDETIC_CONFIG")
+    if env:
+        if not os.path.isfile(env):
+            raise ConfigError("file not found (named by $EIDETIC_CONFIG)", env)
+        return env
+    return SYSTEM_CONFIG if os.path.isfile(SYSTEM_CONFIG) else None
+
+
+def load(explicit: str | None = None) -> Config:
+    path = find_config_path(explicit)
+    if path is None:
+        return default_layout()
+    try:
+        with open(path, "rb") as f:
+            doc = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}{e.problem or e}", path) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", path) from None
+    return parse(doc, path)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen[key] = True
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse(doc: object, source: str) -> Config:
+    if not isinstance(doc, dict):
+        raise ConfigError("the top level must be a mapping of keys", source)
+    _no_unknown(doc, _TOP_KEYS, "", source)
+    if "state" not in doc:
+        raise ConfigError("key 'state' is required", source)
+    if "studies" not in doc or not isinstance(doc["studies"], dict) or not doc["studies"]:
+        raise ConfigError("key 'studies' must map at least one study name to its settings", source)
+    inbox = _abs_path(doc, "inbox", "inbox", source) if doc.get("inbox") is not None else None
+    state = _abs_path(doc, "state", "state", source)
+    settle = doc.get("settle_seconds", DEFAULT_SETTLE_SECONDS)
+    if isinstance(settle, bool) or not isinstance(settle, (int, float)) or settle < 0:
+        raise ConfigError(f"key 'settle_seconds' must be a number of seconds >= 0, not {settle!r}", source)
+
+    studies: dict[str, StudyConfig] = {}
+    for name, body in doc["studies"].items():
+        key = f"studies.{name}"
+        if not isinstance(name, str) or not STUDY_NAME_RE.match(name):
+            raise ConfigError(
+                f"study name {name!r} cannot be parsed from entry names: use letters, digits and "
+                "'_' only (no '-', which separates the study from the rest of an entry name)", source)
+        if not isinstance(body, dict):
+            raise ConfigError(f"key '{key}' must be a mapping with 'tree' and 'store'", source)
+        _no_unknown(body, _STUDY_KEYS, key + ".", source)
+        for required in ("tree", "store"):
+            if required not in body:
+                raise ConfigError(f"key '{key}.{required}' is required", source)
+        studies[name] = StudyConfig(
+            name=name,
+            tree=_abs_path(body, "tree", f"{key}.tree", source),
+            store=_abs_path(body, "store", f"{key}.store", source),
+            inbox=_abs_path(body, "inbox", f"{key}.inbox", source) if body.get("inbox") is not None else None,
+        )
+    if inbox is None and not any(s.inbox for s in studies.values()):
+        raise ConfigError("key 'inbox' is required unless every study has its own 'inbox'", source)
+
+    cfg = Config(inbox=inbox, state=state, settle_seconds=float(settle), studies=studies, source=source)
+    _check_overlaps(cfg)
+    for s in studies.values():
+        _check_same_filesystem(s, source)
+    return cfg
+
+
+def _no_unknown(body: dict, allowed: set[str], prefix: str, source: str) -> None:
+    for k in body:
+        if k not in allowed:
+            raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(allowed))})", source)
+
+
+def _abs_path(body: dict, key: str, full_key: str, source: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"key '{full_key}' must be a path, not {value!r}", source)
+    if not os.path.isabs(value):
+        raise ConfigError(f"key '{full_key}' must be an absolute path, not {value!r}", source)
+    return os.path.normpath(value)
+
+
+def _named_dirs(cfg: Config) -> list[tuple[str, str]]:
+    dirs = [("state", cfg.state)]
+    if cfg.inbox:
+        dirs.append(("inbox", cfg.inbox))
+    for s in cfg.studies.values():
+        dirs.append((f"studies.{s.name}.tree", s.tree))
+        dirs.append((f"studies.{s.name}.store", s.store))
+        if s.inbox:
+            dirs.append((f"studies.{s.name}.inbox", s.inbox))
+    return dirs
+
+
+def _check_overlaps(cfg: Config) -> None:
+    dirs = _named_dirs(cfg)
+    for i, (ka, a) in enumerate(dirs):
+        for kb, b in dirs[i + 1:]:
+            if a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/"):
+                raise ConfigError(f"keys '{ka}' ({a}) and '{kb}' ({b}) overlap: "
+                                  "each directory must stand apart from the others", cfg.source)
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _check_same_filesystem(s: StudyConfig, source: str) -> None:
+    # Tree files are hardlinks to objects, so both must live on one file system.
+    try:
+        dev_tree = os.stat(_existing_ancestor(s.tree)).st_dev
+        dev_store = os.stat(_existing_ancestor(s.store)).st_dev
+    except OSError:
+        return
+    if dev_tree != dev_store:
+        raise ConfigError(f"keys 'studies.{s.name}.tree' ({s.tree}) and 'studies.{s.name}.store' "
+                          f"({s.store}) are on different file systems; tree files are hardlinks to "
+                          "store objects, so they must share one", source)

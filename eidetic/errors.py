@@ -1,0 +1,98 @@
+"""The library's exception hierarchy.
+
+Each class's docstring is its message template (filled with the keyword
+arguments given when raised) and each carries the exit status the command
+line maps it to.  Exit statuses live in documented bands (docs/admin.md):
+
+    0  success
+    1  the operation ran but something is wrong (failed entries, fsck findings,
+       a checkout that could not be verified, a path with no history)
+    2  the request cannot be carried out as given (bad config or arguments,
+       an existing destination, an unknown store format)
+    3  the environment stops us (a lock held by another process, no space)
+"""
+
+from __future__ import annotations
+
+
+class EideticError(Exception):
+    """{detail}"""
+
+    exit_code = 1
+
+    def __init__(self, detail: str = "", **kwargs: object) -> None:
+        self.kwargs = dict(kwargs, detail=detail)
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        try:
+            return (self.__doc__ or "{detail}").strip().format(**self.kwargs)
+        except (KeyError, IndexError):  # a template/argument mismatch must not hide the error
+            return f"{type(self).__name__}: {self.kwargs}"
+
+
+class ConfigError(EideticError):
+    """config {source}: {detail}"""
+
+    exit_code = 2
+
+    def __init__(self, detail: str, source: str = "") -> None:
+        super().__init__(detail, source=source or "(built-in default layout)")
+
+
+class UsageError(EideticError):
+    """{detail}"""
+
+    exit_code = 2
+
+
+class StoreFormatError(EideticError):
+    """store {path}: {detail}"""
+
+    exit_code = 2
+
+    def __init__(self, detail: str, path: str) -> None:
+        super().__init__(detail, path=path)
+
+
+class NotFound(EideticError):
+    """{detail}"""
+
+    exit_code = 1
+
+
+class DestinationExists(EideticError):
+    """{path} already exists (use --force to overwrite it)"""
+
+    exit_code = 2
+
+    def __init__(self, path: str) -> None:
+        super().__init__("", path=path)
+
+
+class IntegrityError(EideticError):
+    """integrity check failed: {detail}"""
+
+    exit_code = 1
+
+
+class LockBusy(EideticError):
+    """{detail}"""
+
+    exit_code = 3
+
+
+class EntryRejected(EideticError):
+    """Raised inside ingest for an entry that cannot be ingested; the entry is
+    marked failed with this reason and the run goes on with the next one.
+
+    {detail}"""
+
+    @property
+    def message(self) -> str:
+        return str(self.kwargs["detail"])
+
+
+class EntryChanged(EntryRejected):
+    """A file kept changing while it was read; the entry may be retried."""

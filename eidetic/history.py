@@ -1,0 +1,154 @@
+"""Finding a path's history: from what a user typed to index versions.
+
+A user names a path as a tree path (absolute or relative, the plain name or
+any version name) or as ``STUDY:relative/path``.  :func:`resolve` turns
+either into a study and an uploaded path; :func:`history` lists versions
+from the index (never by reading manifests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+from . import layout
+from .config import Config
+from .errors import NotFound
+from .index import Version
+from .store import Store
+
+
+@dataclass
+class Target:
+    store: Store
+    path: bytes               # uploaded path (b"" = the whole study)
+    is_dir: bool
+    version: int | None       # when a version name was given
+    tree_abs: bytes           # what the user pointed at, in the tree
+
+
+@dataclass
+class Entry:
+    """One version for display."""
+    version: Version
+    upload: str
+    source: str
+    tree_path: str
+
+    def to_json(self, study: str) -> dict:
+        v = self.version
+        d = {"version": v.n, "blake3": v.blake3, "size": v.size, "received": v.received,
+             "upload": self.upload, "tree_path": self.tree_path, "study": study,
+             "mtime_ns": v.mtime_ns, "mode": v.mode, "source": self.source}
+        try:
+            d["path"] = v.path.decode("utf-8")
+        except UnicodeDecodeError:
+            import base64
+            d["path_b64"] = base64.b64encode(v.path).decode()
+        return d
+
+
+def resolve(cfg: Config, arg: str) -> Target:
+    study_name, sep, rest = arg.partition(":")
+    if sep and study_name in cfg.studies and not os.path.lexists(arg):
+        store = Store.open(cfg.study(study_name))
+        rel = os.fsencode(rest.strip("/"))
+        return _resolve_rel(store, rel, os.fsencode(store.tree) + (b"/" + rel if rel else b""))
+    absp = os.fsencode(os.path.abspath(arg))
+    for s in cfg.studies.values():
+        for root in {os.fsencode(os.path.abspath(s.tree)), os.fsencode(os.path.realpath(s.tree))}:
+            if absp == root or absp.startswith(root + b"/"):
+                store = Store.open(s)
+                return _resolve_rel(store, absp[len(root) + 1:], absp)
+    trees = ", ".join(s.tree for s in cfg.studies.values())
+    raise NotFound(f"{arg} is not inside a study's tree ({trees}); "
+                   f"or name it as STUDY:path (studies: {', '.join(sorted(cfg.studies))})")
+
+
+def _resolve_rel(store: Store, rel: bytes, tree_abs: bytes) -> Target:
+    if not rel:
+        return Target(store, b"", True, None, tree_abs)
+    index = store.index
+    parts = rel.split(b"/")
+    try:
+        for p in parts:
+            layout.check_component(p)
+    except ValueError:
+        raise NotFound(f"{layout.display(rel)} is not a valid path in a tree") from None
+    src: list[bytes] = []
+    for i, comp in enumerate(parts[:-1]):
+        dec = layout.unplain_name(comp)
+        if dec is None:
+            hit = index.resolve_cut(b"/".join(parts[: i + 1]))
+            if hit is None:
+                raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
+            dec = hit[0].rpartition(b"/")[2]
+        src.append(dec)
+    last = parts[-1]
+    version = None
+    parsed = layout.parse_version_name(last)
+    if parsed is not None:
+        orig, version, _stamp = parsed
+        if orig is None:
+            hit = index.resolve_cut(rel)
+            if hit is None:
+                raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
+            orig = hit[0].rpartition(b"/")[2]
+        src.append(orig)
+    else:
+        dec = layout.unplain_name(last)
+        if dec is None:
+            hit = index.resolve_cut(rel)
+            if hit is None:
+                raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
+            dec = hit[0].rpartition(b"/")[2]
+        src.append(dec)
+    path = b"/".join(src)
+    is_file = index.has_path(path)
+    is_dir = version is None and index.has_dir(path)
+    if is_file and is_dir:
+        is_file = not os.path.isdir(tree_abs)
+        is_dir = not is_file
+    if not (is_file or is_dir):
+        raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
+    if version is not None and index.version(path, version) is None:
+        raise NotFound(f"{layout.display(rel)}: there is no version {version}")
+    return Target(store, path, is_dir and not is_file, version, tree_abs)
+
+
+def history(t: Target) -> list[Entry]:
+    """Versions newest first (by upload, then path)."""
+    index = t.store.index
+    if t.is_dir:
+        versions = list(index.iter_versions(t.path))
+    else:
+        versions = index.versions_of(t.path)
+    versions.sort(key=lambda v: (-v.seq, v.path, -v.n))
+    uploads: dict[int, dict] = {}
+    out = []
+    troot = os.path.abspath(t.store.tree)
+    for v in versions:
+        up = uploads.get(v.seq)
+        if up is None:
+            up = uploads[v.seq] = index.upload(v.seq) or {}
+        out.append(Entry(v, up.get("upload", "?"), up.get("source", "?"),
+                         os.path.join(troot, os.fsdecode(layout.version_relpath(v.path, v.n, v.stamp)))))
+    return out
+
+
+def select(versions: list[Version], n: int | None = None, at: datetime | None = None,
+           upload_seq: int | None = None) -> Version | None:
+    """The version wanted among one path's versions (oldest first); latest by default."""
+    chosen = None
+    for v in versions:
+        if n is not None:
+            if v.n == n:
+                return v
+            continue
+        if at is not None and layout.parse_utc_iso(v.received) > at:
+            break
+        if upload_seq is not None and v.seq > upload_seq:
+            break
+        chosen = v
+    return chosen

@@ -1,0 +1,276 @@
+"""The life of an inbox entry: found, settled, claimed, done or failed.
+
+The inbox is world-writable with the sticky bit and each entry belongs to
+its uploader, so the service user cannot move an entry to another directory
+(renaming a directory to a new parent needs write permission on it).  An
+entry therefore stays in its inbox and changes name:
+
+    foo-labA-1                                     complete upload
+    .eidetic~claimed~<upload id>~foo-labA-1        being ingested
+    .eidetic~done~<upload id>~foo-labA-1           ingested
+    .eidetic~failed~<upload id>~foo-labA-1         refused; reason in state/failed/
+
+Progress is recorded in ``<state>/claims/<upload id>.json`` *before* each
+rename, so a process killed at any instant leaves a record from which the
+next run finds the entry again (by name and inode) and finishes the job.
+An uploader could create a name that looks reserved; such a name without a
+matching record is never acted on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import stat
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from . import layout
+from .config import Config
+from .errors import ConfigError
+from .fsutil import fsync_dir, is_temp_name, makedirs, write_atomic
+from .manifest import decode_bytes, encode_bytes
+
+RECORD_KINDS = ("claims", "done", "failed")
+
+
+@dataclass
+class Candidate:
+    inbox: str
+    name: bytes
+    study: str | None
+    location: str
+    ctime_ns: int
+
+    @property
+    def path(self) -> bytes:
+        return os.fsencode(self.inbox) + b"/" + self.name
+
+
+@dataclass
+class Claim:
+    upload: str
+    study: str | None
+    inbox: str
+    original: bytes
+    location: str
+    dev: int
+    ino: int
+    uid: int
+    received: str
+    reason: str | None = None
+
+    def name_in(self, state: str) -> bytes:
+        return layout.inbox_state_name(state, self.upload, self.original)
+
+    def path_in(self, state: str) -> bytes:
+        return os.fsencode(self.inbox) + b"/" + self.name_in(state)
+
+    @property
+    def original_path(self) -> bytes:
+        return os.fsencode(self.inbox) + b"/" + self.original
+
+    @property
+    def uploader_name(self) -> str | None:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        del d["original"]
+        encode_bytes(d, "original", self.original)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Claim":
+        d = dict(d)
+        original = decode_bytes(d, "original")
+        d.pop("original", None)
+        d.pop("original_b64", None)
+        d.pop("where", None)
+        return cls(original=original, **d)
+
+
+def new_upload_id(now: datetime) -> str:
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+
+
+def scan(cfg: Config, study: str | None = None) -> list[Candidate]:
+    """Complete-looking entries (no leading '.'), oldest first, across every inbox."""
+    out: list[Candidate] = []
+    for inbox, dedicated in cfg.inboxes():
+        if study is not None and dedicated is not None and dedicated != study:
+            continue
+        try:
+            names = os.listdir(os.fsencode(inbox))
+        except FileNotFoundError:
+            raise ConfigError(f"inbox {inbox} does not exist (run 'eidetic init')", cfg.source) from None
+        for name in names:
+            if name.startswith(b"."):
+                continue
+            mapped = layout.parse_entry_name(name, frozenset(cfg.studies), dedicated)
+            if study is not None and (mapped is None or mapped[0] != study):
+                continue
+            try:
+                st = os.lstat(os.fsencode(inbox) + b"/" + name)
+            except FileNotFoundError:
+                continue
+            out.append(Candidate(inbox, name, mapped[0] if mapped else None,
+                                 mapped[1] if mapped else "", st.st_ctime_ns))
+    out.sort(key=lambda c: (c.ctime_ns, c.name))
+    return out
+
+
+def last_change(path: bytes) -> float:
+    """Newest mtime/ctime anywhere in an entry (not following symlinks), in seconds.
+    ctime catches the final rename and any chmod; mtime catches writes."""
+    st = os.lstat(path)
+    newest = max(st.st_mtime, st.st_ctime)
+    if not stat.S_ISDIR(st.st_mode):
+        return newest
+    stack = [path]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue  # unreadable: ingest reports it properly
+        with it:
+            for e in it:
+                try:
+                    s = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                newest = max(newest, s.st_mtime, s.st_ctime)
+                if stat.S_ISDIR(s.st_mode):
+                    stack.append(os.fsencode(e.path))
+    return newest
+
+
+class StateDir:
+    """``<state>/claims``, ``done``, ``failed``: one JSON record per upload."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def init(self) -> None:
+        makedirs(os.fsencode(self.root), 0o700)
+        for k in RECORD_KINDS:
+            makedirs(os.fsencode(os.path.join(self.root, k)), 0o700)
+
+    def check(self, source: str) -> None:
+        for k in RECORD_KINDS:
+            if not os.path.isdir(os.path.join(self.root, k)):
+                raise ConfigError(f"state directory {self.root} is not initialised (run 'eidetic init')", source)
+
+    def _path(self, kind: str, upload: str) -> str:
+        return os.path.join(self.root, kind, upload + ".json")
+
+    def write(self, kind: str, claim: Claim, extra: dict | None = None) -> None:
+        d = claim.to_json()
+        if extra:
+            d.update(extra)
+        write_atomic(self._path(kind, claim.upload), json.dumps(d, indent=1).encode() + b"\n", mode=0o600)
+
+    def remove(self, kind: str, upload: str) -> None:
+        try:
+            os.unlink(self._path(kind, upload))
+        except FileNotFoundError:
+            pass
+
+    def read(self, kind: str, upload: str) -> dict:
+        with open(self._path(kind, upload), "rb") as f:
+            return json.load(f)
+
+    def list(self, kind: str) -> list[dict]:
+        out = []
+        d = os.path.join(self.root, kind)
+        for name in sorted(os.listdir(d)):
+            if is_temp_name(name) or not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(d, name), "rb") as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def claims(self, study: str | None) -> list[Claim]:
+        return [Claim.from_json(d) for d in self.list("claims") if d.get("study") == study]
+
+    # ---------------------------------------------------------- transitions
+
+    def claim(self, c: Candidate) -> Claim | None:
+        """Take an entry: record first, then rename it to its claimed name.
+        None when the entry vanished before we could take it."""
+        now = datetime.now(timezone.utc)
+        try:
+            st = os.lstat(c.path)
+        except FileNotFoundError:
+            return None
+        cl = Claim(upload=new_upload_id(now), study=c.study, inbox=c.inbox, original=c.name,
+                   location=c.location, dev=st.st_dev, ino=st.st_ino, uid=st.st_uid,
+                   received=layout.utc_iso(now))
+        self.write("claims", cl)
+        if not rename_entry(cl, cl.original_path, cl.path_in("claimed")):
+            self.remove("claims", cl.upload)
+            return None
+        return cl
+
+    def locate(self, cl: Claim) -> tuple[str, bytes] | None:
+        """Where a claimed entry is now: ('claimed'|'done'|'failed'|'original', path),
+        checked by inode so a look-alike planted by an uploader is not taken."""
+        for state, path in (("claimed", cl.path_in("claimed")), ("done", cl.path_in("done")),
+                            ("failed", cl.path_in("failed")), ("original", cl.original_path)):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) == (cl.dev, cl.ino):
+                return state, path
+        return None
+
+    def finish(self, cl: Claim, outcome: str, reason: str | None = None, extra: dict | None = None) -> None:
+        """Rename the entry to its done/failed name and file the record under
+        done/ or failed/ (the record goes first so a crash in between is
+        finished by the next run)."""
+        assert outcome in ("done", "failed")
+        if reason is not None:
+            cl.reason = reason
+            self.write("claims", cl, extra)
+        where = self.locate(cl)
+        if where is not None and where[0] != outcome:
+            rename_entry(cl, where[1], cl.path_in(outcome))
+            where = (outcome, cl.path_in(outcome))
+        info = dict(extra or {})
+        info["where"] = os.fsdecode(where[1]) if where else None
+        info["finished"] = layout.utc_iso(datetime.now(timezone.utc))
+        self.write(outcome, cl, info)
+        self.remove("claims", cl.upload)
+
+
+def rename_entry(cl: Claim, src: bytes, dst: bytes) -> bool:
+    """Rename within the inbox after checking the inode; False if it vanished."""
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return False
+    if (st.st_dev, st.st_ino) != (cl.dev, cl.ino):
+        return False
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        return False
+    fsync_dir(cl.inbox)
+    return True
+
+
+def wait_settled(path: bytes, settle_seconds: float, now: float | None = None) -> float:
+    """Seconds left before the entry counts as complete (0 when settled)."""
+    age = (now if now is not None else time.time()) - last_change(path)
+    return max(0.0, settle_seconds - age)

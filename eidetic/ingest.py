@@ -1,0 +1,407 @@
+"""Ingest: from a claimed inbox entry to a committed, visible upload.
+
+For one entry, in this order (store_format.md, "Write ordering"):
+
+1. walk the entry without following symlinks and stream every regular file
+   into the object store (hashing the bytes actually stored), while the
+   manifest streams into tmp/;
+2. commit: one syncfs makes objects and manifest durable, then the manifest
+   gets its name (the commit point) and HEAD advances;
+3. apply the manifest to the index (resumable);
+4. materialize the tree (idempotent), syncfs;
+5. rename the entry to its done name.
+
+A process killed anywhere is finished by the next run: before step 2 the
+upload is redone from the entry (objects already placed are re-verified,
+never trusted by name), after it the remaining steps are replayed.
+
+This module has no threads and no watchdog; the daemon (watch.py) only
+decides *when* to call it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import layout
+from .config import Config
+from .errors import EideticError, EntryChanged, EntryRejected
+from .fsutil import open_regular_nofollow, raise_nofile_limit
+from .inbox import Candidate, Claim, StateDir, scan, wait_settled
+from .manifest import FileRecord, Header, ManifestReader, SkipRecord
+from .store import Store
+from .tree import Tree
+
+MAX_FILE_ATTEMPTS = 3
+MAX_REPORTED_PROBLEMS = 20
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class EntryResult:
+    entry: str                 # original name, for display
+    study: str | None
+    outcome: str               # "ingested" | "failed" | "waiting"
+    upload: str | None = None
+    reason: str | None = None
+    files: int = 0
+    bytes: int = 0
+    new_bytes: int = 0
+    new_versions: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    where: str | None = None
+
+
+@dataclass
+class Stats:
+    files: int = 0
+    bytes: int = 0
+    new_bytes: int = 0
+    new_objects: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class Ingester:
+    def __init__(self, cfg: Config, log: Log = _quiet,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """*progress(files, bytes)* is called as files are stored (for a UI)."""
+        self.cfg = cfg
+        self.log = log
+        self.progress = progress
+        self.state = StateDir(cfg.state)
+        raise_nofile_limit()
+
+    # ---------------------------------------------------------------- top
+
+    def run_once(self, study: str | None = None, settle_seconds: float | None = None) -> list[EntryResult]:
+        """Finish interrupted work, then ingest every settled entry once."""
+        self.state.check(self.cfg.source)
+        settle = self.cfg.settle_seconds if settle_seconds is None else settle_seconds
+        studies = [self.cfg.study(study).name] if study else sorted(self.cfg.studies)
+        results: list[EntryResult] = []
+        if study is None:
+            for cl in self.state.claims(None):   # unknown-study entries interrupted mid-refusal
+                self.state.finish(cl, "failed", cl.reason or "entry name maps to no configured study")
+            for c in scan(self.cfg, None):
+                if c.study is None:
+                    results.append(self._reject_unknown(c, settle))
+        for name in studies:
+            store = Store.open(self.cfg.study(name))
+            with store.lock():
+                results.extend(self.recover(store))
+                for c in (c for c in scan(self.cfg, name) if c.study == name):
+                    results.append(self._take(store, c, settle))
+        return [r for r in results if r is not None]
+
+    def _reject_unknown(self, c: Candidate, settle: float) -> EntryResult:
+        disp = layout.display(c.name)
+        known = ", ".join(sorted(self.cfg.studies))
+        reason = (f"entry name {disp!r} does not start with a configured study name and '-' "
+                  f"(configured: {known}); it was not ingested")
+        cl = self.state.claim(c)
+        if cl is None:
+            return EntryResult(disp, None, "waiting", reason="vanished before it could be examined")
+        self.state.finish(cl, "failed", reason)
+        self.log(f"failed {disp}: {reason}")
+        return EntryResult(disp, None, "failed", upload=cl.upload, reason=reason,
+                           where=os.fsdecode(cl.path_in("failed")))
+
+    def _take(self, store: Store, c: Candidate, settle: float) -> EntryResult:
+        disp = layout.display(c.name)
+        try:
+            left = wait_settled(c.path, settle)
+        except FileNotFoundError:
+            return EntryResult(disp, c.study, "waiting", reason="vanished")
+        if left > 0:
+            self.log(f"waiting {disp}: changed recently, settles in {left:.0f} s")
+            return EntryResult(disp, c.study, "waiting", reason=f"changed recently (settles in {left:.0f} s)")
+        cl = self.state.claim(c)
+        if cl is None:
+            return EntryResult(disp, c.study, "waiting", reason="vanished before it could be claimed")
+        self.log(f"claimed {disp} as upload {cl.upload} (study {c.study})")
+        return self.process(store, cl)
+
+    # ----------------------------------------------------------- recovery
+
+    def recover(self, store: Store) -> list[EntryResult]:
+        """Bring the store to a consistent state and finish claimed entries.
+        Call with the store lock held."""
+        store.clean_tmp()
+        seq, _ = store.recover_head()
+        self.catch_up_index(store, seq)
+        results = []
+        for cl in self.state.claims(store.name):
+            self.log(f"resuming upload {cl.upload} ({layout.display(cl.original)})")
+            results.append(self.process(store, cl))
+        return results
+
+    def catch_up_index(self, store: Store, head_seq: int) -> None:
+        applied, _ = store.index.applied()
+        for s in range(applied + 1, head_seq + 1):
+            store.index.apply_manifest(store.manifest_path(s))
+
+    # ------------------------------------------------------------ process
+
+    def process(self, store: Store, cl: Claim) -> EntryResult:
+        disp = layout.display(cl.original)
+        t0 = time.monotonic()
+        where = self.state.locate(cl)
+        if where is None:
+            reason = "the entry vanished or was replaced after it was claimed; nothing was ingested"
+            self.state.finish(cl, "failed", reason)
+            return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason)
+        state, path = where
+        if state == "original":        # killed between record and rename
+            from .inbox import rename_entry
+            rename_entry(cl, path, cl.path_in("claimed"))
+            state, path = "claimed", cl.path_in("claimed")
+        if state == "failed" or cl.reason is not None:
+            self.state.finish(cl, "failed", cl.reason or "failed (reason lost)")
+            return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=cl.reason)
+
+        head_seq, _ = store.head()
+        seq = self._committed_seq(store, cl, head_seq)
+        stats = Stats()
+        try:
+            if seq is None:
+                if state == "done":
+                    raise EntryRejected("entry was marked done but its manifest is missing")
+                seq = self._store_entry(store, cl, path, head_seq + 1, stats)
+                self.catch_up_index(store, seq)
+            new_versions = self._materialize(store, seq)
+        except EntryRejected as e:
+            return self._fail(store, cl, disp, e.message, t0)
+        except EideticError:
+            raise
+        except OSError as e:
+            return self._fail(store, cl, disp, _describe_oserror(e, store), t0)
+        summary = store.index.upload(seq) or {}
+        info = {"seq": seq, "files": summary.get("files", 0), "bytes": summary.get("bytes", 0),
+                "new_versions": new_versions, "skipped": summary.get("skipped", 0)}
+        self.state.finish(cl, "done", extra=info)
+        res = EntryResult(disp, cl.study, "ingested", upload=cl.upload, files=info["files"],
+                          bytes=info["bytes"], new_bytes=stats.new_bytes, new_versions=new_versions,
+                          skipped=info["skipped"], seconds=time.monotonic() - t0,
+                          where=os.fsdecode(cl.path_in("done")))
+        self.log(f"ingested {disp} as upload {cl.upload}: {res.files} files, {res.bytes} bytes "
+                 f"({res.new_bytes} new), {res.new_versions} new versions, {res.skipped} skipped, "
+                 f"{res.seconds:.1f} s")
+        return res
+
+    def _fail(self, store: Store, cl: Claim, disp: str, reason: str, t0: float) -> EntryResult:
+        store.clean_tmp()
+        self.state.finish(cl, "failed", reason)
+        self.log(f"failed {disp} (upload {cl.upload}): {reason}")
+        return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
+                           seconds=time.monotonic() - t0, where=os.fsdecode(cl.path_in("failed")))
+
+    def _committed_seq(self, store: Store, cl: Claim, head_seq: int) -> int | None:
+        """The manifest seq of this upload if it was committed before a crash."""
+        if head_seq == 0:
+            return None
+        r = ManifestReader(store.manifest_path(head_seq))
+        r.close()
+        return head_seq if r.header.upload == cl.upload else None
+
+    # ---------------------------------------------------------- store phase
+
+    def _store_entry(self, store: Store, cl: Claim, path: bytes, seq: int, stats: Stats) -> int:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise EntryRejected("the entry is a symbolic link; links are never followed. "
+                                "Send the folder itself")
+        if not stat.S_ISDIR(st.st_mode):
+            raise EntryRejected("the entry is not a folder; an upload must be a folder of files")
+        _, prev = store.head()
+        header = Header(seq=seq, upload=cl.upload, prev=prev, study=store.name, entry=cl.original,
+                        received=cl.received, uploader_uid=cl.uid, uploader_name=cl.uploader_name,
+                        source=cl.location)
+        af, writer = store.new_manifest(header)
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if (os.fstat(dfd).st_dev, os.fstat(dfd).st_ino) != (cl.dev, cl.ino):
+                    raise EntryRejected("the entry was replaced after it was claimed")
+                self._walk(store, dfd, b"", writer, stats)
+            finally:
+                os.close(dfd)
+            if stats.problems:
+                more = len(stats.problems) - MAX_REPORTED_PROBLEMS
+                listing = "; ".join(stats.problems[:MAX_REPORTED_PROBLEMS])
+                raise EntryRejected(f"{len(stats.problems)} file(s) could not be read: {listing}"
+                                    + (f" (and {more} more)" if more > 0 else ""))
+            store.commit_manifest(af, writer)
+        except BaseException:
+            af.abort()
+            raise
+        return seq
+
+    def _walk(self, store: Store, top_fd: int, prefix: bytes, writer, stats: Stats) -> None:
+        # Explicit stack of (dir fd, relative path, sorted entries, position):
+        # one fd per level, never a path re-resolved through a symlink.
+        stack = [(top_fd, prefix, _listing(top_fd), 0)]
+        try:
+            while stack:
+                dfd, rel, names, i = stack[-1]
+                if i >= len(names):
+                    stack.pop()
+                    if dfd != top_fd:
+                        os.close(dfd)
+                    continue
+                stack[-1] = (dfd, rel, names, i + 1)
+                name, kind = names[i]
+                relpath = rel + b"/" + name if rel else name
+                if kind == "dir":
+                    try:
+                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      dir_fd=dfd)
+                    except OSError as e:
+                        if e.errno in (errno.ELOOP, errno.ENOTDIR):   # swapped for a link/file
+                            kind = _kind_at(dfd, name)
+                        else:
+                            stats.problems.append(f"{layout.display(relpath)}/ ({e.strerror})")
+                            continue
+                    else:
+                        try:
+                            entries = _listing(sub)
+                        except OSError as e:
+                            os.close(sub)
+                            stats.problems.append(f"{layout.display(relpath)}/ ({e.strerror})")
+                            continue
+                        stack.append((sub, relpath, entries, 0))
+                        continue
+                if kind == "file":
+                    self._store_file(store, dfd, name, relpath, writer, stats)
+                elif kind == "symlink":
+                    try:
+                        target = os.readlink(name, dir_fd=dfd)
+                    except OSError:
+                        target = None
+                    writer.add(SkipRecord(relpath, "symlink", target))
+                elif kind != "dir":
+                    writer.add(SkipRecord(relpath, kind))
+        finally:
+            for dfd, *_ in stack:
+                if dfd != top_fd:
+                    os.close(dfd)
+
+    def _store_file(self, store: Store, dfd: int, name: bytes, relpath: bytes, writer, stats: Stats) -> None:
+        index = store.index
+        for attempt in range(MAX_FILE_ATTEMPTS):
+            try:
+                fd, before = open_regular_nofollow(name, dir_fd=dfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EINVAL, errno.ENXIO):  # not a regular file after all
+                    writer.add(SkipRecord(relpath, _kind_at(dfd, name)))
+                    return
+                stats.problems.append(f"{layout.display(relpath)} ({e.strerror})")
+                return
+            try:
+                res = store.objects.put_fd(fd, before.st_size, index.is_trusted, index.size_seen)
+                after = os.fstat(fd)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                    raise
+                stats.problems.append(f"{layout.display(relpath)} ({e.strerror})")
+                return
+            finally:
+                os.close(fd)
+            if (res.size == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
+                    and before.st_ctime_ns == after.st_ctime_ns):
+                break
+            self.log(f"  {layout.display(relpath)} changed while being read (attempt {attempt + 1})")
+        else:
+            raise EntryChanged(f"{layout.display(relpath)} kept changing while it was read "
+                               f"({MAX_FILE_ATTEMPTS} attempts); is the upload still being written?")
+        writer.add(FileRecord(relpath, res.size, res.oid, stat.S_IMODE(before.st_mode), before.st_mtime_ns))
+        stats.files += 1
+        stats.bytes += res.size
+        if res.new:
+            stats.new_bytes += res.size
+            stats.new_objects += 1
+        if self.progress is not None:
+            self.progress(stats.files, stats.bytes)
+
+    # ----------------------------------------------------------- tree phase
+
+    def _materialize(self, store: Store, seq: int) -> int:
+        """Give every path of manifest *seq* its names in the tree."""
+        tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
+        index = store.index
+        new_versions = 0
+        r = ManifestReader(store.manifest_path(seq))
+        for rec in r.records():
+            if not isinstance(rec, FileRecord):
+                continue
+            latest = index.latest(rec.path)
+            if latest is None:  # pragma: no cover - apply_manifest put it there
+                raise EntryRejected(f"index has no version of {layout.display(rec.path)}")
+            if latest.seq == seq:
+                tree.place_version(latest)
+                new_versions += 1
+            tree.place_plain(latest)
+        store.sync()
+        return new_versions
+
+
+def _listing(dfd: int) -> list[tuple[bytes, str]]:
+    """Sorted (name, kind) of a directory, kinds from d_type where available."""
+    out = []
+    with os.scandir(dfd) as it:
+        for e in it:
+            name = os.fsencode(e.name)
+            try:
+                if e.is_symlink():
+                    kind = "symlink"
+                elif e.is_dir(follow_symlinks=False):
+                    kind = "dir"
+                elif e.is_file(follow_symlinks=False):
+                    kind = "file"
+                else:
+                    kind = _kind_at(dfd, name)
+            except OSError:
+                kind = "unknown"
+            out.append((name, kind))
+    out.sort()
+    return out
+
+
+def _kind_at(dfd: int, name: bytes) -> str:
+    try:
+        m = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+    except OSError:
+        return "unknown"
+    if stat.S_ISREG(m):
+        return "file"
+    if stat.S_ISDIR(m):
+        return "dir"
+    if stat.S_ISLNK(m):
+        return "symlink"
+    if stat.S_ISFIFO(m):
+        return "fifo"
+    if stat.S_ISSOCK(m):
+        return "socket"
+    if stat.S_ISCHR(m):
+        return "chardev"
+    if stat.S_ISBLK(m):
+        return "blockdev"
+    return "unknown"
+
+
+def _describe_oserror(e: OSError, store: Store) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the study's disk is full ({store.root}): nothing of this upload was committed; "
+                "free space and send it again")
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
