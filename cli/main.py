@@ -10,7 +10,7 @@ import click
 from eidetic import __version__
 from eidetic.errors import EideticError
 
-from .commands import checkout, fsck, ingest, init, log
+from .commands import checkout, demo, fsck, ingest, init, log
 from .common import Ctx
 
 
@@ -26,7 +26,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     ctx.obj = Ctx(config_path, verbose)
 
 
-for command in (init.command, ingest.command, log.command, checkout.command, fsck.command):
+for command in (init.command, ingest.command, log.command, checkout.command, fsck.command, demo.command):
     cli.add_command(command)
 
 
