@@ -3,6 +3,7 @@ errors become exit statuses and one-line messages (never a traceback)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -54,6 +55,12 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {e.filename}" if e.filename else ""
         click.echo(f"eidetic: {e.strerror or e}{where}", err=True)
         sys.exit(3)
+    except Exception as e:  # a bug: say so in one line; the traceback on request
+        if os.environ.get("EIDETIC_DEBUG"):
+            raise
+        click.echo(f"eidetic: internal error: {type(e).__name__}: {e} "
+                   "(set EIDETIC_DEBUG=1 for the traceback, and please report it)", err=True)
+        sys.exit(70)
     sys.exit(0)
 
 

@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 
@@ -119,10 +119,13 @@ class Index:
 
     # ---------------------------------------------------------------- apply
 
-    def apply_manifest(self, path: str | bytes) -> int:
+    def apply_manifest(self, path: str | bytes, visit: Callable[[Version], None] | None = None) -> int:
         """Apply one committed manifest (the next in sequence); idempotent and
         resumable: progress is committed every CHUNK_RECORDS records.
-        Returns the number of new path-versions."""
+
+        *visit* is called with each new version before the chunk holding it
+        commits (ingest places tree names there, so a committed chunk always
+        has its names).  Returns the number of new path-versions."""
         reader = ManifestReader(path)
         h = reader.header
         done_seq, _ = self.applied()
@@ -147,7 +150,11 @@ class Index:
                 if pos <= start:
                     continue
                 if isinstance(rec, FileRecord):
-                    new_versions += self._apply_file(txn, h, rec)
+                    v = self._apply_file(txn, h, rec)
+                    if v is not None:
+                        new_versions += 1
+                        if visit is not None:
+                            visit(v)
                 if pos % CHUNK_RECORDS == 0:
                     txn.put(b"partial", struct.pack(">QQQ", h.seq, pos, new_versions), db=self.meta)
                     txn.commit()
@@ -175,10 +182,10 @@ class Index:
     def _begin_write(self) -> lmdb.Transaction:
         return self.env.begin(write=True)
 
-    def _apply_file(self, txn: lmdb.Transaction, h: Header, rec: FileRecord) -> int:
+    def _apply_file(self, txn: lmdb.Transaction, h: Header, rec: FileRecord) -> Version | None:
         latest = self._latest_in(txn, rec.path)
         if latest is not None and latest.blake3 == rec.blake3:
-            return 0
+            return None
         n = 1 if latest is None else latest.n + 1
         digest = bytes.fromhex(rec.blake3)
         txn.put(_vkey(rec.path, n), _encode_version(h.seq, rec, h.received), db=self.versions)
@@ -186,8 +193,9 @@ class Index:
         txn.put(digest, struct.pack(">QQ", rec.size, h.seq), db=self.objects, overwrite=False)
         if rec.size >= LARGE_OBJECT:
             txn.put(_seq(rec.size), b"", db=self.bysize)
-        self._record_cut_names(txn, rec.path, n, layout.compact_stamp(h.received))
-        return 1
+        if layout.may_be_cut(rec.path):
+            self._record_cut_names(txn, rec.path, n, layout.compact_stamp(h.received))
+        return Version(rec.path, n, h.seq, rec.size, rec.mtime_ns, rec.mode, rec.blake3, h.received)
 
     def _record_cut_names(self, txn: lmdb.Transaction, path: bytes, n: int, stamp: str) -> None:
         parts = path.split(b"/")

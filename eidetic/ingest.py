@@ -173,19 +173,34 @@ class Ingester:
         head_seq, _ = store.head()
         seq = self._committed_seq(store, cl, head_seq)
         stats = Stats()
-        try:
-            if seq is None:
+        if seq is None:
+            try:
                 if state == "done":
                     raise EntryRejected("entry was marked done but its manifest is missing")
                 seq = self._store_entry(store, cl, path, head_seq + 1, stats)
-                self.catch_up_index(store, seq)
-            new_versions = self._materialize(store, seq)
-        except EntryRejected as e:
-            return self._fail(store, cl, disp, e.message, t0)
-        except EideticError:
-            raise
-        except OSError as e:
-            return self._fail(store, cl, disp, _describe_oserror(e, store), t0)
+            except EntryRejected as e:
+                return self._fail(store, cl, disp, e.message, t0)
+            except OSError as e:
+                return self._fail(store, cl, disp, _describe_oserror(e, store), t0)
+            fresh = True
+        else:
+            fresh = False
+        # Past the commit point the upload can no longer fail: a problem here
+        # leaves the entry claimed and the next run finishes it.
+        try:
+            if fresh:  # each new version gets its tree names as the index applies it
+                tree = self._tree(store)
+                new_versions = store.index.apply_manifest(store.manifest_path(seq), visit=tree.place_new)
+                store.sync()
+            else:      # resumed: replay the tree in full (idempotent)
+                new_versions = self._materialize(store, seq)
+        except (EideticError, OSError) as e:
+            reason = (f"upload {cl.upload} is committed but its tree names could not all be made "
+                      f"({_describe_oserror(e, store) if isinstance(e, OSError) else e}); "
+                      "the next run finishes it")
+            self.log(f"incomplete {disp}: {reason}")
+            return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
+                               seconds=time.monotonic() - t0, where=os.fsdecode(path))
         summary = store.index.upload(seq) or {}
         info = {"seq": seq, "files": summary.get("files", 0), "bytes": summary.get("bytes", 0),
                 "new_versions": new_versions, "skipped": summary.get("skipped", 0)}
@@ -335,9 +350,14 @@ class Ingester:
 
     # ----------------------------------------------------------- tree phase
 
+    @staticmethod
+    def _tree(store: Store) -> Tree:
+        return Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
+
     def _materialize(self, store: Store, seq: int) -> int:
         """Give every path of manifest *seq* its names in the tree."""
-        tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
+        self.catch_up_index(store, seq)
+        tree = self._tree(store)
         index = store.index
         new_versions = 0
         r = ManifestReader(store.manifest_path(seq))

@@ -174,6 +174,9 @@ def check_component(u: bytes) -> None:
 
 
 def plain_name(u: bytes) -> bytes:
+    if b"~" not in u and 0 < len(u) <= NAME_MAX and b"/" not in u and b"\0" not in u \
+            and u not in (b".", b".."):
+        return u  # the common case, kept cheap: it runs for every component of every path
     check_component(u)
     if not _ESCAPE_TRIGGER.search(u):
         return u
@@ -223,6 +226,12 @@ def parse_version_name(t: bytes) -> tuple[bytes | None, int, str] | None:
 
 def is_version_name(t: bytes) -> bool:
     return _VERSION_RE.match(t) is not None
+
+
+def may_be_cut(path: bytes) -> bool:
+    """False when no name derived from *path* can have been cut to fit 255 bytes
+    (a cheap pre-check; version markers add at most 24 bytes)."""
+    return b"~" in path or any(len(c) > NAME_MAX - 40 for c in path.split(b"/"))
 
 
 def tree_relpath(path: bytes) -> bytes:

@@ -33,7 +33,7 @@ class Tree:
         self.root = os.fsencode(root)
         self.objects = objects
         self.tmp_dir = os.fsencode(tmp_dir)
-        self._dirs_ok: set[bytes] = set()
+        self._dirs_ok: dict[bytes, bytes] = {}   # source dir -> tree dir known to exist
 
     def abs(self, rel: bytes) -> bytes:
         return self.root + b"/" + rel
@@ -41,15 +41,15 @@ class Tree:
     def _ensure_parent(self, path: bytes) -> bytes | None:
         """Create the mapped parent directories of *path*; returns the tree
         directory, or None when a parent name is taken by something that is
-        not a directory and cannot be (a version name never is)."""
+        not a directory and cannot become one."""
         head = path.rpartition(b"/")[0]
         if not head:
             return self.root
-        trel = layout.tree_relpath(head)
-        if trel in self._dirs_ok:
-            return self.abs(trel)
+        known = self._dirs_ok.get(head)
+        if known is not None:
+            return known
         cur = self.root
-        for comp in trel.split(b"/"):
+        for comp in layout.tree_relpath(head).split(b"/"):
             cur = cur + b"/" + comp
             try:
                 st = os.lstat(cur)
@@ -65,8 +65,10 @@ class Tree:
                 os.mkdir(cur, DIR_MODE)
                 continue
             return None
-        self._dirs_ok.add(trel)
-        return self.abs(trel)
+        if len(self._dirs_ok) > 100_000:  # bounded memory for huge uploads
+            self._dirs_ok.clear()
+        self._dirs_ok[head] = cur
+        return cur
 
     def _is_object(self, st: os.stat_result, oid: str) -> bool:
         return (st.st_dev, st.st_ino) in set(self.objects.inode_ids(oid))
@@ -78,11 +80,11 @@ class Tree:
             raise TreeConflict(v.path)
         dest = parent + b"/" + layout.version_name(v.path.rpartition(b"/")[2], v.n, v.stamp)
         try:
-            st = os.lstat(dest)
-        except FileNotFoundError:
             self.objects.link(v.blake3, dest)
             return True
-        if not self._is_object(st, v.blake3):
+        except FileExistsError:
+            pass
+        if not self._is_object(os.lstat(dest), v.blake3):
             raise TreeConflict(dest)
         return False
 
@@ -94,13 +96,15 @@ class Tree:
             return False
         dest = parent + b"/" + layout.plain_name(v.path.rpartition(b"/")[2])
         try:
-            st = os.lstat(dest)
-            if stat.S_ISDIR(st.st_mode):
-                return False
-            if self._is_object(st, v.blake3):
-                return True
-        except FileNotFoundError:
+            self.objects.link(v.blake3, dest)   # a new path: no temp needed
+            return True
+        except FileExistsError:
             pass
+        st = os.lstat(dest)
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        if self._is_object(st, v.blake3):
+            return True
         tmp = self.tmp_dir + b"/" + temp_name().encode()
         self.objects.link(v.blake3, tmp)
         try:
@@ -111,6 +115,12 @@ class Tree:
                 return False
             raise
         return True
+
+    def place_new(self, v: Version) -> None:
+        """A version just added by the index: its version name, and the plain
+        name now shows it."""
+        self.place_version(v)
+        self.place_plain(v)
 
     def ensure_root(self) -> None:
         makedirs(self.root, DIR_MODE)
