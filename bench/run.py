@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -206,17 +207,36 @@ def place_entry(staged: str, inbox: str, name: str) -> None:
     os.rename(dot, os.path.join(inbox, name))
 
 
+VERSION_NAME_RE = re.compile(r"~v[0-9]{4,}~[0-9]{8}T[0-9]{6}Z")
+
+
 def count_files(top: str) -> tuple[int, int]:
+    """Plain (current) files under an eidetic tree directory and their bytes;
+    the immutable version names (``name~v0001~<stamp>.ext``) beside them are
+    not counted."""
     n = b = 0
     for dirpath, _dirs, files in os.walk(top):
         for fn in files:
+            if VERSION_NAME_RE.search(fn):
+                continue
             st = os.lstat(os.path.join(dirpath, fn))
             n += 1
             b += st.st_size
     return n, b
 
 
+WHY_MISSING: dict[str, str] = {}
+
+
+def why(tool: str) -> str:
+    return WHY_MISSING.get(tool, "not installed")
+
+
 def tools_available(a) -> dict:
+    if a.skip_borg:
+        WHY_MISSING["borg"] = "skipped (--skip-borg)"
+    if a.skip_restic:
+        WHY_MISSING["restic"] = "skipped (--skip-restic)"
     have = {}
     have["eidetic"] = a.eidetic if a.eidetic and os.access(a.eidetic, os.X_OK) else None
     have["borg"] = None if a.skip_borg else shutil.which("borg")
@@ -310,7 +330,7 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
 
     def eid_first():
         if not have["eidetic"]:
-            return b.skipped("first ingest", "eidetic", "not installed")
+            return b.skipped("first ingest", "eidetic", why("eidetic"))
         place_entry(os.path.join(stage, "bench-labA-1"), os.path.join(e_root, "inbox"),
                     "bench-labA-1")
         r = b.timed("first ingest", "eidetic", [have["eidetic"], "--config", cfg,
@@ -320,13 +340,13 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
 
     def borg_first():
         if not have["borg"]:
-            return b.skipped("first ingest", "borg create", "not installed")
+            return b.skipped("first ingest", "borg create", why("borg"))
         b.timed("first ingest", "borg create",
                 ["borg", "create", f"{borg_repo}::first", "ds1"], cwd=src_a, env=env_borg)
 
     def restic_first():
         if not have["restic"]:
-            return b.skipped("first ingest", "restic backup", "not installed")
+            return b.skipped("first ingest", "restic backup", why("restic"))
         b.timed("first ingest", "restic backup",
                 ["restic", "-r", restic_repo, "backup", "ds1"], cwd=src_a, env=env_restic)
 
@@ -346,7 +366,7 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
 
     def eid_re():
         if not have["eidetic"]:
-            return b.skipped("re-send", "eidetic", "not installed")
+            return b.skipped("re-send", "eidetic", why("eidetic"))
         place_entry(os.path.join(stage, "bench-labB-2"), os.path.join(e_root, "inbox"),
                     "bench-labB-2")
         r = b.timed("re-send", "eidetic", [have["eidetic"], "--config", cfg,
@@ -356,13 +376,13 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
 
     def borg_re():
         if not have["borg"]:
-            return b.skipped("re-send", "borg create", "not installed")
+            return b.skipped("re-send", "borg create", why("borg"))
         b.timed("re-send", "borg create",
                 ["borg", "create", f"{borg_repo}::second", "ds2"], cwd=src_b, env=env_borg)
 
     def restic_re():
         if not have["restic"]:
-            return b.skipped("re-send", "restic backup", "not installed")
+            return b.skipped("re-send", "restic backup", why("restic"))
         b.timed("re-send", "restic backup",
                 ["restic", "-r", restic_repo, "backup", "ds2"], cwd=src_b, env=env_restic)
 
@@ -374,18 +394,18 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
 
     def eid_fsck():
         if not have["eidetic"]:
-            return b.skipped("fsck", "eidetic", "not installed")
+            return b.skipped("fsck", "eidetic fsck", why("eidetic"))
         b.timed("fsck", "eidetic fsck", [have["eidetic"], "--config", cfg, "fsck"])
 
     def restic_check():
         if not have["restic"]:
-            return b.skipped("fsck", "restic check", "not installed")
+            return b.skipped("fsck", "restic check", why("restic"))
         b.timed("fsck", "restic check",
                 ["restic", "-r", restic_repo, "check", "--read-data"], env=env_restic)
 
     def borg_check():
         if not have["borg"]:
-            return b.skipped("fsck", "borg check", "not installed")
+            return b.skipped("fsck", "borg check", why("borg"))
         b.timed("fsck", "borg check", ["borg", "check", "--verify-data", borg_repo],
                 env=env_borg)
 
@@ -696,15 +716,14 @@ def main(argv=None) -> int:
     have = tools_available(a)
     for tool in ("eidetic", "borg", "restic"):
         if not have[tool]:
-            why = "skipped" if (tool == "borg" and a.skip_borg) or \
-                               (tool == "restic" and a.skip_restic) else "not installed"
-            b.say(f"{tool}: {why}")
+            b.say(f"{tool}: {why(tool)}")
     if have["eidetic"]:
         chk = subprocess.run([have["eidetic"], "--help"], capture_output=True)
         if chk.returncode != 0:
             b.say(f"eidetic: `{have['eidetic']} --help` fails (exit {chk.returncode}): "
                   "treating it as not installed")
             have["eidetic"] = None
+            WHY_MISSING["eidetic"] = "not working (--help fails)"
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = os.path.join(work, f"run-{stamp}")
@@ -727,7 +746,7 @@ def main(argv=None) -> int:
                 log_store_phase(b, have["eidetic"], os.path.join(run_dir, "logstore"),
                                 n, a.log_uploads)
             else:
-                b.skipped("log", "eidetic log --json path", "not installed")
+                b.skipped("log", "eidetic log --json path", why("eidetic"))
         out = report(b.results, summary)
     finally:
         if not a.keep:
