@@ -20,9 +20,10 @@ FORMAT_VERSION = 1
 STORE_MARKER = "eidetic-store"
 NAME_MAX = 255
 
-OBJECT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
-UPLOAD_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
-STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+# Anchored with \Z, not $: $ also matches before a trailing newline ("<id>\n").
+OBJECT_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
+UPLOAD_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}\Z")
+STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*\Z")
 
 
 # ---------------------------------------------------------------- objects
@@ -61,7 +62,7 @@ def manifest_relpath(seq: int) -> str:
     return f"manifests/{seq:010d}.jsonl"
 
 
-MANIFEST_NAME_RE = re.compile(r"^([0-9]{10})\.jsonl$")
+MANIFEST_NAME_RE = re.compile(r"^([0-9]{10})\.jsonl\Z")
 
 
 def parse_manifest_name(name: str) -> int | None:
@@ -147,8 +148,8 @@ def is_reserved_inbox_name(name: bytes) -> bool:
 # for temp names (fsutil.TEMP_PREFIX).
 
 _ESCAPE_TRIGGER = re.compile(rb"~[v#-]")
-_EXT_RE = re.compile(rb"^(.+?)(\.[A-Za-z0-9_]{1,16})$", re.S)
-_VERSION_RE = re.compile(rb"^(.*)~v([0-9]{4,})~([0-9]{8}T[0-9]{6}Z)(.*)$", re.S)
+_EXT_RE = re.compile(rb"^(.+?)(\.[A-Za-z0-9_]{1,16})\Z", re.S)
+_VERSION_RE = re.compile(rb"^(.*)~v([0-9]{4,})~([0-9]{8}T[0-9]{6}Z)(.*)\Z", re.S)
 _HASH_LEN = 32  # hex digits of BLAKE2b-128 of the original name, used when a name must be cut
 
 
