@@ -190,7 +190,7 @@ class ObjectStore:
             st = os.fstat(fd)
             if st.st_size > 16 * CHUNK:
                 h = new_hasher()
-                h.update_mmap(p)
+                h.update_mmap(os.fsdecode(p))  # blake3 wants a str path
                 return h.hexdigest(), st.st_size
             return hash_fd(fd)
         finally:
