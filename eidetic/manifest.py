@@ -266,13 +266,19 @@ class ManifestReader:
             while True:
                 obj = self._next_line()
                 if obj is None:
-                    raise IntegrityError(f"manifest {self.path}: no trailer (truncated)")
+                    raise IntegrityError(f"manifest {self.path}: no trailer after line {self._lineno} "
+                                         "(truncated)")
                 if obj.get("end") is True:
-                    trailer = Trailer(_int(obj, "files"), _int(obj, "bytes"), _int(obj, "skipped"))
+                    where = f"manifest {self.path} line {self._lineno}"
+                    try:
+                        trailer = Trailer(_int(obj, "files"), _int(obj, "bytes"), _int(obj, "skipped"))
+                    except ValueError as e:
+                        raise IntegrityError(f"{where}: bad trailer: {e}") from None
                     if self._f.read(1):
-                        raise IntegrityError(f"manifest {self.path}: data after the trailer")
+                        raise IntegrityError(f"manifest {self.path} line {self._lineno + 1}: "
+                                             "data after the trailer")
                     if (trailer.files, trailer.bytes, trailer.skipped) != (files, nbytes, skipped):
-                        raise IntegrityError(f"manifest {self.path}: trailer counts do not match its records")
+                        raise IntegrityError(f"{where}: trailer counts do not match its records")
                     self.info = ManifestInfo(self.header, trailer, self._h.hexdigest())
                     return
                 try:
