@@ -60,6 +60,10 @@ def dumps(obj: dict) -> bytes:
 
 # ------------------------------------------------------------------ records
 
+_HEADER_KEYS = frozenset({"eidetic_manifest", "seq", "upload", "prev", "study", "entry", "entry_b64",
+                          "received", "uploader", "source"})
+
+
 @dataclass
 class Header:
     seq: int
@@ -85,13 +89,17 @@ class Header:
 
     @classmethod
     def from_json(cls, d: dict) -> "Header":
-        if d.get("eidetic_manifest") != MANIFEST_VERSION:
-            raise ValueError(f"unknown manifest version {d.get('eidetic_manifest')!r}")
-        up = d.get("uploader") or {}
+        version = d.get("eidetic_manifest")
+        if isinstance(version, bool) or not isinstance(version, int) or version != MANIFEST_VERSION:
+            raise ValueError(f"unknown manifest version {version!r}")
+        up = d.get("uploader")
+        if not isinstance(up, dict):
+            raise ValueError("uploader must be an object")
         h = cls(seq=_int(d, "seq"), upload=_str(d, "upload"), prev=d.get("prev"),
                 study=_str(d, "study"), entry=decode_bytes(d, "entry"),
                 received=_str(d, "received"), uploader_uid=_int(up, "uid"),
-                uploader_name=up.get("name"), source=_str(d, "source"))
+                uploader_name=up.get("name"), source=_str(d, "source"),
+                extra={k: v for k, v in d.items() if k not in _HEADER_KEYS})
         if not layout.UPLOAD_ID_RE.match(h.upload):
             raise ValueError(f"bad upload id {h.upload!r}")
         if h.prev is not None and not layout.valid_object_id(h.prev):
