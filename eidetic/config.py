@@ -161,7 +161,7 @@ def parse(doc: object, source: str) -> Config:
             store=_abs_path(body, "store", f"{key}.store", source),
             inbox=_abs_path(body, "inbox", f"{key}.inbox", source) if body.get("inbox") is not None else None,
         )
-    if inbox is None and not any(s.inbox for s in studies.values()):
+    if inbox is None and not all(s.inbox for s in studies.values()):
         raise ConfigError("key 'inbox' is required unless every study has its own 'inbox'", source)
 
     cfg = Config(inbox=inbox, state=state, settle_seconds=float(settle), studies=studies, source=source)
