@@ -10,6 +10,7 @@ Every problem is a :class:`ConfigError` naming the key; nothing here prints.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -139,7 +140,7 @@ def parse(doc: object, source: str) -> Config:
     inbox = _abs_path(doc, "inbox", "inbox", source) if doc.get("inbox") is not None else None
     state = _abs_path(doc, "state", "state", source)
     settle = doc.get("settle_seconds", DEFAULT_SETTLE_SECONDS)
-    if isinstance(settle, bool) or not isinstance(settle, (int, float)) or settle < 0:
+    if isinstance(settle, bool) or not isinstance(settle, (int, float)) or not 0 <= settle < math.inf:
         raise ConfigError(f"key 'settle_seconds' must be a number of seconds >= 0, not {settle!r}", source)
 
     studies: dict[str, StudyConfig] = {}
