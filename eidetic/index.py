@@ -35,6 +35,7 @@ from .manifest import FileRecord, Header, ManifestReader
 INDEX_FORMAT = b"1"
 CHUNK_RECORDS = 5000
 LARGE_OBJECT = 1 << 20
+MAX_KEY = 511                  # LMDB's compiled-in limit for keys and dupsort values
 _MAP_SIZE = 1 << 40            # virtual address space only (FACTS.md: the 10 MiB default fails)
 _VREC = struct.Struct(">QQqI32s")  # seq, size, mtime_ns, mode, blake3
 
@@ -60,6 +61,34 @@ class Version:
 
 def _vkey(path: bytes, n: int) -> bytes:
     return path + b"\0" + struct.pack(">I", n)
+
+
+def _cut_name_entries(path: bytes, n: int, stamp: str) -> Iterator[tuple[bytes, bytes]]:
+    """The cutnames records of version *n* of *path*."""
+    parts = path.split(b"/")
+    mapped: list[bytes] = []
+    for i, part in enumerate(parts):
+        p = layout.plain_name(part)
+        mapped.append(p)
+        if layout.unplain_name(p) is None:
+            yield b"/".join(mapped), b"/".join(parts[: i + 1])
+    vrel = layout.version_relpath(path, n, stamp)
+    parsed = layout.parse_version_name(vrel.rpartition(b"/")[2])
+    if parsed is None or parsed[0] is None:
+        yield vrel, _vkey(path, n)
+
+
+def index_problem(path: bytes) -> str | None:
+    """Why *path* cannot be indexed, or None.  LMDB keys (and dupsort values,
+    here ``refs``) hold at most MAX_KEY bytes; a committed manifest with a
+    longer one could never be applied, so ingest checks before it commits."""
+    if len(_vkey(path, 0)) > MAX_KEY:
+        return f"path is {len(path)} bytes; the index holds paths of up to {MAX_KEY - 5} bytes"
+    if layout.may_be_cut(path):
+        for key, _ in _cut_name_entries(path, 99999, "99991231T235959Z"):
+            if len(key) > MAX_KEY:
+                return f"its tree name is {len(key)} bytes; the index holds names of up to {MAX_KEY} bytes"
+    return None
 
 
 def _seq(seq: int) -> bytes:
@@ -198,17 +227,8 @@ class Index:
         return Version(rec.path, n, h.seq, rec.size, rec.mtime_ns, rec.mode, rec.blake3, h.received)
 
     def _record_cut_names(self, txn: lmdb.Transaction, path: bytes, n: int, stamp: str) -> None:
-        parts = path.split(b"/")
-        mapped: list[bytes] = []
-        for i, part in enumerate(parts):
-            p = layout.plain_name(part)
-            mapped.append(p)
-            if layout.unplain_name(p) is None:
-                txn.put(b"/".join(mapped), b"/".join(parts[: i + 1]), db=self.cutnames)
-        vrel = layout.version_relpath(path, n, stamp)
-        parsed = layout.parse_version_name(vrel.rpartition(b"/")[2])
-        if parsed is None or parsed[0] is None:
-            txn.put(vrel, _vkey(path, n), db=self.cutnames)
+        for key, value in _cut_name_entries(path, n, stamp):
+            txn.put(key, value, db=self.cutnames)
 
     # ---------------------------------------------------------------- query
 
