@@ -19,6 +19,7 @@ version when the content differs from the path's latest one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -35,7 +36,6 @@ from .manifest import FileRecord, Header, ManifestReader
 INDEX_FORMAT = b"1"
 CHUNK_RECORDS = 5000
 LARGE_OBJECT = 1 << 20
-MAX_KEY = 511                  # LMDB's compiled-in limit for keys and dupsort values
 _MAP_SIZE = 1 << 40            # virtual address space only (FACTS.md: the 10 MiB default fails)
 _VREC = struct.Struct(">QQqI32s")  # seq, size, mtime_ns, mode, blake3
 
@@ -59,12 +59,25 @@ class Version:
         return layout.compact_stamp(self.received)
 
 
+KEY_ROOM = 400  # bytes of a path kept verbatim in a key (LMDB keys hold at most 511)
+
+
+def path_key(path: bytes) -> bytes:
+    """A path as an index key.  Paths up to KEY_ROOM bytes are their own key;
+    longer ones keep their first KEY_ROOM bytes (so directory prefix scans
+    still find them), then ``\x01`` and the hex BLAKE2b-128 of the whole
+    path.  Long keys are longer than any short one, so the two never meet."""
+    if len(path) <= KEY_ROOM:
+        return path
+    return path[:KEY_ROOM] + b"\x01" + hashlib.blake2b(path, digest_size=16).hexdigest().encode()
+
+
 def _vkey(path: bytes, n: int) -> bytes:
-    return path + b"\0" + struct.pack(">I", n)
+    return path_key(path) + b"\0" + struct.pack(">I", n)
 
 
 def _cut_name_entries(path: bytes, n: int, stamp: str) -> Iterator[tuple[bytes, bytes]]:
-    """The cutnames records of version *n* of *path*."""
+    """The cutnames records of version *n* of *path*: (tree relpath, source path [\\0 n])."""
     parts = path.split(b"/")
     mapped: list[bytes] = []
     for i, part in enumerate(parts):
@@ -75,20 +88,7 @@ def _cut_name_entries(path: bytes, n: int, stamp: str) -> Iterator[tuple[bytes, 
     vrel = layout.version_relpath(path, n, stamp)
     parsed = layout.parse_version_name(vrel.rpartition(b"/")[2])
     if parsed is None or parsed[0] is None:
-        yield vrel, _vkey(path, n)
-
-
-def index_problem(path: bytes) -> str | None:
-    """Why *path* cannot be indexed, or None.  LMDB keys (and dupsort values,
-    here ``refs``) hold at most MAX_KEY bytes; a committed manifest with a
-    longer one could never be applied, so ingest checks before it commits."""
-    if len(_vkey(path, 0)) > MAX_KEY:
-        return f"path is {len(path)} bytes; the index holds paths of up to {MAX_KEY - 5} bytes"
-    if layout.may_be_cut(path):
-        for key, _ in _cut_name_entries(path, 99999, "99991231T235959Z"):
-            if len(key) > MAX_KEY:
-                return f"its tree name is {len(key)} bytes; the index holds names of up to {MAX_KEY} bytes"
-    return None
+        yield vrel, path + b"\0" + struct.pack(">I", n)
 
 
 def _seq(seq: int) -> bytes:
@@ -96,13 +96,18 @@ def _seq(seq: int) -> bytes:
 
 
 def _decode_version(key: bytes, value: bytes) -> Version:
-    path, n = key[:-5], struct.unpack(">I", key[-4:])[0]
+    n = struct.unpack(">I", key[-4:])[0]
     seq, size, mtime, mode, digest = _VREC.unpack_from(value)
-    return Version(path, n, seq, size, mtime, mode, digest.hex(), value[_VREC.size:].decode("ascii"))
+    received, _, long_path = value[_VREC.size:].partition(b"\0")
+    path = long_path if long_path else key[:-5]
+    return Version(path, n, seq, size, mtime, mode, digest.hex(), received.decode("ascii"))
 
 
 def _encode_version(seq: int, rec: FileRecord, received: str) -> bytes:
-    return _VREC.pack(seq, rec.size, rec.mtime_ns, rec.mode, bytes.fromhex(rec.blake3)) + received.encode("ascii")
+    value = _VREC.pack(seq, rec.size, rec.mtime_ns, rec.mode, bytes.fromhex(rec.blake3)) + received.encode("ascii")
+    if len(rec.path) > KEY_ROOM:  # the key holds only part of it
+        value += b"\0" + rec.path
+    return value
 
 
 class Index:
@@ -228,19 +233,20 @@ class Index:
 
     def _record_cut_names(self, txn: lmdb.Transaction, path: bytes, n: int, stamp: str) -> None:
         for key, value in _cut_name_entries(path, n, stamp):
-            txn.put(key, value, db=self.cutnames)
+            txn.put(path_key(key), value, db=self.cutnames)
 
     # ---------------------------------------------------------------- query
 
     def _latest_in(self, txn: lmdb.Transaction, path: bytes) -> Version | None:
+        pk = path_key(path)
         cur = txn.cursor(db=self.versions)
-        if not cur.set_range(path + b"\0\xff\xff\xff\xff"):
+        if not cur.set_range(pk + b"\0\xff\xff\xff\xff"):
             if not cur.last():
                 return None
         elif not cur.prev():
             return None
         key = cur.key()
-        if key[:-5] != path or key[-5:-4] != b"\0":
+        if key[:-5] != pk or key[-5:-4] != b"\0":
             return None
         return _decode_version(key, cur.value())
 
@@ -250,7 +256,7 @@ class Index:
 
     def versions_of(self, path: bytes) -> list[Version]:
         out = []
-        prefix = path + b"\0"
+        prefix = path_key(path) + b"\0"
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.versions)
             if cur.set_range(prefix):
@@ -269,29 +275,30 @@ class Index:
         """Every version of every path under directory *prefix* (b"" = all), in key order.
         Streams: a read transaction per call, no list in memory."""
         dprefix = prefix.rstrip(b"/") + b"/" if prefix else b""
+        scan = dprefix[:KEY_ROOM]   # a long key keeps only its path's first KEY_ROOM bytes
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.versions)
-            if not cur.set_range(dprefix):
+            if not cur.set_range(scan):
                 return
             for k, v in cur:
-                if not k.startswith(dprefix):
+                if not k.startswith(scan):
                     break
-                yield _decode_version(k, v)
+                ver = _decode_version(k, v)
+                if ver.path.startswith(dprefix):
+                    yield ver
 
     def has_path(self, path: bytes) -> bool:
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self.versions)
-            return cur.set_range(path + b"\0") and cur.key().startswith(path + b"\0")
-
-    def has_dir(self, path: bytes) -> bool:
-        prefix = path.rstrip(b"/") + b"/"
+        prefix = path_key(path) + b"\0"
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.versions)
             return cur.set_range(prefix) and cur.key().startswith(prefix)
 
+    def has_dir(self, path: bytes) -> bool:
+        return next(self.iter_versions(path), None) is not None
+
     def resolve_cut(self, tree_rel: bytes) -> tuple[bytes, int | None] | None:
         with self.env.begin() as txn:
-            v = txn.get(tree_rel, db=self.cutnames)
+            v = txn.get(path_key(tree_rel), db=self.cutnames)
         if v is None:
             return None
         if len(v) > 5 and v[-5:-4] == b"\0":

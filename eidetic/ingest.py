@@ -33,7 +33,6 @@ from .config import Config
 from .errors import EideticError, EntryChanged, EntryRejected
 from .fsutil import open_regular_nofollow, raise_nofile_limit
 from .inbox import Candidate, Claim, StateDir, scan, wait_settled
-from .index import index_problem
 from .manifest import FileRecord, Header, ManifestReader, SkipRecord
 from .store import Store
 from .tree import Tree
@@ -314,10 +313,6 @@ class Ingester:
 
     def _store_file(self, store: Store, dfd: int, name: bytes, relpath: bytes, writer, stats: Stats) -> None:
         index = store.index
-        problem = index_problem(relpath)
-        if problem is not None:  # refused before the commit: a committed manifest must be indexable
-            stats.problems.append(f"{layout.display(relpath)} ({problem})")
-            return
         for attempt in range(MAX_FILE_ATTEMPTS):
             try:
                 fd, before = open_regular_nofollow(name, dir_fd=dfd)
