@@ -2,14 +2,102 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
 
-from ..common import Ctx
+from ..common import Ctx, human_bytes, say, warn
+
+
+class _Bars:
+    """tqdm bars on stderr, one per phase; silent when stderr is not a terminal."""
+
+    UNITS = {"manifests": ("manifest", False), "tree": ("name", False), "objects": ("B", True)}
+
+    def __init__(self, study: str) -> None:
+        self.study = study
+        self.phase: str | None = None
+        self.bar = None
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if phase != self.phase:
+            self.close()
+            unit, scale = self.UNITS.get(phase, ("", False))
+            self.phase = phase
+            self.bar = tqdm(desc=f"{self.study}: {phase}", total=total, unit=unit, unit_scale=scale,
+                            disable=None, leave=False, file=sys.stderr)
+        if self.bar is not None:
+            if total is not None and self.bar.total != total:
+                self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @click.command("fsck")
-@click.option("--study")
+@click.option("--study", help="Only this study.")
+@click.option("--quick", is_flag=True, help="Do not re-hash object contents (sizes are still compared).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as a JSON list.")
+@click.option("--repair", is_flag=True,
+              help="Repair what can be derived again (index, tree names, modes, temp files); "
+                   "move hand-made files to <store>/lost+found; say what cannot be repaired.")
 @click.pass_obj
-def command(ctx: Ctx, study: str | None) -> None:
-    """Audit the integrity of the stores."""
-    raise click.UsageError("fsck is being written")
+def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: bool) -> None:
+    """Audit the stores and trees; one line per finding.
+
+    Codes E0NN are errors (exit status 1), W0NN warnings (exit status 0).
+    """
+    from eidetic import fsck
+    from eidetic.store import Store
+
+    cfg = ctx.cfg
+    names = [cfg.study(study).name] if study else sorted(cfg.studies)
+    report: list[dict] = []
+    errors = warnings = 0
+    hashed = objects = 0
+    out = warn if as_json else say
+    for name in names:
+        store = Store(cfg.study(name))
+        bars = _Bars(name)
+        try:
+            findings = fsck.check(store, quick=quick, progress=bars, lock=True)
+        finally:
+            bars.close()
+        if repair and findings:
+            rep = fsck.repair(store, findings)
+            for line in rep.done:
+                out(f"{name}: repaired: {line}")
+            for line in rep.cannot:
+                out(f"{name}: NOT REPAIRED: {line}")
+            if rep.lost_and_found:
+                out(f"{name}: files moved aside are in {rep.lost_and_found}")
+            bars = _Bars(name)
+            try:
+                findings = fsck.check(store, quick=quick, progress=bars, lock=True)
+            finally:
+                bars.close()
+        hashed += findings.stats["hashed_bytes"]
+        objects += findings.stats["objects"]
+        for f in findings:
+            if f.is_error:
+                errors += 1
+            else:
+                warnings += 1
+            if as_json:
+                report.append(dict(f.to_json(), study=name))
+            else:
+                say(f.line())
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    what = f"{len(names)} stud{'y' if len(names) == 1 else 'ies'}, {objects} objects"
+    what += ", sizes only (--quick)" if quick else f", {human_bytes(hashed)} re-hashed"
+    verdict = "clean" if not errors and not warnings else \
+        f"{errors} error(s), {warnings} warning(s)" + (" remain" if repair else "")
+    out(f"fsck: {verdict} ({what})")
+    sys.exit(1 if errors else 0)

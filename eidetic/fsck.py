@@ -1,0 +1,1443 @@
+"""fsck: a collecting checker (and careful repairer) for one study.
+
+:func:`check` never stops at the first problem: it walks the whole store and
+tree and returns every :class:`Finding`, each with an OCFL-style code from
+:data:`CODES` (``E0NN`` errors, ``W0NN`` warnings).  Only a missing or
+unknown store marker is fatal (nothing else can be read safely).
+
+What is compared with what:
+
+* manifests are read in sequence order and replayed into a *fresh* index in
+  the store's ``tmp/`` (the truth about the store: chain, versions, the
+  objects they need);
+* the live index is compared with that fresh index (``Index.dump()``) at the
+  point where both have applied the same number of manifests;
+* the tree is walked once (``scandir``: names, kinds and inode numbers come
+  with the listing) and every name is looked up in the fresh index; a count
+  of valid version names against the index tells whether any are missing
+  (only then is every expected name stat'ed);
+* every object is re-hashed (unless ``quick``) by background threads while
+  the rest runs: small objects in one thread (blake3 is faster than the cost
+  of handing a small file to a pool), large ones with blake3's own threads.
+
+Nothing is loaded whole: manifests and indexes are streamed, one directory
+listing at a time is held.  :func:`repair` fixes what can be derived again
+(index, tree names, modes, temp files), moves what it must not delete into
+``<store>/lost+found/<timestamp>/``, and lists plainly what it cannot fix.
+
+This module prints nothing and imports no CLI code.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import struct
+import tempfile
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import zip_longest
+from typing import Any, Callable, Iterator
+
+from . import layout
+from .errors import EideticError, IntegrityError, StoreFormatError
+from .fsutil import TEMP_PREFIX, fsync_dir, is_temp_name, makedirs, open_regular_nofollow
+from .objects import SMALL_FILE, ObjectStore, hash_bytes
+from .store import Store
+
+# ------------------------------------------------------------------- codes
+#
+# "title: meaning".  The title is what a report line shows before the path.
+# E = error (fsck exits 1), W = warning (reported, exit 0).  Copied into
+# store_format.md, "fsck finding codes".
+
+CODES: dict[str, str] = {
+    # the store itself
+    "E001": "store marker missing: the directory has no eidetic-store file, so it is not an eidetic store (fatal)",
+    "E002": "store marker not understood: unreadable, of an unknown format version, or of another study (fatal)",
+    "E003": "store directory missing: objects/, manifests/ or tmp/ does not exist",
+    # manifests and HEAD
+    "E010": "manifest unreadable: not valid JSON lines, truncated, or its trailer does not match its records",
+    "E011": "manifest chain broken: prev does not match the digest of the previous manifest (a manifest was edited)",
+    "E012": "manifest missing: a gap in the sequence numbers (a manifest was removed)",
+    "E013": "manifest misnamed: the seq in its header is not the seq in its file name (inserted or renamed)",
+    "E014": "foreign file in manifests/: a name that is not a manifest name (inserted by hand)",
+    "E015": "HEAD does not match the last manifest: the last manifest was removed or edited, or HEAD was edited",
+    "W016": "HEAD one behind a valid next manifest: ingest was interrupted at its commit point; "
+            "re-running ingest finishes it",
+    "E017": "HEAD missing: HEAD is missing or unreadable although manifests exist",
+    "E018": "manifest of another study: its header names a different study",
+    # objects
+    "E020": "object corrupt: its bytes no longer hash to its name (bit rot, or an edit through a hardlink)",
+    "E021": "object missing: a manifest refers to it but objects/ does not hold it",
+    "E022": "object writable: it has write bits, and so has every tree name linked to it",
+    "E023": "foreign file under objects/: not an object name, or not a regular file",
+    "W024": "orphan object: no manifest refers to it (left by a failed or interrupted upload)",
+    # tree
+    "E030": "tree name missing: a version name or plain name is not in the tree (removed by hand)",
+    "E031": "tree file replaced: the name is not a hardlink to the object of its version",
+    "E032": "plain name stale: the plain name shows an older version, not the latest",
+    "E033": "unexpected tree entry: a file, directory or symlink that no version accounts for (added by hand)",
+    "E034": "tree directory writable: group or others could add, remove or rename names in it",
+    "E035": "tree missing: the study's tree directory does not exist or is not a directory",
+    "W036": "tree name not yet created: its upload is committed but not yet applied to the index "
+            "(interrupted ingest; re-running ingest finishes it)",
+    "E037": "tree directory unreadable: its entries could not be listed",
+    # index
+    "E040": "index out of step: it differs from an index rebuilt from the manifests",
+    "E041": "index missing: the index is missing or unreadable although there are manifests",
+    "W042": "index behind HEAD: an ingest was interrupted before it applied every manifest; "
+            "re-running ingest finishes it",
+    # leftovers
+    "W050": "leftover temp file in the store: an entry in tmp/, or a temp name elsewhere, left by an interrupted write",
+    "W051": "leftover temp file in the tree: a temp name left by an interrupted tree update",
+    "W060": "tree and index not compared: the manifest chain is broken, so there is nothing sound to compare "
+            "them with",
+}
+
+FATAL = frozenset({"E001", "E002"})
+# Findings after which the manifests cannot be trusted as a whole: repair
+# leaves the index and tree alone (they may hold the only record of what
+# the damaged manifests said).
+CHAIN_BROKEN = frozenset({"E010", "E011", "E012", "E013", "E015", "E018"})
+
+_REF_LIMIT = 1000          # affected versions remembered per bad object
+_SHOWN = 5                 # affected versions named in a detail text
+_HASH_WINDOW = 64          # large objects queued ahead of the large-object hasher
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    path: str               # for display (undecodable bytes as \xNN)
+    detail: str
+    severity: str           # "error" | "warning"
+    raw: bytes | None = field(default=None, compare=False, repr=False)   # the real path
+    data: Any = field(default=None, compare=False, repr=False)          # what repair needs
+
+    @property
+    def title(self) -> str:
+        return CODES[self.code].split(":", 1)[0]
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def line(self) -> str:
+        return f"{self.code} {self.title}: {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "severity": self.severity, "path": self.path, "detail": self.detail}
+
+
+class Findings(list):
+    """The list :func:`check` returns; ``stats`` says what was looked at."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.stats: dict[str, int] = {"manifests": 0, "objects": 0, "object_bytes": 0, "hashed_bytes": 0,
+                                      "tree_entries": 0}
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self if f.is_error]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self if not f.is_error]
+
+
+def finding(code: str, path: bytes | str, detail: str = "", data: Any = None) -> Finding:
+    if code not in CODES:
+        raise ValueError(f"unknown fsck code {code}")
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
+    return Finding(code, layout.display(raw), detail, "error" if code.startswith("E") else "warning", raw, data)
+
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+def _no_progress(phase: str, done: int, total: int | None) -> None:
+    pass
+
+
+# =================================================================== check
+
+def check(store: Store, quick: bool = False, progress: Progress | None = None,
+          lock: bool = False) -> Findings:
+    """Every problem found in *store* and its tree.
+
+    *quick* skips re-hashing objects (sizes are still compared).
+    *progress(phase, done, total)* is called from this thread, phases
+    ``"manifests"`` (count), ``"tree"`` (entries), ``"objects"`` (bytes).
+    *lock* holds the store lock while checking (so an ingest cannot run
+    half-way through and look like damage).
+    """
+    out = Findings()
+    fatal = _check_marker(store)
+    if fatal is not None:
+        out.append(fatal)
+        return out
+    with store.lock() if lock else nullcontext():
+        _Checker(store, out, quick, progress or _no_progress).run()
+    return out
+
+
+def _check_marker(store: Store) -> Finding | None:
+    marker = os.path.join(store.root, layout.STORE_MARKER)
+    if not os.path.lexists(marker):
+        what = "no such directory" if not os.path.isdir(store.root) else "no eidetic-store marker"
+        return finding("E001", marker, f"{what}: run 'eidetic init' if this is a new store")
+    try:
+        store.check_format()
+    except StoreFormatError as e:
+        return finding("E002", marker, str(e.kwargs.get("detail", e)))
+    except OSError as e:
+        return finding("E002", marker, e.strerror or str(e))
+    return None
+
+
+class _Checker:
+    def __init__(self, store: Store, out: Findings, quick: bool, progress: Progress) -> None:
+        self.store = store
+        self.out = out
+        self.quick = quick
+        self.progress = progress
+        self.broot = store.broot
+        self.objects = store.objects
+        self.tree_root = os.fsencode(store.tree)
+        self.broken = False
+        self.real = None                  # live index (None: missing/unreadable)
+        self.real_applied = 0
+        self.fresh = None
+        self.fresh_dir: str | None = None
+        self.head_seq = 0
+        self.head_digest: str | None = None
+        self.head_ok = True
+        self.reported_missing: set[bytes] = set()
+        self.hasher: _Rehasher | None = None
+        self.compare_deferred = False
+        self.stop = 0
+        self.index_missing = False
+
+    def add(self, code: str, path: bytes | str, detail: str = "", data: Any = None) -> None:
+        self.out.append(finding(code, path, detail, data))
+
+    # ------------------------------------------------------------ driver
+
+    def run(self) -> None:
+        for d in ("objects", "manifests", "tmp"):
+            p = os.path.join(self.store.root, d)
+            if not os.path.isdir(p):
+                self.add("E003", p, "recreated empty by 'fsck --repair'" if d == "tmp" else "")
+        hasher = None
+        if not self.quick and os.path.isdir(os.path.join(self.store.root, "objects")):
+            self.hasher = hasher = _start_rehash(self.objects)
+        try:
+            self._open_indexes()
+            self._check_chain_and_tree()
+            if hasher is None:
+                count, need = _merge_objects(self.objects, self.fresh, True, self._object_finding)
+                self.out.stats["objects"], self.out.stats["object_bytes"] = count, need
+            else:
+                self._finish_rehash(hasher)
+            self._check_temps()
+        finally:
+            if hasher is not None:
+                hasher.close()
+            if self.fresh is not None:
+                self.fresh.close()
+            if self.fresh_dir is not None:
+                shutil.rmtree(self.fresh_dir, ignore_errors=True)
+
+    def _finish_rehash(self, hasher: "_Rehasher | _LocalRehasher") -> None:
+        """Collect the re-hash.  A child process is handed the fresh index
+        (it merges objects/ with it and, when asked, compares the live
+        index); for a thread this thread does both."""
+        child = isinstance(hasher, _Rehasher)
+        if child:
+            live = os.path.join(self.store.root, "index") if self.compare_deferred else None
+            hasher.request(self.fresh.path, live)
+        else:
+            self.out.stats["objects"], self.out.stats["object_bytes"] = \
+                _merge_objects(self.objects, self.fresh, False, self._object_finding)
+            if self.compare_deferred:
+                self._compare_index(self.stop)
+        total = sum(size for _, size in self.fresh.iter_objects())
+        while hasher.is_alive():
+            hasher.join(0.1)
+            self.progress("objects", hasher.bytes_done, total)
+        if hasher.error is not None:
+            raise hasher.error
+        self.progress("objects", hasher.bytes_done, total)
+        self.out.stats["hashed_bytes"] = hasher.bytes_done
+        for code, oid, path, detail in hasher.results:
+            self._object_finding(code, oid, path, detail)
+        if child:
+            self.out.stats["objects"], self.out.stats["object_bytes"] = hasher.counts
+            if self.compare_deferred:
+                self._index_verdict(hasher.index_diff, self.stop)
+
+    def _open_indexes(self) -> None:
+        from .index import Index   # lmdb only when needed
+
+        tmp = os.path.join(self.store.root, "tmp")
+        self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-", dir=tmp if os.path.isdir(tmp) else None)
+        self.fresh = Index(os.path.join(self.fresh_dir, "index"))
+        ipath = os.path.join(self.store.root, "index")
+        if not os.path.exists(os.path.join(ipath, "data.mdb")):
+            self.index_missing = True      # an error only if there are manifests to index
+            return
+        try:
+            self.real = self.store.index
+            self.real_applied = self.real.applied()[0]
+        except Exception as e:   # lmdb raises its own classes; any failure means unreadable
+            self.real = None
+            msg = e.message if isinstance(e, EideticError) else f"{type(e).__name__}: {e}"
+            self.add("E041", ipath, f"{msg}; 'fsck --repair' rebuilds it from the manifests")
+
+    # ------------------------------------------------------------ manifests
+
+    def _manifest_seqs(self) -> list[int]:
+        mdir = os.path.join(self.broot, b"manifests")
+        seqs = []
+        try:
+            names = os.listdir(mdir)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            p = mdir + b"/" + name
+            if is_temp_name(name):
+                self.add("W050", p, "temp file of an interrupted manifest write")
+                continue
+            seq = layout.parse_manifest_name(name.decode("ascii", "replace"))
+            if seq is None or not stat.S_ISREG(os.lstat(p).st_mode):
+                self.add("E014", p, "not a manifest" if seq is None else "not a regular file",
+                         data={"store_rel": b"manifests/" + name})
+                continue
+            seqs.append(seq)
+        seqs.sort()
+        return seqs
+
+    def _read_head(self, have_manifests: bool) -> None:
+        hp = os.path.join(self.store.root, "HEAD")
+        try:
+            self.head_seq, self.head_digest = self.store.head()
+        except StoreFormatError:
+            self.head_seq, self.head_digest = 0, None
+            if have_manifests:
+                self.add("E017", hp, "HEAD is unreadable; 'fsck --repair' rewrites it from the manifests")
+            else:
+                self.add("E015", hp, "HEAD is unreadable and there are no manifests")
+            return
+        if self.head_seq == 0 and have_manifests and not os.path.exists(hp):
+            self.add("E017", hp, "HEAD is missing; 'fsck --repair' rewrites it from the manifests")
+
+    def _check_chain_and_tree(self) -> None:
+        seqs = self._manifest_seqs()
+        self._read_head(bool(seqs))
+        if self.index_missing and seqs:
+            self.add("E041", os.path.join(self.store.root, "index"),
+                     "no index: 'fsck --repair' rebuilds it from the manifests")
+        last = seqs[-1] if seqs else 0
+        hp = os.path.join(self.store.root, "HEAD")
+        head_known = self.head_seq > 0
+        if head_known and self.head_seq > last:
+            self.head_ok = False
+            self.add("E015", hp, f"HEAD names manifest {self.head_seq} but the last manifest is "
+                                 f"{last or 'none'}: manifests after {last} were removed")
+            self.broken = True
+        elif head_known and self.head_seq < last - 1:
+            self.head_ok = False
+            self.add("E015", hp, f"HEAD names manifest {self.head_seq} but manifests go up to {last}")
+            self.broken = True
+        stop = self.stop = self.head_seq if head_known and self.head_seq <= last else last
+        beyond = [s for s in seqs if s > stop]
+
+        state = _ChainState()
+        index_compared = False
+        for seq in seqs:
+            if seq > stop:
+                break
+            if not index_compared and state.applied == self.real_applied:
+                index_compared = True
+                self._compare_index(stop)
+            self._replay(seq, state)
+        if not index_compared:
+            if state.applied == self.real_applied:
+                if self.hasher is not None and not beyond and self.real is not None and not self.broken:
+                    self.compare_deferred = True    # the child compares while this thread walks the tree
+                else:
+                    self._compare_index(stop)
+            elif self.real is not None and not self.broken:
+                self.add("E040", os.path.join(self.store.root, "index"),
+                         f"the index has applied {self.real_applied} manifest(s) but HEAD names {stop}; "
+                         "'fsck --repair' rebuilds it")
+        if head_known and self.head_seq == stop and state.digests.get(stop) is not None \
+                and state.digests[stop] != self.head_digest:
+            self.head_ok = False
+            self.broken = True
+            self.add("E015", hp, f"HEAD records digest {self.head_digest} but manifest {stop} hashes to "
+                                 f"{state.digests[stop]}: manifest {stop} (or HEAD) was edited")
+
+        if self.broken:
+            self.add("W060", self.tree_root, "fix the manifest chain first (restore the damaged manifests "
+                                             "from a backup)")
+        else:
+            self._check_tree()
+
+        # Manifests past HEAD: only their object references still matter.
+        for seq in beyond:
+            self._replay(seq, state)
+        if beyond and self.head_ok and head_known and beyond == [stop + 1]:
+            nxt = stop + 1
+            if state.valid.get(nxt):
+                self.add("W016", self.store.manifest_path(nxt),
+                         f"HEAD names manifest {stop}; manifest {nxt} was committed but HEAD not yet advanced: "
+                         "re-running 'eidetic ingest' (or 'fsck --repair') finishes that upload")
+            else:
+                self.add("E015", hp, f"HEAD names manifest {stop} and manifest {nxt} after it is not a valid "
+                                     "continuation of the chain")
+        self.out.stats["manifests"] = len(seqs)
+
+    def _replay(self, seq: int, state: "_ChainState") -> None:
+        """Validate manifest *seq* against the chain and apply it to the fresh index."""
+        from .manifest import ManifestReader
+
+        path = self.store.manifest_path(seq)
+        bpath = os.fsencode(path)
+        if seq != state.expected:
+            gap = f"manifest {state.expected}" if seq == state.expected + 1 else \
+                f"manifests {state.expected} to {seq - 1}"
+            self.add("E012", self.store.manifest_path(state.expected),
+                     f"{gap} missing: removed by hand? (the chain goes on at {seq})")
+            self.broken = True
+            state.prev = None
+            state.prev_known = False
+        state.expected = seq + 1
+        try:
+            r = ManifestReader(path)
+            r.close()
+        except (IntegrityError, OSError) as e:
+            self.add("E010", bpath, _why(e, path))
+            self.broken = True
+            state.prev_known = False
+            return
+        h = r.header
+        if h.seq != seq:
+            self.add("E013", bpath, f"its header says seq {h.seq}: a copy or an inserted manifest")
+            self.broken = True
+            state.prev_known = False
+            return
+        ok = True
+        if h.study != self.store.name:
+            self.add("E018", bpath, f"it belongs to study {h.study!r}")
+            self.broken = True
+            ok = False
+        if state.prev_known and h.prev != state.prev:
+            before = f"manifest {seq - 1} hashes to {state.prev}" if state.prev else "it is the first manifest"
+            self.add("E011", bpath, f"its prev is {h.prev} but {before}: manifest {seq - 1} (or this one's "
+                                    "header) was edited")
+            self.broken = True
+            ok = False
+        if state.applied != seq - 1:
+            _force_applied(self.fresh, seq - 1)
+        try:
+            self.fresh.apply_manifest(path)
+        except (IntegrityError, OSError) as e:
+            self.add("E010", bpath, _why(e, path))
+            self.broken = True
+            state.prev_known = False
+            return
+        summary = self.fresh.upload(seq) or {}
+        digest = summary.get("digest")
+        state.applied = seq
+        state.digests[seq] = digest
+        state.prev, state.prev_known = digest, True
+        state.valid[seq] = ok
+        self.progress("manifests", seq, None)
+
+    def _compare_index(self, stop: int) -> None:
+        if self.real is None or self.broken:
+            return
+        self._index_verdict(_first_difference(self.real, self.fresh), stop)
+
+    def _index_verdict(self, diff: str | None, stop: int) -> None:
+        ipath = os.path.join(self.store.root, "index")
+        if diff is not None:
+            self.add("E040", ipath, f"{diff}; 'fsck --repair' rebuilds it")
+        elif self.real_applied < stop:
+            self.add("W042", ipath, f"the index has applied {self.real_applied} of {stop} manifest(s); "
+                                    "re-running 'eidetic ingest' (or 'fsck --repair') catches it up")
+
+    # ----------------------------------------------------------------- tree
+
+    def _check_tree(self) -> None:
+        root = self.tree_root
+        try:
+            st = os.lstat(root)
+        except FileNotFoundError:
+            self.add("E035", root, "'fsck --repair' re-creates it")
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            self.add("E035", root, "not a directory")
+            return
+        walk = _TreeWalk(self, root, st)
+        walk.run()
+        self.out.stats["tree_entries"] = walk.entries
+        total = self.fresh.stats()["path_versions"]
+        if walk.version_names != total or walk.plain_unknown:
+            self._find_missing_names()
+
+    def _find_missing_names(self) -> None:
+        """Stat every expected name (only when the walk showed some are missing)."""
+        idx = self.fresh
+        for ver, is_latest in _with_last(idx.iter_versions()):
+            self._expect(layout.version_relpath(ver.path, ver.n, ver.stamp), ver, "version")
+            if is_latest and not idx.has_dir(ver.path):
+                self._expect(layout.tree_relpath(ver.path), ver, "plain")
+
+    def _expect(self, rel: bytes, v, kind: str) -> None:
+        if rel in self.reported_missing:
+            return
+        try:
+            os.lstat(self.tree_root + b"/" + rel)
+            return
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        self.missing_name(rel, v, kind)
+
+    def missing_name(self, rel: bytes, v, kind: str) -> None:
+        self.reported_missing.add(rel)
+        what = f"version {v.n} of {layout.display(v.path)}" if kind == "version" else \
+            f"plain name of {layout.display(v.path)} (latest: version {v.n})"
+        if v.seq > self.real_applied and self.real is not None:
+            self.add("W036", self.tree_root + b"/" + rel,
+                     f"{what}, from manifest {v.seq} which the index has not applied yet")
+            return
+        extra = "" if self.objects.exists(v.blake3) else "; its object is missing too"
+        self.add("E030", self.tree_root + b"/" + rel, what + extra)
+
+    # -------------------------------------------------------------- objects
+
+    def _object_finding(self, code: str, oid: str, path: bytes, detail: str) -> None:
+        data = None
+        if code in ("E020", "E021", "E022") and layout.valid_object_id(oid):
+            versions, total = _affected(self.fresh, oid)
+            data = {"oid": oid, "versions": versions, "total": total}
+            if versions:
+                shown = ", ".join(f"{layout.display(p)} v{n}" for p, n, _ in versions[:_SHOWN])
+                more = f" and {total - _SHOWN} more" if total > _SHOWN else ""
+                used = f"used by {shown}{more}"
+                detail = f"{detail}; {used}" if detail else used
+        if code == "E023":
+            data = {"store_rel": path[len(self.broot) + 1:]}
+        self.add(code, path, detail, data=data)
+
+    # ---------------------------------------------------------------- temps
+
+    def _check_temps(self) -> None:
+        tmp = os.path.join(self.broot, b"tmp")
+        mine = os.path.basename(os.fsencode(self.fresh_dir or ""))
+        try:
+            names = sorted(os.listdir(tmp))
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name != mine:
+                self.add("W050", tmp + b"/" + name, "left by an interrupted write")
+        for name in sorted(os.listdir(self.broot)):
+            if is_temp_name(name):
+                self.add("W050", self.broot + b"/" + name, "left by an interrupted write")
+
+
+def _merge_objects(objects: ObjectStore, fresh, check_stat: bool,
+                   emit: Callable[[str, str, bytes, str], None]) -> tuple[int, int]:
+    """Names under objects/ against the objects the manifests need: two
+    sorted streams, merged (nothing held in memory).  *check_stat* adds
+    what lstat can tell (type, write bits, size) when nothing re-hashes.
+    Returns (object files, bytes the manifests need)."""
+    idx_iter = fresh.iter_objects()
+    cur = next(idx_iter, None)
+    cur_seen = False
+    need_bytes = 0
+    count = 0
+    for oid, twin, path in objects.iter_files():
+        if not oid:
+            if is_temp_name(path.rpartition(b"/")[2]):
+                emit("W050", "", path, "temp file of an interrupted object write")
+            else:
+                emit("E023", "", path, "not an object name")
+            continue
+        count += 1
+        while cur is not None and cur[0] < oid:
+            need_bytes += cur[1]
+            if not cur_seen:
+                emit("E021", cur[0], objects.path(cur[0]), "")
+            cur, cur_seen = next(idx_iter, None), False
+        referenced = cur is not None and cur[0] == oid
+        cur_seen = cur_seen or referenced
+        if not referenced:
+            emit("W024", oid, path, "referenced by no manifest; harmless, it only takes space")
+        if check_stat:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            bad = _object_stat_problem(st)
+            if bad is not None:
+                emit(bad[0], oid, path, bad[1])
+            elif referenced and st.st_size != cur[1]:
+                emit("E020", oid, path, f"size {st.st_size}, recorded {cur[1]}")
+    while cur is not None:
+        need_bytes += cur[1]
+        if not cur_seen:
+            emit("E021", cur[0], objects.path(cur[0]), "")
+        cur, cur_seen = next(idx_iter, None), False
+    return count, need_bytes
+
+
+@dataclass
+class _ChainState:
+    expected: int = 1
+    applied: int = 0
+    prev: str | None = None
+    prev_known: bool = True
+    digests: dict = field(default_factory=dict)   # seq -> digest (one entry per manifest)
+    valid: dict = field(default_factory=dict)
+
+
+def _why(e: Exception, path: str) -> str:
+    if isinstance(e, EideticError):
+        text = str(e.kwargs.get("detail", e))
+        return text.replace(f"manifest {path}", "", 1).lstrip(": ") or text   # the finding names the file
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _object_stat_problem(st: os.stat_result) -> tuple[str, str] | None:
+    if not stat.S_ISREG(st.st_mode):
+        return "E023", "not a regular file"
+    if st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        return "E022", f"mode {stat.S_IMODE(st.st_mode):04o}"
+    return None
+
+
+def _with_last(it: Iterator) -> Iterator[tuple[Any, bool]]:
+    """(version, is the last version of its path) for a stream sorted by path."""
+    prev = None
+    for v in it:
+        if prev is not None:
+            yield prev, prev.path != v.path
+        prev = v
+    if prev is not None:
+        yield prev, True
+
+
+# ----------------------------------------------------------- index helpers
+#
+# fsck reads two things the Index API does not offer (which versions use an
+# object; forcing the applied counter of its *private* rebuild past a gap).
+
+def _affected(idx, oid: str, limit: int = _REF_LIMIT) -> tuple[list[tuple[bytes, int, str]], int]:
+    """(path, version, stamp) of the versions using *oid* (up to *limit*), and their number."""
+    from .index import _decode_version
+
+    out: list[tuple[bytes, int, str]] = []
+    total = 0
+    with idx.env.begin() as txn:
+        cur = txn.cursor(db=idx.refs)
+        if cur.set_key(bytes.fromhex(oid)):
+            total = cur.count()
+            for vkey in cur.iternext_dup():      # each is a key of the versions database
+                if len(out) >= limit:
+                    break
+                value = txn.get(vkey, db=idx.versions)
+                if value is not None:
+                    v = _decode_version(bytes(vkey), bytes(value))
+                    out.append((v.path, v.n, v.stamp))
+    return out, total
+
+
+def _force_applied(idx, seq: int) -> None:
+    """Let a private rebuild go on past a broken link of the chain."""
+    with idx.env.begin(write=True) as txn:
+        txn.put(b"applied", struct.pack(">Q", seq), db=idx.meta)
+        txn.delete(b"partial", db=idx.meta)
+
+
+def _first_difference(real, fresh) -> str | None:
+    for a, b in zip_longest(real.dump(), fresh.dump()):
+        if a == b:
+            continue
+        if a is None:
+            return f"the index lacks {b[0]} entry {_short(b[1])}"
+        if b is None:
+            return f"the index has an extra {a[0]} entry {_short(a[1])}"
+        if a[:2] == b[:2]:
+            return f"{a[0]} entry {_short(a[1])} holds {_short(a[2])}, a rebuild gives {_short(b[2])}"
+        return f"first difference in {a[0]}/{b[0]}: {_short(a[1])} vs {_short(b[1])}"
+    return None
+
+
+def _short(b: bytes, n: int = 60) -> str:
+    r = repr(bytes(b))
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+# --------------------------------------------------------------- tree walk
+
+class _TreeWalk:
+    """One pass over the tree: every entry must be an expected name."""
+
+    def __init__(self, ck: _Checker, root: bytes, root_st: os.stat_result) -> None:
+        self.ck = ck
+        self.idx = ck.fresh
+        self.root = root
+        self.root_st = root_st
+        self.entries = 0
+        self.version_names = 0       # valid version names seen (compared with the index's count)
+        self.plain_unknown = False   # a plain name went missing in a way the per-directory test cannot see
+
+    def run(self) -> None:
+        self._dir_mode(self.root, self.root_st)
+        stack = [(self.root, b"", b"", self.root_st.st_dev)]
+        while stack:
+            dabs, drel, dsrc, dev = stack.pop()
+            try:
+                with os.scandir(dabs) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                self.ck.add("E037", dabs, e.strerror or str(e))
+                self.plain_unknown = True
+                continue
+            subdirs = self._one_dir(entries, drel, dsrc, dev)
+            stack.extend(reversed(subdirs))
+            self.ck.progress("tree", self.entries, None)
+
+    def _dir_mode(self, path: bytes, st: os.stat_result) -> None:
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            self.ck.add("E034", path, f"mode {stat.S_IMODE(st.st_mode):04o}: others could add, remove or "
+                                      "rename names")
+
+    def _one_dir(self, entries, drel: bytes, dsrc: bytes, dev: int) -> list:
+        ck, idx = self.ck, self.idx
+        subdirs = []
+        latest_of: dict[bytes, Any] = {}           # path -> latest version (or None), this directory only
+        obj_ino: dict[str, tuple[int, int] | None] = {}
+        versioned: dict[bytes, bytes] = {}          # path with a version name here -> its plain name
+        plain_seen: set[bytes] = set()
+
+        def latest(path: bytes):
+            if path in latest_of:
+                return latest_of[path]
+            v = latest_of[path] = idx.latest(path)
+            return v
+
+        def is_object(entry, oid: str) -> bool | None:
+            """True/False; None when the object itself is missing (E021 says so)."""
+            if oid not in obj_ino:
+                try:
+                    st = os.lstat(ck.objects.path(oid))
+                    obj_ino[oid] = (st.st_dev, st.st_ino)
+                except FileNotFoundError:
+                    obj_ino[oid] = None
+            want = obj_ino[oid]
+            if want is None:
+                return None
+            have = (dev, entry.inode())
+            return have == want or have in set(ck.objects.inode_ids(oid))
+
+        for e in entries:
+            self.entries += 1
+            name = e.name
+            rel = drel + b"/" + name if drel else name
+            if is_temp_name(name):
+                ck.add("W051", e.path, "left by an interrupted tree update", data={"rel": rel})
+                continue
+            if e.is_symlink():
+                kind = "symlink"
+            elif e.is_dir(follow_symlinks=False):
+                kind = "directory"
+            elif e.is_file(follow_symlinks=False):
+                kind = "file"
+            else:
+                kind = "special file"
+            parsed = layout.parse_version_name(name)
+            if parsed is not None:
+                v = self._version_for(name, rel, dsrc, parsed, latest)
+                if v is None:
+                    ck.add("E033", e.path, f"a {kind} with a version name no version has", data={"rel": rel})
+                    continue
+                self.version_names += 1
+                if v.path not in versioned:
+                    versioned[v.path] = layout.plain_name(v.path.rpartition(b"/")[2])
+                if kind != "file":
+                    ck.add("E031", e.path, f"a {kind} where version {v.n} of {layout.display(v.path)} belongs",
+                           data={"rel": rel})
+                elif is_object(e, v.blake3) is False:
+                    ck.add("E031", e.path, f"version {v.n} of {layout.display(v.path)} should be object "
+                                           f"{v.blake3}", data={"rel": rel})
+                continue
+            path = self._plain_path(name, rel, dsrc)
+            if path is None:
+                ck.add("E033", e.path, f"a {kind} no upload sent", data={"rel": rel})
+                continue
+            if kind == "directory":
+                if idx.has_dir(path):
+                    st = e.stat(follow_symlinks=False)
+                    self._dir_mode(e.path, st)
+                    subdirs.append((e.path, rel, path, st.st_dev))
+                    plain_seen.add(path)
+                elif latest(path) is not None:
+                    plain_seen.add(path)
+                    ck.add("E031", e.path, f"a directory where {layout.display(path)} belongs", data={"rel": rel})
+                else:
+                    ck.add("E033", e.path, "a directory no upload sent", data={"rel": rel})
+                continue
+            lv = latest(path)
+            if lv is None:
+                what = f"a {kind} where the directory {layout.display(path)} belongs" \
+                    if idx.has_dir(path) else None
+                if what:
+                    ck.add("E031", e.path, what, data={"rel": rel})
+                else:
+                    ck.add("E033", e.path, f"a {kind} no upload sent", data={"rel": rel})
+                continue
+            plain_seen.add(path)
+            if kind != "file":
+                ck.add("E031", e.path, f"a {kind} where {layout.display(path)} (version {lv.n}) belongs",
+                       data={"rel": rel})
+                continue
+            if is_object(e, lv.blake3) is not False:
+                continue
+            older = next((o for o in idx.versions_of(path)
+                          if o.n != lv.n and is_object(e, o.blake3)), None)
+            if older is not None:
+                ck.add("E032", e.path, f"shows version {older.n}, the latest is {lv.n}", data={"rel": rel})
+            else:
+                ck.add("E031", e.path, f"the latest version ({lv.n}) is object {lv.blake3}", data={"rel": rel})
+        for path, plain in versioned.items():
+            if path not in plain_seen and not idx.has_dir(path):
+                ck.missing_name(drel + b"/" + plain if drel else plain, latest(path), "plain")
+        return subdirs
+
+    def _version_for(self, name: bytes, rel: bytes, dsrc: bytes, parsed, latest):
+        orig, n, stamp = parsed
+        if orig is None:
+            r = self.idx.resolve_cut(rel)
+            if r is None or r[1] is None:
+                return None
+            path, n = r
+            orig = path.rpartition(b"/")[2]
+            if path.rpartition(b"/")[0] != dsrc:
+                return None
+        else:
+            path = dsrc + b"/" + orig if dsrc else orig
+        try:
+            lv = latest(path)
+            if lv is None or n > lv.n:
+                return None
+            v = lv if n == lv.n else self.idx.version(path, n)
+            if v is None or v.stamp != stamp or layout.version_name(orig, n, stamp) != name:
+                return None
+        except ValueError:
+            return None
+        return v
+
+    def _plain_path(self, name: bytes, rel: bytes, dsrc: bytes) -> bytes | None:
+        orig = layout.unplain_name(name)
+        if orig is None:
+            r = self.idx.resolve_cut(rel)
+            if r is None or r[1] is not None:
+                return None
+            path = r[0]
+            if path.rpartition(b"/")[0] != dsrc:
+                return None
+            return path
+        try:
+            if layout.plain_name(orig) != name:
+                return None
+        except ValueError:
+            return None
+        return dsrc + b"/" + orig if dsrc else orig
+
+
+# ------------------------------------------------------------ re-hashing
+#
+# Re-hashing runs in a child process: in a thread it would wait for the GIL
+# behind the (Python-heavy) manifest and tree checks, and the two together
+# would take as long as one after the other.  The child walks objects/ on
+# its own and reports, one line each on its stdout:
+#
+#   P <bytes hashed so far>
+#   F <code> <oid> <path as hex> <detail>
+#   D <bytes hashed>                      (done)
+
+_CHILD_MIN_SHARDS = 64      # fewer object shards than this: a small store, hash in a thread
+
+
+def _start_rehash(objects: ObjectStore) -> "_Rehasher | _LocalRehasher":
+    """A child process pays off for many objects; a small store (a few dozen
+    objects, fewer shards) is hashed in a thread, without the start-up cost."""
+    try:
+        shards = len(os.listdir(objects.root + b"/objects"))
+    except OSError:
+        shards = 0
+    return _Rehasher(objects) if shards >= _CHILD_MIN_SHARDS else _LocalRehasher(objects)
+
+
+class _LocalRehasher(threading.Thread):
+    """The re-hash in a thread of this process (small stores)."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        super().__init__(name="fsck-rehash", daemon=True)
+        self.results: list[tuple[str, str, bytes, str]] = []
+        self.error: BaseException | None = None
+        self._hasher = _Hasher(objects, lambda *r: self.results.append(r), lambda n: None)
+        self.start()
+
+    @property
+    def bytes_done(self) -> int:
+        return self._hasher.bytes_done
+
+    def run(self) -> None:
+        try:
+            self._hasher.run()
+        except BaseException as e:   # raised again by the caller
+            self.error = e
+
+    def close(self) -> None:
+        pass
+
+
+class _Rehasher:
+    """The parent's side: start the child, read its lines in a thread."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        import subprocess
+        import sys
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from eidetic.fsck import _rehash_main; _rehash_main()",
+             os.fsdecode(objects.root), os.fsdecode(objects.tmp_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, env=env)
+        self.results: list[tuple[str, str, bytes, str]] = []
+        self.bytes_done = 0
+        self.counts = (0, 0)
+        self.index_diff: str | None = None
+        self.finished = False
+        self._reader = threading.Thread(target=self._read, name="fsck-rehash-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            kind, _, rest = line.rstrip(b"\n").partition(b" ")
+            if kind == b"P":
+                self.bytes_done = int(rest)
+            elif kind == b"F":
+                code, oid, hexpath, detail = rest.split(b" ", 3)
+                self.results.append((code.decode(), "" if oid == b"-" else oid.decode(),
+                                     bytes.fromhex(hexpath.decode()),
+                                     detail.decode("utf-8", "replace")))
+            elif kind == b"I":
+                self.index_diff = rest.decode("utf-8", "replace") or None
+            elif kind == b"S":
+                a, b = rest.split()
+                self.counts = (int(a), int(b))
+            elif kind == b"D":
+                self.bytes_done = int(rest)
+                self.finished = True
+
+    def request(self, fresh: str, live: str | None) -> None:
+        """Once hashing is done: merge objects/ with *fresh*; compare *live* with it."""
+        assert self.proc.stdin is not None
+        line = f"M {os.fsencode(fresh).hex()} {os.fsencode(live).hex() if live else '-'}\n"
+        try:
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:   # the child died; error() says why
+            pass
+
+    def is_alive(self) -> bool:
+        return self._reader.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._reader.join(timeout)
+
+    @property
+    def error(self) -> BaseException | None:
+        if self._reader.is_alive():
+            return None
+        rc = self.proc.wait()
+        if self.finished and rc == 0:
+            return None
+        err = (self.proc.stderr.read() if self.proc.stderr else b"").decode("utf-8", "replace").strip()
+        last = err.splitlines()[-1] if err else f"exit status {rc}"
+        return IntegrityError(f"re-hashing objects failed: {last}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None and not f.closed:
+                try:
+                    f.close()
+                except BrokenPipeError:
+                    pass
+
+
+def _rehash_main() -> None:
+    """Entry point of the re-hashing child (argv: objects root, tmp dir).
+
+    After hashing it reads one request from stdin, ``M <fresh index> <live
+    index or ->`` (paths as hex), merges objects/ with the fresh index and
+    compares the live one with it; an empty stdin ends it."""
+    import sys
+
+    objects = ObjectStore(sys.argv[1], sys.argv[2])
+    out = sys.stdout.buffer
+    lock = threading.Lock()
+
+    def emit(line: str) -> None:
+        with lock:
+            out.write(line.encode("utf-8", "replace") + b"\n")
+            out.flush()
+
+    hasher = _Hasher(objects, lambda code, oid, path, detail: emit(f"F {code} {oid} {path.hex()} {detail}"),
+                     lambda n: emit(f"P {n}"))
+    hasher.run()
+    req = sys.stdin.buffer.readline().split()
+    if req and req[0] == b"M":
+        from .index import Index
+
+        fresh = Index(os.fsdecode(bytes.fromhex(req[1].decode())))
+        count, need = _merge_objects(objects, fresh, False,
+                                     lambda code, oid, path, detail: emit(f"F {code} {oid or '-'} {path.hex()} "
+                                                                          f"{detail}"))
+        emit(f"S {count} {need}")
+        if req[2] != b"-":
+            live = Index(os.fsdecode(bytes.fromhex(req[2].decode())))
+            emit(f"I {_first_difference(live, fresh) or ''}")
+    emit(f"D {hasher.bytes_done}")
+
+
+class _Hasher:
+    """Hash every object file: small ones read whole and hashed here, large
+    ones handed to a second thread that uses blake3's own threads (mmap for
+    the largest), so one large object never stalls the many small ones."""
+
+    REPORT_EVERY = 64 << 20
+
+    def __init__(self, objects: ObjectStore, bad: Callable[[str, str, bytes, str], None],
+                 progress: Callable[[int], None]) -> None:
+        self.objects = objects
+        self.bad = bad
+        self.progress = progress
+        self.small_bytes = 0
+        self.large_bytes = 0
+        self._reported = 0
+        self._big: list = []
+        self._cv = threading.Condition()
+        self._big_done = False
+        self._error: BaseException | None = None
+
+    @property
+    def bytes_done(self) -> int:
+        return self.small_bytes + self.large_bytes
+
+    def run(self) -> None:
+        big = threading.Thread(target=self._big_loop, name="fsck-rehash-large", daemon=True)
+        big.start()
+        try:
+            for oid, twin, path in self.objects.iter_files():
+                if oid:
+                    self._one(oid, twin, path)
+                if self.bytes_done - self._reported >= self.REPORT_EVERY:
+                    self._reported = self.bytes_done
+                    self.progress(self._reported)
+        finally:
+            with self._cv:
+                self._big_done = True
+                self._cv.notify_all()
+            big.join()
+        if self._error is not None:
+            raise self._error
+
+    def _queue_big(self, item: tuple) -> None:
+        with self._cv:
+            while len(self._big) >= _HASH_WINDOW:
+                self._cv.wait()
+            self._big.append(item)
+            self._cv.notify_all()
+
+    def _one(self, oid: str, twin: int, path: bytes) -> None:
+        try:
+            fd, st = open_regular_nofollow(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EINVAL, errno.ENXIO):
+                self.bad("E023", oid, path, "not a regular file")
+            else:
+                self.bad("E020", oid, path, f"unreadable: {e.strerror}")
+            return
+        try:
+            if st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+                self.bad("E022", oid, path, f"mode {stat.S_IMODE(st.st_mode):04o}")
+            if st.st_size > SMALL_FILE:
+                self._queue_big((oid, twin, path))
+                return
+            try:
+                data = os.read(fd, st.st_size + 1)
+            except OSError as e:
+                self.bad("E020", oid, path, f"unreadable: {e.strerror}")
+                return
+        finally:
+            os.close(fd)
+        if len(data) > st.st_size:      # grew since fstat: hash it the long way
+            self._queue_big((oid, twin, path))
+            return
+        actual = hash_bytes(data)
+        self.small_bytes += len(data)
+        if actual != oid:
+            self.bad("E020", oid, path, f"its {len(data)} bytes hash to {actual}")
+
+    def _big_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._big and not self._big_done:
+                    self._cv.wait()
+                if not self._big:
+                    return
+                oid, twin, path = self._big.pop(0)
+                self._cv.notify_all()
+            try:
+                actual, size = self.objects.hash_of(oid, twin)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                self.bad("E020", oid, path, f"unreadable: {e.strerror}")
+                continue
+            except BaseException as e:   # raised again by run()
+                self._error = e
+                continue
+            self.large_bytes += size
+            if actual != oid:
+                self.bad("E020", oid, path, f"its {size} bytes hash to {actual}")
+
+
+# ================================================================== repair
+
+@dataclass
+class RepairReport:
+    done: list[str] = field(default_factory=list)       # what was repaired, one line each
+    cannot: list[str] = field(default_factory=list)     # what could not be, and why
+    lost_and_found: str | None = None                   # where moved-aside files went
+
+    @property
+    def clean(self) -> bool:
+        return not self.cannot
+
+
+def repair(store: Store, findings: list[Finding], lock: bool = True) -> RepairReport:
+    """Repair what *findings* (from :func:`check`) show, as far as it can be
+    derived again; never delete anything that is not ours (hand-made or
+    replaced files go to ``<store>/lost+found/<timestamp>/``).  Holds the
+    store lock unless the caller already does (``lock=False``)."""
+    rep = RepairReport()
+    fatal = [f for f in findings if f.code in FATAL]
+    if fatal:
+        for f in fatal:
+            rep.cannot.append(f"{f.line()}: fsck does not touch a directory it cannot recognise as a store")
+        return rep
+    with store.lock() if lock else nullcontext():
+        _Repairer(store, findings, rep).run()
+    return rep
+
+
+class _Repairer:
+    def __init__(self, store: Store, findings: list[Finding], rep: RepairReport) -> None:
+        self.store = store
+        self.rep = rep
+        self.by_code: dict[str, list[Finding]] = {}
+        for f in findings:
+            self.by_code.setdefault(f.code, []).append(f)
+        self.broot = store.broot
+        self.tree_root = os.fsencode(store.tree)
+        self._lost: bytes | None = None
+        self.bad_objects: set[str] = set()
+
+    def get(self, *codes: str) -> list[Finding]:
+        return [f for c in codes for f in self.by_code.get(c, [])]
+
+    def has(self, *codes: str) -> bool:
+        return any(c in self.by_code for c in codes)
+
+    # -------------------------------------------------------------- driver
+
+    def run(self) -> None:
+        rep = self.rep
+        for f in self.get("E003"):
+            makedirs(f.raw, 0o700)
+            rep.done.append(f"re-created {f.path}")
+        self._temps()
+        broken = self.has(*CHAIN_BROKEN)
+        head_changed = self._manifests(broken)
+        self._objects()
+        if broken:
+            rep.cannot.append("the index and the tree were left as they are: with the manifest chain broken "
+                              "they may hold the only record of what the damaged manifests said")
+            for f in self.get("E034"):
+                self._chmod_dir(f)
+            return
+        rebuilt = False
+        if head_changed or self.has("E040", "E041", "W042"):
+            self._rebuild_index()
+            rebuilt = True
+        for f in self.get("E034"):
+            self._chmod_dir(f)
+        for f in self.get("E031", "E033"):
+            self._move_tree_entry(f)
+        if rebuilt or self.has("E030", "E031", "E032", "E035", "W036"):
+            self._materialize()
+        if self._lost is not None:
+            rep.lost_and_found = layout.display(self._lost)
+
+    # --------------------------------------------------------- lost+found
+
+    def _lost_dir(self) -> bytes:
+        if self._lost is None:
+            base = self.broot + b"/lost+found"
+            makedirs(base, 0o700)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
+            n = 0
+            while True:
+                cand = base + b"/" + stamp + (b"-%d" % n if n else b"")
+                try:
+                    os.mkdir(cand, 0o700)
+                    break
+                except FileExistsError:
+                    n += 1
+            self._lost = cand
+        return self._lost
+
+    def _move_aside(self, src: bytes, rel: bytes, what: str) -> bool:
+        dest = self._lost_dir() + b"/" + rel
+        try:
+            makedirs(os.path.dirname(dest), 0o700, 0o700)
+            os.rename(src, dest)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            self.rep.cannot.append(f"could not move {layout.display(src)} aside: {e.strerror}")
+            return False
+        fsync_dir(os.path.dirname(src))
+        self.rep.done.append(f"moved {what} {layout.display(src)} to {layout.display(dest)}")
+        return True
+
+    # ---------------------------------------------------------------- temps
+
+    def _temps(self) -> None:
+        for f in self.get("W050", "W051"):
+            p = f.raw
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if f.code == "W051" and not is_temp_name(os.path.basename(p)):
+                continue   # only ever remove our own temp names from a tree
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+            self.rep.done.append(f"removed temp file {f.path}")
+
+    # ------------------------------------------------------------ manifests
+
+    def _manifests(self, broken: bool) -> bool:
+        rep, store = self.rep, self.store
+        for f in self.get("E014"):
+            self._move_aside(f.raw, b"store/" + f.data["store_rel"], "foreign file")
+        for f in self.get(*sorted(CHAIN_BROKEN)):
+            rep.cannot.append(f"{f.line()}: a damaged manifest chain cannot be rebuilt from anything in the "
+                              "store; restore the manifest (or HEAD) from a backup")
+        if broken:
+            return False
+        changed = False
+        if self.has("E017"):
+            from .manifest import digest_of
+            seqs = store.manifest_seqs()
+            if seqs:
+                digest = digest_of(store.manifest_path(seqs[-1]))
+                store.set_head(seqs[-1], digest)
+                rep.done.append(f"rewrote HEAD: manifest {seqs[-1]}")
+                changed = True
+        if self.has("W016"):
+            before = store.head()[0]
+            seq, _ = store.recover_head()
+            if seq != before:
+                rep.done.append(f"advanced HEAD to manifest {seq} (an ingest was interrupted at its commit "
+                                "point; 'eidetic ingest' still finishes its inbox entry)")
+                changed = True
+        return changed
+
+    # -------------------------------------------------------------- objects
+
+    def _objects(self) -> None:
+        rep = self.rep
+        for f in self.get("E022"):
+            try:
+                st = os.lstat(f.raw)
+                os.chmod(f.raw, stat.S_IMODE(st.st_mode) & ~0o222)
+                rep.done.append(f"removed write bits from {f.path}")
+            except FileNotFoundError:
+                pass
+        for f in self.get("E023"):
+            self._move_aside(f.raw, b"store/" + f.data["store_rel"], "foreign file")
+        for f in self.get("E021"):
+            oid = f.data["oid"]
+            if self._restore_from_tree(oid, f.data["versions"]):
+                rep.done.append(f"restored missing object {oid} from its tree name")
+                continue
+            self.bad_objects.add(oid)
+            rep.cannot.append(f"object {oid} is missing and no tree name holds its bytes; "
+                              f"{_affected_text(f.data)}: send those files again or restore the object "
+                              "from a backup")
+        for f in self.get("E020"):
+            oid = f.data["oid"] if f.data else os.path.basename(f.raw).decode()
+            self.bad_objects.add(oid)
+            rep.cannot.append(f"object {oid} is corrupt ({f.path}); {_affected_text(f.data)}: restore the "
+                              "object from a backup (the bytes are gone; every tree name shares them)")
+
+    def _restore_from_tree(self, oid: str, versions: list[tuple[bytes, int, str]]) -> bool:
+        objects = self.store.objects
+        for path, n, stamp in versions:
+            if not stamp:
+                continue
+            for rel in (layout.version_relpath(path, n, stamp), layout.tree_relpath(path)):
+                src = self.tree_root + b"/" + rel
+                try:
+                    fd, _ = open_regular_nofollow(src)
+                except OSError:
+                    continue
+                os.close(fd)
+                try:
+                    if _hash_file(src) != oid:
+                        continue
+                    dest = objects.path(oid)
+                    makedirs(os.path.dirname(dest), 0o700, 0o700)
+                    os.link(src, dest, follow_symlinks=False)
+                    os.chmod(dest, 0o444)
+                    fsync_dir(os.path.dirname(dest))
+                    return True
+                except OSError:
+                    continue
+        return False
+
+    # ---------------------------------------------------------------- index
+
+    def _rebuild_index(self) -> None:
+        """Build a new index from the manifests in tmp/, then swap it in."""
+        from .index import Index
+
+        store = self.store
+        tmp = os.path.join(store.root, "tmp")
+        makedirs(os.fsencode(tmp), 0o700)
+        work = tempfile.mkdtemp(prefix=TEMP_PREFIX + "index-", dir=tmp)
+        new_path = os.path.join(work, "index")
+        new = Index(new_path)
+        try:
+            head, _ = store.head()
+            for seq in range(1, head + 1):
+                new.apply_manifest(store.manifest_path(seq))
+        finally:
+            new.close()
+        live = os.path.join(store.root, "index")
+        # Close the live environment (shared per path in this process) before swapping.
+        store._index = None
+        if os.path.exists(os.path.join(live, "data.mdb")):
+            try:
+                Index(live).close()
+            except Exception:   # a damaged index: nothing usable was open
+                pass
+        old = os.path.join(work, "old-index")
+        if os.path.lexists(live):
+            os.rename(live, old)
+        os.rename(new_path, live)
+        fsync_dir(store.root)
+        shutil.rmtree(work, ignore_errors=True)
+        self.rep.done.append(f"rebuilt the index from {head} manifest(s)")
+
+    # ----------------------------------------------------------------- tree
+
+    def _chmod_dir(self, f: Finding) -> None:
+        try:
+            st = os.lstat(f.raw)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.chmod(f.raw, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+            self.rep.done.append(f"removed group/other write bits from {f.path}")
+
+    def _move_tree_entry(self, f: Finding) -> None:
+        what = "replaced tree entry" if f.code == "E031" else "hand-added tree entry"
+        self._move_aside(f.raw, f.data["rel"], what)
+
+    def _materialize(self) -> None:
+        """Give every version its names again (idempotent: existing right
+        names are left alone, stale plain names replaced)."""
+        from .tree import Tree, TreeConflict
+
+        store = self.store
+        tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
+        tree.ensure_root()
+        made = 0
+        for v, is_latest in _with_last(store.index.iter_versions()):
+            if v.blake3 in self.bad_objects:
+                continue
+            try:
+                if tree.place_version(v):
+                    made += 1
+                if is_latest and tree.place_plain(v):
+                    pass
+            except TreeConflict as e:
+                self.rep.cannot.append(f"{e.message} (it could not be moved aside)")
+            except OSError as e:
+                self.rep.cannot.append(f"could not re-create the names of {layout.display(v.path)} "
+                                       f"v{v.n}: {e.strerror or e}")
+        store.sync()
+        self.rep.done.append(f"re-created tree names ({made} version name(s) were missing); "
+                             "plain names point at the latest versions")
+
+
+def _hash_file(path: bytes) -> str:
+    """BLAKE3 of any file (for checking a tree file before it becomes an object again)."""
+    from .objects import hash_fd
+
+    fd, _ = open_regular_nofollow(path)
+    try:
+        return hash_fd(fd)[0]
+    finally:
+        os.close(fd)
+
+
+def _affected_text(data: dict | None) -> str:
+    if not data or not data.get("versions"):
+        return "no version uses it"
+    vs = data["versions"]
+    total = data.get("total", len(vs))
+    shown = ", ".join(f"{layout.display(p)} v{n}" for p, n, _ in vs[:20])
+    more = f" and {total - 20} more" if total > 20 else ""
+    return f"affected: {shown}{more}"
+
+
+__all__ = ["CODES", "FATAL", "CHAIN_BROKEN", "Finding", "Findings", "RepairReport", "check", "repair", "finding"]
