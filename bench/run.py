@@ -59,6 +59,7 @@ class Result:
     sys_s: float = float("nan")
     maxrss_mib: float = float("nan")      # ru_maxrss of the child (max over its reaped descendants)
     tree_rss_mib: float = float("nan")    # sampled peak of the summed RSS of the whole process tree
+    tree_anon_mib: float = float("nan")   # same, private (non file-backed) pages only
     rc: int | None = None
     ok: bool = False
     note: str = ""
@@ -73,7 +74,8 @@ class TreeRssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root = root
         self.interval = interval
-        self.peak = 0
+        self.peak = 0           # resident: anonymous + file-backed (e.g. mmap'd LMDB pages)
+        self.peak_anon = 0      # resident minus shared (statm): roughly the private heap
         self._halt = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
 
@@ -89,22 +91,27 @@ class TreeRssSampler(threading.Thread):
                 continue
             ppid = int(st[st.rindex(b")") + 2:].split()[1])
             children.setdefault(ppid, []).append(int(d))
-        total = 0
+        total = anon = 0
         todo = [self.root]
         while todo:
             pid = todo.pop()
             try:
                 with open(f"/proc/{pid}/statm", "rb") as f:
-                    total += int(f.read().split()[1]) * self._page
+                    fields = f.read().split()
+                resident, shared = int(fields[1]), int(fields[2])
+                total += resident * self._page
+                anon += (resident - shared) * self._page
             except (OSError, IndexError, ValueError):
                 pass
             todo.extend(children.get(pid, ()))
-        return total
+        return total, anon
 
     def run(self):
         while not self._halt.is_set():
             try:
-                self.peak = max(self.peak, self._sample())
+                total, anon = self._sample()
+                self.peak = max(self.peak, total)
+                self.peak_anon = max(self.peak_anon, anon)
             except Exception:
                 pass
             self._halt.wait(self.interval)
@@ -155,6 +162,7 @@ class Bench:
         r.sys_s = ru.ru_stime
         r.maxrss_mib = ru.ru_maxrss / 1024.0        # Linux: KiB
         r.tree_rss_mib = sampler.peak / MiB
+        r.tree_anon_mib = sampler.peak_anon / MiB
         r.rc = p.returncode
         r.ok = p.returncode == 0
         r.extra["log"] = logpath
@@ -165,7 +173,8 @@ class Bench:
             self.say(f"  !! {tool} {phase} failed (exit {p.returncode}); log {logpath}:\n{tail}")
         elif not quiet_ok:
             self.say(f"  {phase:<13} {tool:<22} {r.seconds:8.2f} s  "
-                     f"cpu {r.user_s + r.sys_s:7.2f} s  rss {r.maxrss_mib:7.1f} MiB")
+                     f"cpu {r.user_s + r.sys_s:7.2f} s  rss {r.maxrss_mib:7.1f} MiB "
+                     f"(private {r.tree_anon_mib:.0f} MiB)  load {r.load_before:.1f}")
         self.results.append(r)
         return r
 
@@ -533,7 +542,7 @@ def log_store_phase(b: Bench, eidetic: str, root: str, n_files: int, uploads: in
                     [eidetic, "--config", cfg, "ingest", "--once"], quiet_ok=True)
         ingest_times.append(r.seconds)
         b.say(f"  upload {v}/{uploads}: staged in {gen_s:.1f} s, ingest {r.seconds:.1f} s, "
-              f"rss {r.maxrss_mib:.0f} MiB" + ("" if r.ok else f"  FAILED ({r.note})"))
+              f"rss {r.maxrss_mib:.0f} MiB (private {r.tree_anon_mib:.0f} MiB)" + ("" if r.ok else f"  FAILED ({r.note})"))
         if not r.ok:
             return
     path = rels[min(len(rels) - 1, 4207)]
@@ -567,6 +576,7 @@ def med_result(results, phase, tool):
     return {"seconds": statistics.median(r.seconds for r in rs),
             "maxrss_mib": max(r.maxrss_mib for r in rs),
             "tree_rss_mib": max(r.tree_rss_mib for r in rs),
+            "tree_anon_mib": max(r.tree_anon_mib for r in rs),
             "cpu_s": statistics.median(r.user_s + r.sys_s for r in rs),
             "n": len(rs)}
 
@@ -585,7 +595,7 @@ def report(results, summary) -> dict:
     print(f"Data set: {summary['files']:,} files, {summary['bytes'] / GiB:.2f} GiB "
           f"(scale {summary['scale']:g})")
     print(f"{'phase':<17}{'tool':<27}{'wall s':>9}{'MiB/s':>8}{'CPU s':>8}"
-          f"{'maxRSS MiB':>12}{'treeRSS MiB':>13}")
+          f"{'maxRSS MiB':>12}{'treeRSS MiB':>13}{'private MiB':>13}")
     for phase, tool in rows:
         m = med_result(results, phase, tool)
         if m is None:
@@ -599,7 +609,7 @@ def report(results, summary) -> dict:
             continue
         rate = f"{size / m['seconds']:8.0f}" if phase != "fsck" else f"{'':>8}"
         print(f"{phase:<17}{tool:<27}{m['seconds']:>9.2f}{rate}{m['cpu_s']:>8.1f}"
-              f"{m['maxrss_mib']:>12.1f}{m['tree_rss_mib']:>13.1f}")
+              f"{m['maxrss_mib']:>12.1f}{m['tree_rss_mib']:>13.1f}{m['tree_anon_mib']:>13.1f}")
     builds = [r.seconds for r in results if r.phase == "log store build" and r.ok]
     if builds:
         print(f"{'log store build':<17}{'eidetic ingest (each)':<27}"
