@@ -257,6 +257,43 @@ def test_entry_that_is_itself_a_symlink_fails_without_being_followed(layout, tmp
     assert "symbolic link" in rec["reason"]
 
 
+@pytest.mark.parametrize("swap", ["file-to-symlink", "dir-to-symlink", "file-to-fifo"])
+def test_parts_swapped_for_links_after_listing_are_never_followed(layout, tmp_path, monkeypatch, swap):
+    """An uploader replaces a file or folder right after ingest listed its parent."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "s.txt").write_bytes(b"SECRET")
+    import eidetic.ingest as ingest_mod
+    orig = ingest_mod._listing
+    swapped = []
+
+    def listing(dfd):
+        out = orig(dfd)
+        names = [n for n, _ in out]
+        if not swapped and b"victim" in names:
+            swapped.append(True)
+            os.rename(b"victim", b".old-victim", src_dir_fd=dfd, dst_dir_fd=dfd)
+            if swap == "file-to-fifo":
+                os.mkfifo(b"victim", dir_fd=dfd)
+            else:
+                target = str(secret / "s.txt") if swap == "file-to-symlink" else str(secret)
+                os.symlink(target, b"victim", dir_fd=dfd)
+        return out
+
+    monkeypatch.setattr(ingest_mod, "_listing", listing)
+    files = {"ok.txt": b"ok"}
+    files.update({"victim": b"plain"} if swap.startswith("file") else {"victim/inner.txt": b"inner"})
+    drop(layout.inbox, "s1-labA-1", files)
+    (r,) = ingest_ok(layout)
+    assert swapped
+    _, recs, _ = read_all(layout.manifests()[0])
+    assert {rec.path for rec in recs if isinstance(rec, FileRecord)} == {b"ok.txt"}
+    (skip,) = [rec for rec in recs if isinstance(rec, SkipRecord)]
+    assert (skip.path, skip.skipped) == (b"victim", "fifo" if swap == "file-to-fifo" else "symlink")
+    assert b"SECRET" not in {p.read_bytes() for p in layout.object_files()}
+    assert plain_files(layout.tree()) == {b"ok.txt": b"ok"}
+
+
 @pytest.mark.parametrize("kind", ["file", "fifo"])
 def test_entry_that_is_not_a_folder_fails_without_blocking(layout, kind):
     path = fs(layout.inbox) + b"/s1-labA-1"

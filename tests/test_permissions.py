@@ -33,16 +33,16 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 _UPLOAD_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.umask(0o022)
-    inbox, name, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    inbox, name, files, modes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
     partial = os.path.join(inbox, "." + name)
     os.mkdir(partial, 0o777)                          # 0755 after the umask
-    for rel, (data, mode) in spec.items():
+    for rel, data in files.items():
         p = os.path.join(partial, rel)
         os.makedirs(os.path.dirname(p), 0o777, exist_ok=True)
         with open(p, "w") as f:
             f.write(data)                             # 0644 after the umask
-        if mode is not None:
-            os.chmod(p, mode)
+    for rel in sorted(modes, key=len, reverse=True):  # deepest first
+        os.chmod(os.path.normpath(os.path.join(partial, rel)), modes[rel])
     os.rename(partial, os.path.join(inbox, name))
 """)
 
@@ -81,9 +81,9 @@ class TwoUids:
     venv: Path
 
     def upload(self, name: str, files: dict[str, str], modes: dict[str, int] | None = None):
-        spec = {rel: [data, (modes or {}).get(rel)] for rel, data in files.items()}
+        """As the uploader, umask 022; *modes* maps paths ("." = the entry) to a chmod."""
         res = run_as(UPLOADER_UID, [SYSTEM_PYTHON, "-c", _UPLOAD_SCRIPT, str(self.lay.inbox), name,
-                                    json.dumps(spec)], cwd=self.base)
+                                    json.dumps(files), json.dumps(modes or {})], cwd=self.base)
         assert res.returncode == 0, res.stderr
         return self.lay.inbox / name
 
@@ -167,6 +167,27 @@ def test_uploaders_unreadable_file_fails_the_entry_with_the_reason(two_uids):
     res = t.ingest()
     assert res.returncode == 0, res.stderr
     assert plain_files(lay.tree()) == {b"ok.txt": b"fine", b"d/private.dat": b"secret"}
+
+
+@pytest.mark.parametrize("modes,named", [
+    ({"d/f.dat": 0o600}, "d/f.dat"),
+    ({"d/sub": 0o700}, "d/sub"),
+    ({"d/sub": 0o311}, "d/sub"),
+    ({".": 0o700}, ""),
+], ids=["file-0600", "dir-0700", "dir-0311", "entry-0700"])
+def test_parts_of_an_entry_the_daemon_cannot_read_fail_it_with_the_reason(two_uids, modes, named):
+    t, lay = two_uids, two_uids.lay
+    t.upload("s1-labA-1", {"top.txt": "t", "d/f.dat": "f", "d/sub/g.txt": "g"}, modes=modes)
+    res = t.ingest()
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr
+    (failed,) = os.listdir(lay.inbox)
+    assert failed.startswith(".eidetic~failed~")
+    assert _owners(lay.inbox / failed) == {UPLOADER_UID}
+    (rec,) = [json.loads(p.read_text()) for p in (lay.state / "failed").iterdir()]
+    assert named in rec["reason"] and "ermission" in rec["reason"]
+    assert tree_files(lay.tree()) == {} and lay.manifests() == []
+    assert lay.records("claims") == []
 
 
 def test_uploader_cannot_write_into_the_tree_or_the_store(two_uids):
