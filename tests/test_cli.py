@@ -165,6 +165,20 @@ def test_checkout_onto_an_existing_file_exits_2(layout, tmp_path):
     one_line_error(res)
 
 
+def test_checkout_without_output_writes_into_the_current_directory(layout, tmp_path):
+    drop(layout.inbox, "s1-labA-1", {"d/f.txt": b"x"})
+    assert layout.cli("ingest", "--once", "--settle", "0").returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    res = layout.cli("checkout", "s1:d/f.txt", cwd=work)
+    assert res.returncode == 0, res.stderr
+    assert (work / "f.txt").read_bytes() == b"x"
+    assert str(work / "f.txt") in res.stdout
+    res = layout.cli("checkout", "s1:d", cwd=work)
+    assert res.returncode == 0, res.stderr
+    assert (work / "d" / "f.txt").read_bytes() == b"x"
+
+
 def test_fsck_exits_0_on_a_clean_store(layout):
     if not fsck_available():
         pytest.skip("eidetic/fsck.py is not there yet")
