@@ -262,6 +262,16 @@ def tool_versions(have: dict) -> dict:
             except OSError:
                 pass
     v["python"] = sys.version.split()[0]
+    try:  # the eidetic code measured: last commit touching it, and local edits
+        repo = os.path.dirname(HERE)
+        v["eidetic_commit"] = subprocess.run(
+            ["git", "-C", repo, "log", "-1", "--format=%h %cI %s", "--", "eidetic", "cli"],
+            capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "eidetic", "cli"],
+                               capture_output=True, text=True).stdout.strip()
+        v["eidetic_uncommitted_changes"] = len(dirty.splitlines())
+    except OSError:
+        pass
     return v
 
 
@@ -705,6 +715,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="repeat the main phases N times (fresh dirs, rotated tool "
                          "order) and report medians; each repeat needs ~8x the data size on disk")
+    ap.add_argument("--order-shift", type=int, default=0,
+                    help="rotate the order of the tools within each phase by K "
+                         "(to vary the order across separate invocations)")
     ap.add_argument("--drop-caches", action="store_true",
                     help="echo 3 > /proc/sys/vm/drop_caches before every timed command (root)")
     ap.add_argument("--keep", action="store_true", help="keep the work directories")
@@ -742,6 +755,9 @@ def main(argv=None) -> int:
     os.makedirs(b.logdir)
     b.say(f"work directory: {run_dir}")
 
+    versions = tool_versions(have)
+    b.say(f"eidetic code: {versions.get('eidetic_commit')} "
+          f"(+{versions.get('eidetic_uncommitted_changes', 0)} uncommitted files)")
     started = time.monotonic()
     data, summary = ensure_data(b, work, a.scale)
     try:
@@ -749,7 +765,8 @@ def main(argv=None) -> int:
             for rep in range(a.repeat):
                 if a.repeat > 1:
                     b.say(f"=== repeat {rep + 1}/{a.repeat}")
-                main_phases(b, have, data, summary, os.path.join(run_dir, f"rep{rep + 1}"), rep)
+                main_phases(b, have, data, summary, os.path.join(run_dir, f"rep{rep + 1}"),
+                            rep + a.order_shift)
         if a.log_store:
             if have["eidetic"]:
                 n = a.log_files or max(100, int(round(100_000 * a.scale)))
@@ -773,8 +790,8 @@ def main(argv=None) -> int:
 
     doc = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(work), "versions": tool_versions(have),
-        "args": vars(a), "data": summary, "total_seconds": round(time.monotonic() - started, 1),
+        "machine": machine_info(work),
+        "versions": versions, "args": vars(a), "data": summary, "total_seconds": round(time.monotonic() - started, 1),
         "results": [asdict(r) for r in b.results], **out,
     }
     path = a.json_out or os.path.join(HERE, "out", f"results-{stamp}.json")
