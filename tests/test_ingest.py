@@ -499,6 +499,19 @@ def test_shared_inbox_entry_named_for_a_study_never_lands_in_another(tmp_path):
         check_store(lay, s)
 
 
+def test_study_names_sharing_a_prefix_are_not_confused(tmp_path):
+    lay = make_layout(tmp_path, studies=("s1", "s10", "s1_x"))
+    drop(lay.inbox, "s10-labA-1", {"f": b"for s10"})
+    drop(lay.inbox, "s1_x-labA-1", {"f": b"for s1_x"})
+    drop(lay.inbox, "s1-0-1", {"f": b"for s1"})
+    drop(lay.inbox, "s100-labA-1", {"f": b"for nobody"})
+    results = {r.entry: (r.study, r.outcome) for r in lay.ingest()}
+    assert results == {"s10-labA-1": ("s10", "ingested"), "s1_x-labA-1": ("s1_x", "ingested"),
+                       "s1-0-1": ("s1", "ingested"), "s100-labA-1": (None, "failed")}
+    for s in ("s1", "s10", "s1_x"):
+        assert plain_files(lay.tree(s)) == {b"f": f"for {s}".encode()}
+
+
 # ----------------------------------------------------- unreadable, unsettled
 
 def test_unreadable_file_fails_the_entry_naming_it_and_leaves_the_data(world_tmp, nonroot_venv):
