@@ -37,17 +37,18 @@ import stat
 import struct
 import tempfile
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import zip_longest
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import layout
 from .errors import EideticError, IntegrityError, StoreFormatError
 from .fsutil import TEMP_PREFIX, fsync_dir, is_temp_name, makedirs, open_regular_nofollow
 from .objects import SMALL_FILE, ObjectStore, hash_bytes
-from .store import Store
+if TYPE_CHECKING:   # the re-hashing child imports this module: keep its start-up light
+    from .store import Store
 
 # ------------------------------------------------------------------- codes
 #
@@ -182,9 +183,26 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None,
     if fatal is not None:
         out.append(fatal)
         return out
-    with store.lock() if lock else nullcontext():
+    with _lock_if_possible(store) if lock else nullcontext():
         _Checker(store, out, quick, progress or _no_progress).run()
     return out
+
+
+@contextmanager
+def _lock_if_possible(store: Store) -> Iterator[None]:
+    """The store lock; a user who may only read the store (an auditor) checks without it."""
+    try:
+        cm = store.lock()
+        cm.__enter__()
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield
+        return
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)
 
 
 def _check_marker(store: Store) -> Finding | None:
@@ -218,7 +236,7 @@ class _Checker:
         self.head_seq = 0
         self.head_digest: str | None = None
         self.head_ok = True
-        self.reported_missing: set[bytes] = set()
+        self.head_readable = True
         self.hasher: _Rehasher | None = None
         self.compare_deferred = False
         self.stop = 0
@@ -233,7 +251,8 @@ class _Checker:
         for d in ("objects", "manifests", "tmp"):
             p = os.path.join(self.store.root, d)
             if not os.path.isdir(p):
-                self.add("E003", p, "recreated empty by 'fsck --repair'" if d == "tmp" else "")
+                self.add("E003", p, "'fsck --repair' re-creates it" if d == "tmp" else
+                         "'fsck --repair' re-creates it empty; what it held must come from a backup")
         hasher = None
         if not self.quick and os.path.isdir(os.path.join(self.store.root, "objects")):
             self.hasher = hasher = _start_rehash(self.objects)
@@ -254,20 +273,25 @@ class _Checker:
             if self.fresh_dir is not None:
                 shutil.rmtree(self.fresh_dir, ignore_errors=True)
 
+    def _fresh_ready(self) -> None:
+        """The fresh index is complete: a child re-hasher may merge and compare with it now."""
+        if isinstance(self.hasher, _Rehasher) and not self.hasher.requested:
+            live = os.path.join(self.store.root, "index") if self.compare_deferred else None
+            self.hasher.request(self.fresh.path, live)
+
     def _finish_rehash(self, hasher: "_Rehasher | _LocalRehasher") -> None:
         """Collect the re-hash.  A child process is handed the fresh index
         (it merges objects/ with it and, when asked, compares the live
         index); for a thread this thread does both."""
         child = isinstance(hasher, _Rehasher)
         if child:
-            live = os.path.join(self.store.root, "index") if self.compare_deferred else None
-            hasher.request(self.fresh.path, live)
+            self._fresh_ready()
         else:
             self.out.stats["objects"], self.out.stats["object_bytes"] = \
                 _merge_objects(self.objects, self.fresh, False, self._object_finding)
             if self.compare_deferred:
                 self._compare_index(self.stop)
-        total = sum(size for _, size in self.fresh.iter_objects())
+        total = None if self.progress is _no_progress else sum(size for _, size in self.fresh.iter_objects())
         while hasher.is_alive():
             hasher.join(0.1)
             self.progress("objects", hasher.bytes_done, total)
@@ -279,14 +303,17 @@ class _Checker:
             self._object_finding(code, oid, path, detail)
         if child:
             self.out.stats["objects"], self.out.stats["object_bytes"] = hasher.counts
-            if self.compare_deferred:
+            if self.compare_deferred and not self.broken:
                 self._index_verdict(hasher.index_diff, self.stop)
 
     def _open_indexes(self) -> None:
         from .index import Index   # lmdb only when needed
 
         tmp = os.path.join(self.store.root, "tmp")
-        self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-", dir=tmp if os.path.isdir(tmp) else None)
+        try:
+            self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-", dir=tmp)
+        except OSError:    # no tmp/ (E003), or a read-only check: any temp directory will do
+            self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-")
         self.fresh = Index(os.path.join(self.fresh_dir, "index"))
         ipath = os.path.join(self.store.root, "index")
         if not os.path.exists(os.path.join(ipath, "data.mdb")):
@@ -329,6 +356,7 @@ class _Checker:
             self.head_seq, self.head_digest = self.store.head()
         except StoreFormatError:
             self.head_seq, self.head_digest = 0, None
+            self.head_readable = False
             if have_manifests:
                 self.add("E017", hp, "HEAD is unreadable; 'fsck --repair' rewrites it from the manifests")
             else:
@@ -348,8 +376,13 @@ class _Checker:
         head_known = self.head_seq > 0
         if head_known and self.head_seq > last:
             self.head_ok = False
-            self.add("E015", hp, f"HEAD names manifest {self.head_seq} but the last manifest is "
-                                 f"{last or 'none'}: manifests after {last} were removed")
+            self.add("E015", hp, f"HEAD names manifest {self.head_seq} but " +
+                     (f"the last manifest is {last}: manifests after {last} were removed" if last else
+                      "there are no manifests: they were removed"))
+            self.broken = True
+        elif not head_known and seqs and self.head_readable and os.path.exists(hp):
+            self.head_ok = False
+            self.add("E015", hp, f"HEAD names no manifest but manifests go up to {last}")
             self.broken = True
         elif head_known and self.head_seq < last - 1:
             self.head_ok = False
@@ -366,23 +399,25 @@ class _Checker:
             if not index_compared and state.applied == self.real_applied:
                 index_compared = True
                 self._compare_index(stop)
-            self._replay(seq, state)
-        if not index_compared:
-            if state.applied == self.real_applied:
-                if self.hasher is not None and not beyond and self.real is not None and not self.broken:
-                    self.compare_deferred = True    # the child compares while this thread walks the tree
-                else:
-                    self._compare_index(stop)
-            elif self.real is not None and not self.broken:
-                self.add("E040", os.path.join(self.store.root, "index"),
-                         f"the index has applied {self.real_applied} manifest(s) but HEAD names {stop}; "
-                         "'fsck --repair' rebuilds it")
+            self._replay(seq, state, len(seqs))
         if head_known and self.head_seq == stop and state.digests.get(stop) is not None \
                 and state.digests[stop] != self.head_digest:
             self.head_ok = False
             self.broken = True
             self.add("E015", hp, f"HEAD records digest {self.head_digest} but manifest {stop} hashes to "
                                  f"{state.digests[stop]}: manifest {stop} (or HEAD) was edited")
+        if not index_compared:
+            if state.applied == self.real_applied:
+                if self.hasher is not None and not beyond and self.real is not None and not self.broken:
+                    self.compare_deferred = True    # the re-hasher compares while this thread walks the tree
+                else:
+                    self._compare_index(stop)
+            elif self.real is not None and not self.broken:
+                self.add("E040", os.path.join(self.store.root, "index"),
+                         f"the index has applied {self.real_applied} manifest(s) but HEAD names {stop}; "
+                         "'fsck --repair' rebuilds it")
+        if not beyond:
+            self._fresh_ready()
 
         if self.broken:
             self.add("W060", self.tree_root, "fix the manifest chain first (restore the damaged manifests "
@@ -392,7 +427,8 @@ class _Checker:
 
         # Manifests past HEAD: only their object references still matter.
         for seq in beyond:
-            self._replay(seq, state)
+            self._replay(seq, state, len(seqs))
+        self._fresh_ready()
         if beyond and self.head_ok and head_known and beyond == [stop + 1]:
             nxt = stop + 1
             if state.valid.get(nxt):
@@ -404,7 +440,7 @@ class _Checker:
                                      "continuation of the chain")
         self.out.stats["manifests"] = len(seqs)
 
-    def _replay(self, seq: int, state: "_ChainState") -> None:
+    def _replay(self, seq: int, state: "_ChainState", total: int) -> None:
         """Validate manifest *seq* against the chain and apply it to the fresh index."""
         from .manifest import ManifestReader
 
@@ -459,7 +495,7 @@ class _Checker:
         state.digests[seq] = digest
         state.prev, state.prev_known = digest, True
         state.valid[seq] = ok
-        self.progress("manifests", seq, None)
+        self.progress("manifests", seq, total)
 
     def _compare_index(self, stop: int) -> None:
         if self.real is None or self.broken:
@@ -486,33 +522,11 @@ class _Checker:
         if not stat.S_ISDIR(st.st_mode):
             self.add("E035", root, "not a directory")
             return
-        walk = _TreeWalk(self, root, st)
-        walk.run()
-        self.out.stats["tree_entries"] = walk.entries
-        total = self.fresh.stats()["path_versions"]
-        if walk.version_names != total or walk.plain_unknown:
-            self._find_missing_names()
-
-    def _find_missing_names(self) -> None:
-        """Stat every expected name (only when the walk showed some are missing)."""
-        idx = self.fresh
-        for ver, is_latest in _with_last(idx.iter_versions()):
-            self._expect(layout.version_relpath(ver.path, ver.n, ver.stamp), ver, "version")
-            if is_latest and not idx.has_dir(ver.path):
-                self._expect(layout.tree_relpath(ver.path), ver, "plain")
-
-    def _expect(self, rel: bytes, v, kind: str) -> None:
-        if rel in self.reported_missing:
-            return
-        try:
-            os.lstat(self.tree_root + b"/" + rel)
-            return
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        self.missing_name(rel, v, kind)
+        scan = _TreeScan(self, root, st)
+        scan.run()
+        self.out.stats["tree_entries"] = scan.entries
 
     def missing_name(self, rel: bytes, v, kind: str) -> None:
-        self.reported_missing.add(rel)
         what = f"version {v.n} of {layout.display(v.path)}" if kind == "version" else \
             f"plain name of {layout.display(v.path)} (latest: version {v.n})"
         if v.seq > self.real_applied and self.real is not None:
@@ -690,8 +704,37 @@ def _short(b: bytes, n: int = 60) -> str:
 
 # --------------------------------------------------------------- tree walk
 
-class _TreeWalk:
-    """One pass over the tree: every entry must be an expected name."""
+class _Dir:
+    """One tree directory while the scan is inside it."""
+
+    __slots__ = ("src", "rel", "abs", "dev", "entries", "state", "pending_plain", "plain_is_dir")
+
+    def __init__(self, src: bytes, rel: bytes, abs_: bytes, dev: int) -> None:
+        self.src = src                # source directory path (b"" = the study's root)
+        self.rel = rel                # its tree path relative to the tree root
+        self.abs = abs_
+        self.dev = dev
+        self.entries: dict = {}       # name -> DirEntry, each popped when a version accounts for it
+        self.state = "listed"         # | "missing" (names in it are missing) | "unknown" (unreadable)
+        self.pending_plain: dict = {}     # plain name not found (yet: may be a directory) -> latest version
+        self.plain_is_dir: dict = {}      # file's plain name found as a directory -> latest version
+
+    def rel_of(self, name: bytes) -> bytes:
+        return self.rel + b"/" + name if self.rel else name
+
+
+class _TreeScan:
+    """The tree against the index, as one merge of two streams.
+
+    The index lists versions in key order, which is a depth-first order of
+    the uploaded paths (everything under ``d/`` is contiguous).  The scan
+    keeps a stack of the tree directories it is inside; each is listed once
+    (``scandir``: names, kinds and inode numbers in one go) and every
+    expected name is popped from its listing.  A name not in the listing is
+    missing; whatever is left when the scan leaves a directory is a name no
+    version accounts for.  Per path: no index lookup, one lstat (of the
+    object, to compare inode numbers), and memory for one listing per level.
+    """
 
     def __init__(self, ck: _Checker, root: bytes, root_st: os.stat_result) -> None:
         self.ck = ck
@@ -699,171 +742,245 @@ class _TreeWalk:
         self.root = root
         self.root_st = root_st
         self.entries = 0
-        self.version_names = 0       # valid version names seen (compared with the index's count)
-        self.plain_unknown = False   # a plain name went missing in a way the per-directory test cannot see
+        self.closed: set[bytes] = set()    # source dirs already left (only a key order anomaly revisits one)
+        self.obj_root = ck.objects.root + b"/objects/"
 
     def run(self) -> None:
+        top = _Dir(b"", b"", self.root, self.root_st.st_dev)
         self._dir_mode(self.root, self.root_st)
-        stack = [(self.root, b"", b"", self.root_st.st_dev)]
+        self._list(top)
+        stack = [top]
+        group: list = []
+        for v in self.idx.iter_versions():
+            if group and group[-1].path != v.path:
+                self._path(stack, group)
+                group = []
+            group.append(v)
+        if group:
+            self._path(stack, group)
         while stack:
-            dabs, drel, dsrc, dev = stack.pop()
-            try:
-                with os.scandir(dabs) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as e:
-                self.ck.add("E037", dabs, e.strerror or str(e))
-                self.plain_unknown = True
-                continue
-            subdirs = self._one_dir(entries, drel, dsrc, dev)
-            stack.extend(reversed(subdirs))
-            self.ck.progress("tree", self.entries, None)
+            self._close(stack.pop())
+
+    # ------------------------------------------------------------ directories
+
+    def _list(self, d: _Dir) -> None:
+        try:
+            with os.scandir(d.abs) as it:
+                d.entries = {e.name: e for e in it}
+        except FileNotFoundError:
+            d.state = "missing"
+            return
+        except OSError as e:
+            self.ck.add("E037", d.abs, e.strerror or str(e))
+            d.state = "unknown"
+            return
+        self.entries += len(d.entries)
+        self.ck.progress("tree", self.entries, None)
 
     def _dir_mode(self, path: bytes, st: os.stat_result) -> None:
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             self.ck.add("E034", path, f"mode {stat.S_IMODE(st.st_mode):04o}: others could add, remove or "
                                       "rename names")
 
-    def _one_dir(self, entries, drel: bytes, dsrc: bytes, dev: int) -> list:
-        ck, idx = self.ck, self.idx
-        subdirs = []
-        latest_of: dict[bytes, Any] = {}           # path -> latest version (or None), this directory only
-        obj_ino: dict[str, tuple[int, int] | None] = {}
-        versioned: dict[bytes, bytes] = {}          # path with a version name here -> its plain name
-        plain_seen: set[bytes] = set()
-
-        def latest(path: bytes):
-            if path in latest_of:
-                return latest_of[path]
-            v = latest_of[path] = idx.latest(path)
-            return v
-
-        def is_object(entry, oid: str) -> bool | None:
-            """True/False; None when the object itself is missing (E021 says so)."""
-            if oid not in obj_ino:
-                try:
-                    st = os.lstat(ck.objects.path(oid))
-                    obj_ino[oid] = (st.st_dev, st.st_ino)
-                except FileNotFoundError:
-                    obj_ino[oid] = None
-            want = obj_ino[oid]
-            if want is None:
+    def _dir_for(self, stack: list, src: bytes) -> _Dir | None:
+        """The stack moved to source directory *src*; None if the key order came back to a directory
+        already left (then the path is checked on its own)."""
+        while True:
+            top = stack[-1]
+            if top.src == src or not top.src or src.startswith(top.src + b"/"):
+                break
+            self._close(stack.pop())
+        if top.src == src:
+            return top
+        rest = src[len(top.src) + 1:] if top.src else src
+        for comp in rest.split(b"/"):
+            child = top.src + b"/" + comp if top.src else comp
+            if child in self.closed:
                 return None
-            have = (dev, entry.inode())
-            return have == want or have in set(ck.objects.inode_ids(oid))
+            top = self._open(top, comp, child)
+            stack.append(top)
+        return top
 
-        for e in entries:
-            self.entries += 1
-            name = e.name
-            rel = drel + b"/" + name if drel else name
-            if is_temp_name(name):
-                ck.add("W051", e.path, "left by an interrupted tree update", data={"rel": rel})
-                continue
-            if e.is_symlink():
-                kind = "symlink"
-            elif e.is_dir(follow_symlinks=False):
-                kind = "directory"
-            elif e.is_file(follow_symlinks=False):
-                kind = "file"
-            else:
-                kind = "special file"
-            parsed = layout.parse_version_name(name)
-            if parsed is not None:
-                v = self._version_for(name, rel, dsrc, parsed, latest)
-                if v is None:
-                    ck.add("E033", e.path, f"a {kind} with a version name no version has", data={"rel": rel})
-                    continue
-                self.version_names += 1
-                if v.path not in versioned:
-                    versioned[v.path] = layout.plain_name(v.path.rpartition(b"/")[2])
-                if kind != "file":
-                    ck.add("E031", e.path, f"a {kind} where version {v.n} of {layout.display(v.path)} belongs",
-                           data={"rel": rel})
-                elif is_object(e, v.blake3) is False:
-                    ck.add("E031", e.path, f"version {v.n} of {layout.display(v.path)} should be object "
-                                           f"{v.blake3}", data={"rel": rel})
-                continue
-            path = self._plain_path(name, rel, dsrc)
-            if path is None:
-                ck.add("E033", e.path, f"a {kind} no upload sent", data={"rel": rel})
-                continue
-            if kind == "directory":
-                if idx.has_dir(path):
-                    st = e.stat(follow_symlinks=False)
-                    self._dir_mode(e.path, st)
-                    subdirs.append((e.path, rel, path, st.st_dev))
-                    plain_seen.add(path)
-                elif latest(path) is not None:
-                    plain_seen.add(path)
-                    ck.add("E031", e.path, f"a directory where {layout.display(path)} belongs", data={"rel": rel})
-                else:
-                    ck.add("E033", e.path, "a directory no upload sent", data={"rel": rel})
-                continue
-            lv = latest(path)
-            if lv is None:
-                what = f"a {kind} where the directory {layout.display(path)} belongs" \
-                    if idx.has_dir(path) else None
-                if what:
-                    ck.add("E031", e.path, what, data={"rel": rel})
-                else:
-                    ck.add("E033", e.path, f"a {kind} no upload sent", data={"rel": rel})
-                continue
-            plain_seen.add(path)
-            if kind != "file":
-                ck.add("E031", e.path, f"a {kind} where {layout.display(path)} (version {lv.n}) belongs",
-                       data={"rel": rel})
-                continue
-            if is_object(e, lv.blake3) is not False:
-                continue
-            older = next((o for o in idx.versions_of(path)
-                          if o.n != lv.n and is_object(e, o.blake3)), None)
-            if older is not None:
-                ck.add("E032", e.path, f"shows version {older.n}, the latest is {lv.n}", data={"rel": rel})
-            else:
-                ck.add("E031", e.path, f"the latest version ({lv.n}) is object {lv.blake3}", data={"rel": rel})
-        for path, plain in versioned.items():
-            if path not in plain_seen and not idx.has_dir(path):
-                ck.missing_name(drel + b"/" + plain if drel else plain, latest(path), "plain")
-        return subdirs
-
-    def _version_for(self, name: bytes, rel: bytes, dsrc: bytes, parsed, latest):
-        orig, n, stamp = parsed
-        if orig is None:
-            r = self.idx.resolve_cut(rel)
-            if r is None or r[1] is None:
-                return None
-            path, n = r
-            orig = path.rpartition(b"/")[2]
-            if path.rpartition(b"/")[0] != dsrc:
-                return None
+    def _open(self, parent: _Dir, comp: bytes, src: bytes) -> _Dir:
+        pn = layout.plain_name(comp)
+        parent.pending_plain.pop(pn, None)       # a file's plain name that is (rightly) this directory
+        parent.plain_is_dir.pop(pn, None)
+        d = _Dir(src, parent.rel_of(pn), parent.abs + b"/" + pn, parent.dev)
+        if parent.state != "listed":
+            d.state = parent.state
+            return d
+        e = parent.entries.pop(pn, None)
+        if e is None:
+            d.state = "missing"
+        elif not e.is_dir(follow_symlinks=False):
+            self.ck.add("E031", e.path, f"a {_kind(e)} where the directory {layout.display(src)} belongs",
+                        data={"rel": d.rel})
+            d.state = "missing"
         else:
-            path = dsrc + b"/" + orig if dsrc else orig
-        try:
-            lv = latest(path)
-            if lv is None or n > lv.n:
-                return None
-            v = lv if n == lv.n else self.idx.version(path, n)
-            if v is None or v.stamp != stamp or layout.version_name(orig, n, stamp) != name:
-                return None
-        except ValueError:
-            return None
-        return v
+            st = e.stat(follow_symlinks=False)
+            d.dev = st.st_dev
+            self._dir_mode(e.path, st)
+            self._list(d)
+        return d
 
-    def _plain_path(self, name: bytes, rel: bytes, dsrc: bytes) -> bytes | None:
+    def _close(self, d: _Dir) -> None:
+        self.closed.add(d.src)
+        if d.state == "unknown":
+            return
+        for pn, v in d.pending_plain.items():
+            self.ck.missing_name(d.rel_of(pn), v, "plain")
+        for name in sorted(d.entries):
+            e = d.entries[name]
+            v = d.plain_is_dir.get(name)
+            if v is not None:
+                self.ck.add("E031", e.path, f"a directory where {layout.display(v.path)} (version {v.n}) "
+                                            "belongs", data={"rel": d.rel_of(name)})
+            else:
+                self._leftover(d, name, e)
+
+    # ---------------------------------------------------------------- names
+
+    def _path(self, stack: list, vs: list) -> None:
+        """All versions *vs* of one path (oldest first)."""
+        latest = vs[-1]
+        head, _, comp = latest.path.rpartition(b"/")
+        d = self._dir_for(stack, head)
+        if d is None:
+            self._path_alone(vs)
+            return
+        if d.state == "unknown":
+            return
+        entries = d.entries
+        for v in vs:
+            vn = layout.version_name(comp, v.n, v.stamp)
+            e = entries.pop(vn, None)
+            if e is None:
+                self.ck.missing_name(d.rel_of(vn), v, "version")
+            elif not e.is_file(follow_symlinks=False):
+                self.ck.add("E031", e.path, f"a {_kind(e)} where version {v.n} of {layout.display(v.path)} "
+                                            "belongs", data={"rel": d.rel_of(vn)})
+            elif self._is_object(e.inode(), d.dev, v.blake3) is False:
+                self.ck.add("E031", e.path, f"version {v.n} of {layout.display(v.path)} should be object "
+                                            f"{v.blake3}", data={"rel": d.rel_of(vn)})
+        pn = layout.plain_name(comp)
+        e = entries.get(pn)
+        if e is None:
+            d.pending_plain[pn] = latest          # missing, unless the path is also a directory
+            return
+        if e.is_dir(follow_symlinks=False):
+            d.plain_is_dir[pn] = latest           # right if the path is also a directory
+            return
+        del entries[pn]
+        if not e.is_file(follow_symlinks=False):
+            self.ck.add("E031", e.path, f"a {_kind(e)} where {layout.display(latest.path)} (version "
+                                        f"{latest.n}) belongs", data={"rel": d.rel_of(pn)})
+            return
+        ino = e.inode()
+        if self._is_object(ino, d.dev, latest.blake3) is not False:
+            return
+        older = next((o for o in reversed(vs[:-1]) if self._is_object(ino, d.dev, o.blake3)), None)
+        if older is not None:
+            self.ck.add("E032", e.path, f"shows version {older.n}, the latest is {latest.n}",
+                        data={"rel": d.rel_of(pn)})
+        else:
+            self.ck.add("E031", e.path, f"the latest version ({latest.n}) is object {latest.blake3}",
+                        data={"rel": d.rel_of(pn)})
+
+    def _is_object(self, ino: int, dev: int, oid: str) -> bool | None:
+        """Is (dev, ino) the object *oid* (or a twin)?  None when the object is missing (E021 says so)."""
+        try:
+            st = os.lstat(self.obj_root + oid[:2].encode() + b"/" + oid[2:].encode())
+        except FileNotFoundError:
+            return None
+        if st.st_ino == ino and st.st_dev == dev:
+            return True
+        return (dev, ino) in set(self.ck.objects.inode_ids(oid))      # a twin (hardlink limit)
+
+    def _path_alone(self, vs: list) -> None:
+        """A path met after its directory was left (a key order anomaly of very long paths): its names
+        were judged one by one when the directory was left; only missing ones remain to report."""
+        latest = vs[-1]
+        for v in vs:
+            rel = layout.version_relpath(v.path, v.n, v.stamp)
+            if not os.path.lexists(self.root + b"/" + rel):
+                self.ck.missing_name(rel, v, "version")
+        rel = layout.tree_relpath(latest.path)
+        if not os.path.lexists(self.root + b"/" + rel):
+            self.ck.missing_name(rel, latest, "plain")
+
+    def _leftover(self, d: _Dir, name: bytes, e) -> None:
+        """A name no version popped: a temp name, a hand-made entry, or (rarely) the name of a path
+        the key order has not reached here; the index decides."""
+        rel = d.rel_of(name)
+        if is_temp_name(name):
+            self.ck.add("W051", e.path, "left by an interrupted tree update", data={"rel": rel})
+            return
+        if e.is_dir(follow_symlinks=False) and self._is_source_dir(d, name, rel):
+            return
+        v = self._lookup(d, name, rel)
+        if v is None:
+            self.ck.add("E033", e.path, f"a {_kind(e)} no version accounts for", data={"rel": rel})
+        elif not e.is_file(follow_symlinks=False):
+            self.ck.add("E031", e.path, f"a {_kind(e)} where {layout.display(v.path)} belongs", data={"rel": rel})
+        elif self._is_object(e.inode(), d.dev, v.blake3) is False:
+            self.ck.add("E031", e.path, f"{layout.display(v.path)} version {v.n} should be object {v.blake3}",
+                        data={"rel": rel})
+
+    def _is_source_dir(self, d: _Dir, name: bytes, rel: bytes) -> bool:
         orig = layout.unplain_name(name)
         if orig is None:
             r = self.idx.resolve_cut(rel)
+            path = r[0] if r is not None and r[1] is None else None
+        else:
+            path = d.src + b"/" + orig if d.src else orig
+        return path is not None and self.idx.has_dir(path)
+
+    def _lookup(self, d: _Dir, name: bytes, rel: bytes):
+        """The version a tree name stands for, by index lookups (slow path)."""
+        idx = self.idx
+        prefix = d.src + b"/" if d.src else b""
+        parsed = layout.parse_version_name(name)
+        if parsed is not None:
+            orig, n, stamp = parsed
+            if orig is None:
+                r = idx.resolve_cut(rel)
+                if r is None or r[1] is None:
+                    return None
+                path, n = r
+                orig = path.rpartition(b"/")[2]
+            else:
+                path = prefix + orig
+            try:
+                v = idx.version(path, n)
+                if v is None or v.stamp != stamp or layout.version_relpath(path, n, stamp) != rel:
+                    return None
+            except ValueError:
+                return None
+            return v
+        orig = layout.unplain_name(name)
+        if orig is None:
+            r = idx.resolve_cut(rel)
             if r is None or r[1] is not None:
                 return None
             path = r[0]
-            if path.rpartition(b"/")[0] != dsrc:
-                return None
-            return path
+        else:
+            path = prefix + orig
         try:
-            if layout.plain_name(orig) != name:
+            if layout.tree_relpath(path) != rel or idx.has_dir(path):
                 return None
         except ValueError:
             return None
-        return dsrc + b"/" + orig if dsrc else orig
+        return idx.latest(path)
+
+
+def _kind(e) -> str:
+    if e.is_symlink():
+        return "symlink"
+    if e.is_dir(follow_symlinks=False):
+        return "directory"
+    if e.is_file(follow_symlinks=False):
+        return "file"
+    return "special file"
 
 
 # ------------------------------------------------------------ re-hashing
@@ -933,6 +1050,7 @@ class _Rehasher:
         self.counts = (0, 0)
         self.index_diff: str | None = None
         self.finished = False
+        self.requested = False
         self._reader = threading.Thread(target=self._read, name="fsck-rehash-reader", daemon=True)
         self._reader.start()
 
@@ -959,6 +1077,7 @@ class _Rehasher:
     def request(self, fresh: str, live: str | None) -> None:
         """Once hashing is done: merge objects/ with *fresh*; compare *live* with it."""
         assert self.proc.stdin is not None
+        self.requested = True
         line = f"M {os.fsencode(fresh).hex()} {os.fsencode(live).hex() if live else '-'}\n"
         try:
             self.proc.stdin.write(line.encode())
@@ -1141,7 +1260,8 @@ class _Hasher:
 class RepairReport:
     done: list[str] = field(default_factory=list)       # what was repaired, one line each
     cannot: list[str] = field(default_factory=list)     # what could not be, and why
-    lost_and_found: str | None = None                   # where moved-aside files went
+    notes: list[str] = field(default_factory=list)      # what was deliberately left as it is
+    lost_and_found: str | None = None                   # where moved-aside tree files went
 
     @property
     def clean(self) -> bool:
@@ -1173,7 +1293,7 @@ class _Repairer:
             self.by_code.setdefault(f.code, []).append(f)
         self.broot = store.broot
         self.tree_root = os.fsencode(store.tree)
-        self._lost: bytes | None = None
+        self._lost: dict[str, bytes] = {}
         self.bad_objects: set[str] = set()
 
     def get(self, *codes: str) -> list[Finding]:
@@ -1198,6 +1318,7 @@ class _Repairer:
                               "they may hold the only record of what the damaged manifests said")
             for f in self.get("E034"):
                 self._chmod_dir(f)
+            self._left_alone()
             return
         rebuilt = False
         if head_changed or self.has("E040", "E041", "W042"):
@@ -1209,29 +1330,40 @@ class _Repairer:
             self._move_tree_entry(f)
         if rebuilt or self.has("E030", "E031", "E032", "E035", "W036"):
             self._materialize()
-        if self._lost is not None:
-            rep.lost_and_found = layout.display(self._lost)
+        self._left_alone()
+        if "tree" in self._lost:
+            rep.lost_and_found = layout.display(self._lost["tree"])
+
+    def _left_alone(self) -> None:
+        orphans = self.get("W024")
+        if orphans:
+            self.rep.notes.append(f"{len(orphans)} orphan object(s) left in place: harmless, and a later upload "
+                                  "of the same content uses them")
+        for f in self.get("E037"):
+            self.rep.cannot.append(f"{f.line()}: fix the directory's permissions, then run fsck again")
 
     # --------------------------------------------------------- lost+found
 
-    def _lost_dir(self) -> bytes:
-        if self._lost is None:
+    def _lost_dir(self, kind: str) -> bytes:
+        """``lost+found/<timestamp>`` for tree entries, ``lost+found/<timestamp>-store`` for store files."""
+        if kind not in self._lost:
             base = self.broot + b"/lost+found"
             makedirs(base, 0o700)
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
+            suffix = b"-store" if kind == "store" else b""
             n = 0
             while True:
-                cand = base + b"/" + stamp + (b"-%d" % n if n else b"")
+                cand = base + b"/" + stamp + (b".%d" % n if n else b"") + suffix
                 try:
                     os.mkdir(cand, 0o700)
                     break
                 except FileExistsError:
                     n += 1
-            self._lost = cand
-        return self._lost
+            self._lost[kind] = cand
+        return self._lost[kind]
 
-    def _move_aside(self, src: bytes, rel: bytes, what: str) -> bool:
-        dest = self._lost_dir() + b"/" + rel
+    def _move_aside(self, src: bytes, rel: bytes, what: str, kind: str = "tree") -> bool:
+        dest = self._lost_dir(kind) + b"/" + rel
         try:
             makedirs(os.path.dirname(dest), 0o700, 0o700)
             os.rename(src, dest)
@@ -1266,7 +1398,7 @@ class _Repairer:
     def _manifests(self, broken: bool) -> bool:
         rep, store = self.rep, self.store
         for f in self.get("E014"):
-            self._move_aside(f.raw, b"store/" + f.data["store_rel"], "foreign file")
+            self._move_aside(f.raw, f.data["store_rel"], "foreign file", "store")
         for f in self.get(*sorted(CHAIN_BROKEN)):
             rep.cannot.append(f"{f.line()}: a damaged manifest chain cannot be rebuilt from anything in the "
                               "store; restore the manifest (or HEAD) from a backup")
@@ -1302,7 +1434,7 @@ class _Repairer:
             except FileNotFoundError:
                 pass
         for f in self.get("E023"):
-            self._move_aside(f.raw, b"store/" + f.data["store_rel"], "foreign file")
+            self._move_aside(f.raw, f.data["store_rel"], "foreign file", "store")
         for f in self.get("E021"):
             oid = f.data["oid"]
             if self._restore_from_tree(oid, f.data["versions"]):

@@ -251,7 +251,8 @@ def test_foreign_file_in_manifests_is_reported_and_moved_aside(two):
     assert two.codes() == {"E014"}
     rep = two.repair()
     assert not os.path.exists(p)
-    assert rep.lost_and_found and os.path.exists(os.path.join(rep.lost_and_found, "store/manifests/notes.txt"))
+    moved = [line for line in rep.done if "notes.txt" in line]
+    assert moved and "-store/manifests/notes.txt" in moved[0]
     assert list(two.check()) == []
 
 
@@ -776,3 +777,92 @@ def test_large_object_corruption_is_found_in_a_thread_or_a_child(env, rehash_in)
         f.write(b"\0")
     os.chmod(p, 0o444)
     assert codes_of(env.check()) == ["E020"]
+
+
+# ------------------------------------------------------------ repair, whole
+
+def test_repair_of_many_kinds_of_damage_leaves_a_clean_store(two):
+    os.unlink(two.version_name("d/a.txt", 1))                       # E030
+    os.unlink(two.t("top.txt"))                                      # E031
+    with open(two.t("top.txt"), "w") as f:
+        f.write("mine")
+    with open(two.t("d/added.txt"), "w") as f:                       # E033
+        f.write("added")
+    os.chmod(two.t("d"), 0o775)                                      # E034
+    os.chmod(two.obj(b"gamma\n"), 0o644)                             # E022
+    os.makedirs(two.s("objects/zz"))
+    with open(two.s("objects/zz/junk"), "w") as f:                   # E023
+        f.write("junk")
+    with open(two.s("tmp/.~#tmp-0000000000000000"), "w") as f:      # W050
+        f.write("")
+    _close_envs(os.path.realpath(two.s("index")))
+    shutil.rmtree(two.s("index"))                                    # E041
+    before = set(codes_of(two.check()))
+    assert before == {"E030", "E031", "E033", "E034", "E022", "E023", "W050", "E041"}
+    rep = two.repair()
+    assert rep.cannot == []
+    assert list(two.check()) == []
+    lost = rep.lost_and_found
+    with open(os.path.join(lost, "top.txt")) as f:
+        assert f.read() == "mine"
+    assert os.path.exists(os.path.join(lost, "d/added.txt"))
+    moved = [line for line in rep.done if "objects/zz/junk" in line]
+    assert moved and os.path.exists(moved[0].rsplit(" to ", 1)[1])
+
+
+def test_repair_leaves_index_and_tree_alone_when_the_chain_is_broken(env):
+    for i in range(3):
+        env.send({f"f{i}.txt": b"%d\n" % i})
+    os.unlink(env.manifest(2))
+    before = env.dump()
+    rep = env.repair()
+    assert any("left as they are" in line for line in rep.cannot)
+    assert env.dump() == before
+    assert os.path.exists(env.t("f1.txt"))
+
+
+def test_repair_after_a_crash_at_the_commit_point_advances_head(env, monkeypatch):
+    env.send({"a.txt": b"one\n"})
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, seq, digest):
+        raise Killed()
+
+    monkeypatch.setattr(Store, "set_head", killed)
+    part = os.path.join(env.inbox, ".s-labA-9")
+    os.makedirs(part)
+    with open(os.path.join(part, "b.txt"), "wb") as f:
+        f.write(b"two\n")
+    os.rename(part, os.path.join(env.inbox, "s-labA-9"))
+    with pytest.raises(Killed):
+        Ingester(env.cfg).run_once(settle_seconds=0)
+    monkeypatch.undo()
+    rep = env.repair()
+    assert any("advanced HEAD to manifest 2" in line for line in rep.done)
+    assert list(env.check()) == []
+    with open(env.t("b.txt"), "rb") as f:
+        assert f.read() == b"two\n"
+    results = Ingester(env.cfg).run_once(settle_seconds=0)     # the inbox entry is still finished
+    assert [r.outcome for r in results] == ["ingested"]
+    assert list(env.check()) == []
+
+
+def test_repair_notes_orphans_it_leaves_in_place(two):
+    data = b"half an upload\n"
+    p = two.obj(data)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "wb") as f:
+        f.write(data)
+    os.chmod(p, 0o444)
+    rep = two.repair()
+    assert rep.cannot == [] and any("orphan" in n for n in rep.notes)
+    assert os.path.exists(p)
+
+
+def test_head_naming_no_manifest_is_reported(two):
+    p = two.s("HEAD")
+    with open(p, "w") as f:
+        f.write("0 " + "0" * 64 + "\n")
+    assert "E015" in two.codes()

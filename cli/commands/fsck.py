@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..common import Ctx, human_bytes, say, warn
+from ..common import Ctx, human_bytes, is_tty, say, warn
 
 
 class _Bars:
@@ -64,24 +64,28 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
     out = warn if as_json else say
     for name in names:
         store = Store(cfg.study(name))
-        bars = _Bars(name)
+        bars = _Bars(name) if is_tty() else None      # tqdm(disable=None) would be silent anyway
         try:
             findings = fsck.check(store, quick=quick, progress=bars, lock=True)
         finally:
-            bars.close()
+            if bars is not None:
+                bars.close()
         if repair and findings:
             rep = fsck.repair(store, findings)
             for line in rep.done:
                 out(f"{name}: repaired: {line}")
             for line in rep.cannot:
                 out(f"{name}: NOT REPAIRED: {line}")
+            for line in rep.notes:
+                out(f"{name}: note: {line}")
             if rep.lost_and_found:
                 out(f"{name}: files moved aside are in {rep.lost_and_found}")
-            bars = _Bars(name)
+            bars = _Bars(name) if is_tty() else None
             try:
                 findings = fsck.check(store, quick=quick, progress=bars, lock=True)
             finally:
-                bars.close()
+                if bars is not None:
+                    bars.close()
         hashed += findings.stats["hashed_bytes"]
         objects += findings.stats["objects"]
         for f in findings:
