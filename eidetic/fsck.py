@@ -1442,13 +1442,14 @@ class _Repairer:
                 continue
             self.bad_objects.add(oid)
             rep.cannot.append(f"object {oid} is missing and no tree name holds its bytes; "
-                              f"{_affected_text(f.data)}: send those files again or restore the object "
-                              "from a backup")
+                              f"{_affected_text(f.data)}: send one of those files again or restore the "
+                              "object from a backup, then run 'fsck --repair' again for their tree names")
         for f in self.get("E020"):
             oid = f.data["oid"] if f.data else os.path.basename(f.raw).decode()
             self.bad_objects.add(oid)
             rep.cannot.append(f"object {oid} is corrupt ({f.path}); {_affected_text(f.data)}: restore the "
-                              "object from a backup (the bytes are gone; every tree name shares them)")
+                              "object from a backup (every tree name shares its bytes; missing names of "
+                              "these versions are not re-created from corrupt bytes)")
 
     def _restore_from_tree(self, oid: str, versions: list[tuple[bytes, int, str]]) -> bool:
         objects = self.store.objects
@@ -1547,8 +1548,8 @@ class _Repairer:
                 self.rep.cannot.append(f"could not re-create the names of {layout.display(v.path)} "
                                        f"v{v.n}: {e.strerror or e}")
         store.sync()
-        self.rep.done.append(f"re-created tree names ({made} version name(s) were missing); "
-                             "plain names point at the latest versions")
+        self.rep.done.append(f"re-created {made} missing version name(s); every plain name shows its "
+                             "latest version")
 
 
 def _hash_file(path: bytes) -> str:
