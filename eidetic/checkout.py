@@ -74,11 +74,19 @@ def checkout(cfg: Config, arg: str, version: int | None = None, at: str | None =
 
     files = nbytes = 0
     prefix_len = len(t.path) + 1 if t.path else 0
+    index = t.store.index
     for path, versions in _grouped(t):
         v = select(versions, None, at_time, upload_seq)
         if v is None:
             continue
-        target = out + b"/" + path[prefix_len:]
+        rel = path[prefix_len:]
+        if index.has_dir(path) and any(select(vs, None, at_time, upload_seq)
+                                       for _, vs in _grouped_under(index, path)):
+            # The path was also sent as a folder by then: as in the tree, the
+            # folder takes the name and the file keeps its version name.
+            head, _, name = rel.rpartition(b"/")
+            rel = (head + b"/" if head else b"") + layout.version_name(name, v.n, v.stamp)
+        target = out + b"/" + rel
         makedirs(os.path.dirname(target), 0o755)
         nbytes += _write(objects, v, target)
         files += 1
@@ -91,8 +99,12 @@ def checkout(cfg: Config, arg: str, version: int | None = None, at: str | None =
 
 def _grouped(t: Target):
     """(path, versions oldest first) for every path under a directory, streamed."""
+    return _grouped_under(t.store.index, t.path)
+
+
+def _grouped_under(index, prefix: bytes):
     cur_path, cur = None, []
-    for v in t.store.index.iter_versions(t.path):
+    for v in index.iter_versions(prefix):
         if v.path != cur_path:
             if cur:
                 yield cur_path, cur

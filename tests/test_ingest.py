@@ -325,8 +325,6 @@ def test_file_replaced_by_a_folder_of_the_same_name_keeps_every_version_reachabl
     check_store(layout)
 
 
-@pytest.mark.xfail(strict=True, reason="checkout of a folder writes the old file d/x, then cannot create "
-                   "the folder d/x for d/x/y: exit 3 'exists and is not a directory' with a partial output")
 def test_checkout_of_a_folder_where_a_file_later_became_a_folder(layout, tmp_path):
     drop(layout.inbox, "s1-labA-1", {"d/x": b"a file"})
     ingest_ok(layout)
@@ -334,7 +332,15 @@ def test_checkout_of_a_folder_where_a_file_later_became_a_folder(layout, tmp_pat
     ingest_ok(layout)
     res = layout.cli("checkout", "s1:d", "-o", tmp_path / "out")
     assert res.returncode == 0, res.stderr
-    assert tree_files(tmp_path / "out")[b"x/y"] == b"now a folder"
+    files = tree_files(tmp_path / "out")
+    assert files[b"x/y"] == b"now a folder"
+    # As in the tree: the folder takes the name, the file keeps its version name.
+    assert [c for p, c in files.items() if p.startswith(b"x~v0001~")] == [b"a file"]
+    # Before the folder existed, the file had its plain name.
+    first = read_all(layout.manifests()[0])[0].upload
+    res = layout.cli("checkout", "s1:d", "--upload", first, "-o", tmp_path / "before")
+    assert res.returncode == 0, res.stderr
+    assert tree_files(tmp_path / "before") == {b"x": b"a file"}
 
 
 def test_fifo_in_an_entry_is_skipped_without_blocking(layout):
