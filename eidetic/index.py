@@ -111,9 +111,11 @@ def _encode_version(seq: int, rec: FileRecord, received: str) -> bytes:
 
 
 class Index:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, durable: bool = True) -> None:
+        """*durable=False* skips the fsync at each commit: for a throwaway
+        index (fsck's rebuild to compare with), never for the store's own."""
         self.path = os.path.realpath(path)
-        self.env = _open_env(self.path)
+        self.env = _open_env(self.path, durable)
         kw = {"create": True}
         with self.env.begin(write=True) as txn:
             try:
@@ -347,13 +349,14 @@ class Index:
             env.close()
 
 
-def _open_env(path: str) -> lmdb.Environment:
+def _open_env(path: str, durable: bool = True) -> lmdb.Environment:
     # LMDB must not be opened twice in one process (FACTS.md): share one.
     with _envs_lock:
         env = _envs.get(path)
         if env is None:
             os.makedirs(path, mode=0o700, exist_ok=True)
-            env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=16, subdir=True, readahead=False)
+            env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=16, subdir=True, readahead=False,
+                            sync=durable, metasync=durable)
             _envs[path] = env
         return env
 
