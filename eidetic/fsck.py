@@ -314,7 +314,7 @@ class _Checker:
             self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-", dir=tmp)
         except OSError:    # no tmp/ (E003), or a read-only check: any temp directory will do
             self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-")
-        self.fresh = Index(os.path.join(self.fresh_dir, "index"))
+        self.fresh = Index(os.path.join(self.fresh_dir, "index"), durable=False)   # thrown away: no fsyncs
         ipath = os.path.join(self.store.root, "index")
         if not os.path.exists(os.path.join(ipath, "data.mdb")):
             self.index_missing = True      # an error only if there are manifests to index
@@ -1138,7 +1138,7 @@ def _rehash_main() -> None:
     if req and req[0] == b"M":
         from .index import Index
 
-        fresh = Index(os.fsdecode(bytes.fromhex(req[1].decode())))
+        fresh = Index(os.fsdecode(bytes.fromhex(req[1].decode())), durable=False)
         count, need = _merge_objects(objects, fresh, False,
                                      lambda code, oid, path, detail: emit(f"F {code} {oid or '-'} {path.hex()} "
                                                                           f"{detail}"))
