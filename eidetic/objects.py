@@ -41,18 +41,26 @@ def hash_bytes(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def hash_fd(fd: int, chunk: int = CHUNK) -> tuple[str, int]:
-    """Hash everything readable from *fd* (streamed); returns (id, bytes read)."""
-    h = new_hasher()
-    buf = bytearray(chunk)
+def pump(src: int, h, dst: int | None = None) -> int:
+    """Stream everything readable from *src* into hasher *h* (and *dst*);
+    one reused buffer, so memory stays flat for any size.  Returns bytes read."""
+    buf = bytearray(CHUNK)
     mv = memoryview(buf)
     total = 0
     while True:
-        n = os.readv(fd, [buf])
+        n = os.readv(src, [buf])
         if n == 0:
-            break
+            return total
         h.update(mv[:n])
+        if dst is not None:
+            _write_all(dst, mv[:n])
         total += n
+
+
+def hash_fd(fd: int) -> tuple[str, int]:
+    """Hash everything readable from *fd* (streamed); returns (id, bytes read)."""
+    h = new_hasher()
+    total = pump(fd, h)
     return h.hexdigest(), total
 
 
@@ -143,15 +151,7 @@ class ObjectStore:
                 h.update(prefix)
                 _write_all(fd, prefix)
                 total = len(prefix)
-            buf = bytearray(CHUNK)
-            mv = memoryview(buf)
-            while True:
-                n = os.readv(src, [buf])
-                if n == 0:
-                    break
-                h.update(mv[:n])
-                _write_all(fd, mv[:n])
-                total += n
+            total += pump(src, h, fd)
             oid = h.hexdigest()
             if self._known(oid, trusted):
                 os.close(fd)
@@ -205,18 +205,9 @@ class ObjectStore:
     def copy_out(self, oid: str, dst_fd: int) -> int:
         """Copy an object to *dst_fd*, verifying every byte against its id."""
         fd = self.open(oid)
+        h = new_hasher()
         try:
-            h = new_hasher()
-            buf = bytearray(CHUNK)
-            mv = memoryview(buf)
-            total = 0
-            while True:
-                n = os.readv(fd, [buf])
-                if n == 0:
-                    break
-                h.update(mv[:n])
-                _write_all(dst_fd, mv[:n])
-                total += n
+            total = pump(fd, h, dst_fd)
         finally:
             os.close(fd)
         if h.hexdigest() != oid:
