@@ -253,6 +253,10 @@ def check_relpath(path: bytes) -> None:
         check_component(c)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
 def display(path: bytes) -> str:
-    """For humans only: undecodable bytes shown as \\xNN, never for lookups."""
-    return path.decode("utf-8", "backslashreplace")
+    """For humans only, never for lookups: undecodable bytes and control
+    characters (a newline in a name must not split a line of output) as \\xNN."""
+    return path.decode("utf-8", "backslashreplace").translate(_CONTROL)
