@@ -241,6 +241,10 @@ class _Checker:
         self.compare_deferred = False
         self.stop = 0
         self.index_missing = False
+        self.index_equal: bool | None = None    # the live index equals the rebuild (None: not compared)
+        self.tree_child: _TreeChild | None = None
+        self.tree_deferred = False
+        self.big = False                        # many objects: helper processes pay off
 
     def add(self, code: str, path: bytes | str, detail: str = "", data: Any = None) -> None:
         self.out.append(finding(code, path, detail, data))
@@ -254,8 +258,15 @@ class _Checker:
                 self.add("E003", p, "'fsck --repair' re-creates it" if d == "tmp" else
                          "'fsck --repair' re-creates it empty; what it held must come from a backup")
         hasher = None
+        self.big = _many_objects(self.objects)
         if not self.quick and os.path.isdir(os.path.join(self.store.root, "objects")):
-            self.hasher = hasher = _start_rehash(self.objects)
+            hasher = None
+            if self.big:
+                try:
+                    hasher = _Rehasher(self.objects)
+                except OSError:        # no interpreter to start (embedded Python): do it here
+                    self.big = False
+            self.hasher = hasher = hasher or _LocalRehasher(self.objects)
         try:
             self._open_indexes()
             self._check_chain_and_tree()
@@ -264,10 +275,14 @@ class _Checker:
                 self.out.stats["objects"], self.out.stats["object_bytes"] = count, need
             else:
                 self._finish_rehash(hasher)
+            self._finish_tree()
             self._check_temps()
+            self.out.sort(key=lambda f: (f.code, f.path))
         finally:
             if hasher is not None:
                 hasher.close()
+            if self.tree_child is not None:
+                self.tree_child.close()
             if self.fresh is not None:
                 self.fresh.close()
             if self.fresh_dir is not None:
@@ -326,6 +341,18 @@ class _Checker:
             self.real = None
             msg = e.message if isinstance(e, EideticError) else f"{type(e).__name__}: {e}"
             self.add("E041", ipath, f"{msg}; 'fsck --repair' rebuilds it from the manifests")
+            return
+        # A healthy store: let a child check the tree against the live index while this
+        # process rebuilds the index from the manifests (its findings count if both agree).
+        try:
+            head = self.store.head()[0]
+        except StoreFormatError:
+            head = -1
+        if self.big and head == self.real_applied > 0 and os.path.isdir(self.tree_root):
+            try:
+                self.tree_child = _TreeChild(self.store)
+            except OSError:
+                self.tree_child = None
 
     # ------------------------------------------------------------ manifests
 
@@ -422,8 +449,12 @@ class _Checker:
         if self.broken:
             self.add("W060", self.tree_root, "fix the manifest chain first (restore the damaged manifests "
                                              "from a backup)")
+        elif self.tree_child is not None and self.real_applied == stop:
+            self.tree_deferred = True      # the child's findings count once the indexes agree
         else:
             self._check_tree()
+        if self.tree_child is not None and not self.tree_deferred:
+            self.tree_child.close()        # its answer could not count: stop it now
 
         # Manifests past HEAD: only their object references still matter.
         for seq in beyond:
@@ -504,6 +535,7 @@ class _Checker:
 
     def _index_verdict(self, diff: str | None, stop: int) -> None:
         ipath = os.path.join(self.store.root, "index")
+        self.index_equal = diff is None
         if diff is not None:
             self.add("E040", ipath, f"{diff}; 'fsck --repair' rebuilds it")
         elif self.real_applied < stop:
@@ -511,6 +543,26 @@ class _Checker:
                                     "re-running 'eidetic ingest' (or 'fsck --repair') catches it up")
 
     # ----------------------------------------------------------------- tree
+
+    def _finish_tree(self) -> None:
+        """Take the tree child's findings if the live index proved equal to the rebuild;
+        otherwise check the tree here, against the rebuild."""
+        child = self.tree_child
+        if not self.tree_deferred:
+            return
+        if not (self.index_equal and not self.broken):
+            child.close()
+            self._check_tree()
+            return
+        while child.is_alive():
+            child.join(0.1)
+            self.progress("tree", child.entries, None)
+        if child.error is not None:     # the check still happens, here
+            self._check_tree()
+            return
+        for code, path, detail, rel in child.results:
+            self.add(code, path, detail, data={"rel": rel} if rel is not None else None)
+        self.out.stats["tree_entries"] = child.entries
 
     def _check_tree(self) -> None:
         root = self.tree_root
@@ -527,14 +579,9 @@ class _Checker:
         self.out.stats["tree_entries"] = scan.entries
 
     def missing_name(self, rel: bytes, v, kind: str) -> None:
-        what = f"version {v.n} of {layout.display(v.path)}" if kind == "version" else \
-            f"plain name of {layout.display(v.path)} (latest: version {v.n})"
-        if v.seq > self.real_applied and self.real is not None:
-            self.add("W036", self.tree_root + b"/" + rel,
-                     f"{what}, from manifest {v.seq} which the index has not applied yet")
-            return
-        extra = "" if self.objects.exists(v.blake3) else "; its object is missing too"
-        self.add("E030", self.tree_root + b"/" + rel, what + extra)
+        pending = v.seq > self.real_applied and self.real is not None
+        code, detail = _missing_detail(v, kind, pending, self.objects)
+        self.add(code, self.tree_root + b"/" + rel, detail)
 
     # -------------------------------------------------------------- objects
 
@@ -567,6 +614,16 @@ class _Checker:
         for name in sorted(os.listdir(self.broot)):
             if is_temp_name(name):
                 self.add("W050", self.broot + b"/" + name, "left by an interrupted write")
+
+
+def _missing_detail(v, kind: str, pending: bool, objects: ObjectStore) -> tuple[str, str]:
+    """(code, detail) for a missing tree name of version *v*; *pending*: its manifest is not yet
+    applied to the live index (an interrupted ingest, W036)."""
+    what = f"version {v.n} of {layout.display(v.path)}" if kind == "version" else \
+        f"plain name of {layout.display(v.path)} (latest: version {v.n})"
+    if pending:
+        return "W036", f"{what}, from manifest {v.seq} which the index has not applied yet"
+    return "E030", what + ("" if objects.exists(v.blake3) else "; its object is missing too")
 
 
 def _merge_objects(objects: ObjectStore, fresh, check_stat: bool,
@@ -744,6 +801,8 @@ class _TreeScan:
         self.entries = 0
         self.closed: set[bytes] = set()    # source dirs already left (only a key order anomaly revisits one)
         self.obj_root = ck.objects.root + b"/objects/"
+        self._last_oid = ""
+        self._last_ids: tuple[int, int] | None = None
 
     def run(self) -> None:
         top = _Dir(b"", b"", self.root, self.root_st.st_dev)
@@ -887,12 +946,20 @@ class _TreeScan:
                         data={"rel": d.rel_of(pn)})
 
     def _is_object(self, ino: int, dev: int, oid: str) -> bool | None:
-        """Is (dev, ino) the object *oid* (or a twin)?  None when the object is missing (E021 says so)."""
-        try:
-            st = os.lstat(self.obj_root + oid[:2].encode() + b"/" + oid[2:].encode())
-        except FileNotFoundError:
+        """Is (dev, ino) the object *oid* (or a twin)?  None when the object is missing (E021 says so).
+        The last answer is remembered: a path's version name and plain name ask about one object."""
+        if oid == self._last_oid:
+            want = self._last_ids
+        else:
+            try:
+                st = os.lstat(self.obj_root + oid[:2].encode() + b"/" + oid[2:].encode())
+                want = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                want = None
+            self._last_oid, self._last_ids = oid, want
+        if want is None:
             return None
-        if st.st_ino == ino and st.st_dev == dev:
+        if want[1] == ino and want[0] == dev:
             return True
         return (dev, ino) in set(self.ck.objects.inode_ids(oid))      # a twin (hardlink limit)
 
@@ -997,14 +1064,14 @@ def _kind(e) -> str:
 _CHILD_MIN_SHARDS = 64      # fewer object shards than this: a small store, hash in a thread
 
 
-def _start_rehash(objects: ObjectStore) -> "_Rehasher | _LocalRehasher":
-    """A child process pays off for many objects; a small store (a few dozen
-    objects, fewer shards) is hashed in a thread, without the start-up cost."""
+def _many_objects(objects: ObjectStore) -> bool:
+    """Helper processes pay off for many objects; a small store (a few dozen
+    objects, fewer shards) is checked in this process, without their start-up cost."""
     try:
         shards = len(os.listdir(objects.root + b"/objects"))
     except OSError:
         shards = 0
-    return _Rehasher(objects) if shards >= _CHILD_MIN_SHARDS else _LocalRehasher(objects)
+    return shards >= _CHILD_MIN_SHARDS
 
 
 class _LocalRehasher(threading.Thread):
@@ -1031,54 +1098,37 @@ class _LocalRehasher(threading.Thread):
         pass
 
 
-class _Rehasher:
-    """The parent's side: start the child, read its lines in a thread."""
+class _Child:
+    """A helper process (``python -c 'from eidetic.fsck import <main>; <main>()'``)
+    and a thread reading its report lines (hex where bytes could hold anything)."""
 
-    def __init__(self, objects: ObjectStore) -> None:
+    what = "a helper process"
+
+    def __init__(self, main: str, args: list[str]) -> None:
         import subprocess
         import sys
 
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from eidetic.fsck import _rehash_main; _rehash_main()",
-             os.fsdecode(objects.root), os.fsdecode(objects.tmp_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, env=env)
-        self.results: list[tuple[str, str, bytes, str]] = []
-        self.bytes_done = 0
-        self.counts = (0, 0)
-        self.index_diff: str | None = None
+        self.proc = subprocess.Popen([sys.executable, "-c", f"from eidetic.fsck import {main}; {main}()", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE,
+                                     env=env)
         self.finished = False
-        self.requested = False
-        self._reader = threading.Thread(target=self._read, name="fsck-rehash-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"fsck-{main}", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             kind, _, rest = line.rstrip(b"\n").partition(b" ")
-            if kind == b"P":
-                self.bytes_done = int(rest)
-            elif kind == b"F":
-                code, oid, hexpath, detail = rest.split(b" ", 3)
-                self.results.append((code.decode(), "" if oid == b"-" else oid.decode(),
-                                     bytes.fromhex(hexpath.decode()),
-                                     detail.decode("utf-8", "replace")))
-            elif kind == b"I":
-                self.index_diff = rest.decode("utf-8", "replace") or None
-            elif kind == b"S":
-                a, b = rest.split()
-                self.counts = (int(a), int(b))
-            elif kind == b"D":
-                self.bytes_done = int(rest)
-                self.finished = True
+            self.line(kind, rest)
 
-    def request(self, fresh: str, live: str | None) -> None:
-        """Once hashing is done: merge objects/ with *fresh*; compare *live* with it."""
+    def line(self, kind: bytes, rest: bytes) -> None:
+        raise NotImplementedError
+
+    def send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.requested = True
-        line = f"M {os.fsencode(fresh).hex()} {os.fsencode(live).hex() if live else '-'}\n"
         try:
             self.proc.stdin.write(line.encode())
             self.proc.stdin.close()
@@ -1100,7 +1150,7 @@ class _Rehasher:
             return None
         err = (self.proc.stderr.read() if self.proc.stderr else b"").decode("utf-8", "replace").strip()
         last = err.splitlines()[-1] if err else f"exit status {rc}"
-        return IntegrityError(f"re-hashing objects failed: {last}")
+        return IntegrityError(f"{self.what} failed: {last}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -1114,6 +1164,126 @@ class _Rehasher:
                     pass
 
 
+def _unhex(b: bytes) -> str:
+    return bytes.fromhex(b.decode()).decode("utf-8", "surrogateescape")
+
+
+def _hex(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").hex()
+
+
+class _Rehasher(_Child):
+    """The parent's side of the re-hashing child."""
+
+    what = "re-hashing objects"
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.results: list[tuple[str, str, bytes, str]] = []
+        self.bytes_done = 0
+        self.counts = (0, 0)
+        self.index_diff: str | None = None
+        self.requested = False
+        super().__init__("_rehash_main", [os.fsdecode(objects.root), os.fsdecode(objects.tmp_dir)])
+
+    def line(self, kind: bytes, rest: bytes) -> None:
+        if kind == b"P":
+            self.bytes_done = int(rest)
+        elif kind == b"F":
+            code, oid, hexpath, detail = rest.split(b" ", 3)
+            self.results.append((code.decode(), "" if oid == b"-" else oid.decode(),
+                                 bytes.fromhex(hexpath.decode()), _unhex(detail)))
+        elif kind == b"I":
+            self.index_diff = _unhex(rest) or None
+        elif kind == b"S":
+            a, b = rest.split()
+            self.counts = (int(a), int(b))
+        elif kind == b"D":
+            self.bytes_done = int(rest)
+            self.finished = True
+
+    def request(self, fresh: str, live: str | None) -> None:
+        """Once hashing is done: merge objects/ with *fresh*; compare *live* with it."""
+        self.requested = True
+        self.send(f"M {os.fsencode(fresh).hex()} {os.fsencode(live).hex() if live else '-'}\n")
+
+
+class _TreeChild(_Child):
+    """The parent's side of the tree-scanning child: it checks the tree
+    against the *live* index while this process rebuilds the fresh one.  Its
+    findings count only if the two indexes turn out equal."""
+
+    what = "checking the tree"
+
+    def __init__(self, store: Store) -> None:
+        self.results: list[tuple[str, bytes, str, bytes | None]] = []
+        self.entries = 0
+        super().__init__("_tree_main", [os.fsdecode(store.objects.root), os.fsdecode(store.objects.tmp_dir),
+                                        store.tree, os.path.join(store.root, "index")])
+
+    def line(self, kind: bytes, rest: bytes) -> None:
+        if kind == b"P":
+            self.entries = int(rest)
+        elif kind == b"F":
+            code, hexpath, hexrel, detail = rest.split(b" ", 3)
+            self.results.append((code.decode(), bytes.fromhex(hexpath.decode()), _unhex(detail),
+                                 None if hexrel == b"-" else bytes.fromhex(hexrel.decode())))
+        elif kind == b"D":
+            self.entries = int(rest)
+            self.finished = True
+
+
+def _emitter():
+    import sys
+
+    out = sys.stdout.buffer
+    lock = threading.Lock()
+
+    def emit(line: str) -> None:
+        with lock:
+            out.write(line.encode("ascii") + b"\n")
+            out.flush()
+    return emit
+
+
+class _TreeSink:
+    """What :class:`_TreeScan` needs of a checker, in the tree child: findings go to stdout."""
+
+    def __init__(self, objects: ObjectStore, idx, emit: Callable[[str], None]) -> None:
+        self.objects = objects
+        self.fresh = idx
+        self.emit = emit
+        self._shown = 0
+
+    def add(self, code: str, path: bytes, detail: str = "", data: Any = None) -> None:
+        rel = data.get("rel") if data else None
+        self.emit(f"F {code} {path.hex()} {rel.hex() if rel is not None else '-'} {_hex(detail)}")
+
+    def missing_name(self, rel: bytes, v, kind: str) -> None:
+        code, detail = _missing_detail(v, kind, False, self.objects)
+        self.add(code, self.tree_root + b"/" + rel, detail)
+
+    def progress(self, phase: str, done: int, total: int | None) -> None:
+        if done - self._shown >= 2000:
+            self._shown = done
+            self.emit(f"P {done}")
+
+
+def _tree_main() -> None:
+    """Entry point of the tree child (argv: objects root, tmp dir, tree root, live index)."""
+    import sys
+
+    from .index import Index
+
+    emit = _emitter()
+    objects = ObjectStore(sys.argv[1], sys.argv[2])
+    sink = _TreeSink(objects, Index(sys.argv[4], durable=False), emit)
+    root = os.fsencode(sys.argv[3])
+    sink.tree_root = root
+    scan = _TreeScan(sink, root, os.lstat(root))
+    scan.run()
+    emit(f"D {scan.entries}")
+
+
 def _rehash_main() -> None:
     """Entry point of the re-hashing child (argv: objects root, tmp dir).
 
@@ -1123,15 +1293,8 @@ def _rehash_main() -> None:
     import sys
 
     objects = ObjectStore(sys.argv[1], sys.argv[2])
-    out = sys.stdout.buffer
-    lock = threading.Lock()
-
-    def emit(line: str) -> None:
-        with lock:
-            out.write(line.encode("utf-8", "replace") + b"\n")
-            out.flush()
-
-    hasher = _Hasher(objects, lambda code, oid, path, detail: emit(f"F {code} {oid} {path.hex()} {detail}"),
+    emit = _emitter()
+    hasher = _Hasher(objects, lambda code, oid, path, detail: emit(f"F {code} {oid} {path.hex()} {_hex(detail)}"),
                      lambda n: emit(f"P {n}"))
     hasher.run()
     req = sys.stdin.buffer.readline().split()
@@ -1141,11 +1304,11 @@ def _rehash_main() -> None:
         fresh = Index(os.fsdecode(bytes.fromhex(req[1].decode())), durable=False)
         count, need = _merge_objects(objects, fresh, False,
                                      lambda code, oid, path, detail: emit(f"F {code} {oid or '-'} {path.hex()} "
-                                                                          f"{detail}"))
+                                                                          f"{_hex(detail)}"))
         emit(f"S {count} {need}")
         if req[2] != b"-":
-            live = Index(os.fsdecode(bytes.fromhex(req[2].decode())))
-            emit(f"I {_first_difference(live, fresh) or ''}")
+            live = Index(os.fsdecode(bytes.fromhex(req[2].decode())), durable=False)
+            emit(f"I {_hex(_first_difference(live, fresh) or '')}")
     emit(f"D {hasher.bytes_done}")
 
 

@@ -735,6 +735,7 @@ def test_cli_unknown_study_is_a_usage_error(two):
 @pytest.fixture(params=["thread", "child"])
 def rehash_in(request, monkeypatch):
     monkeypatch.setattr(fsck, "_CHILD_MIN_SHARDS", 0 if request.param == "child" else 10**9)
+    # the children import eidetic from this checkout (PYTHONPATH is set by fsck)
     return request.param
 
 
@@ -866,3 +867,45 @@ def test_head_naming_no_manifest_is_reported(two):
     with open(p, "w") as f:
         f.write("0 " + "0" * 64 + "\n")
     assert "E015" in two.codes()
+
+
+@pytest.mark.parametrize("damage", ["removed", "added", "replaced", "stale", "temp", "dir_mode"])
+def test_tree_damage_is_found_the_same_by_the_tree_child(two, rehash_in, damage):
+    if damage == "removed":
+        os.unlink(two.version_name("d/a.txt", 1))
+        want = ["E030"]
+    elif damage == "added":
+        os.makedirs(two.t("d/new"))
+        want = ["E033"]
+    elif damage == "replaced":
+        os.unlink(two.t("top.txt"))
+        os.symlink("/etc/hostname", two.t("top.txt"))
+        want = ["E031"]
+    elif damage == "stale":
+        os.unlink(two.t("d/a.txt"))
+        os.link(two.version_name("d/a.txt", 1), two.t("d/a.txt"))
+        want = ["E032"]
+    elif damage == "temp":
+        with open(two.t(".~#tmp-0011223344556677"), "w") as f:
+            f.write("")
+        want = ["W051"]
+    else:
+        os.chmod(two.t("d"), 0o757)
+        want = ["E034"]
+    for quick in (False, True):
+        findings = two.check(quick=quick)
+        assert codes_of(findings) == want, (quick, findings)
+        assert findings.stats["tree_entries"] > 0
+    two.repair()
+    assert list(two.check()) == []
+
+
+def test_tree_is_checked_against_the_rebuild_when_the_live_index_differs(two, rehash_in):
+    os.unlink(two.version_name("d/a.txt", 1))
+    idx = two.store().index
+    with idx.env.begin(write=True) as txn:       # the live index forgets d/c.txt: it must not be trusted
+        cur = txn.cursor(db=idx.versions)
+        assert cur.set_range(b"d/c.txt")
+        cur.delete()
+    for quick in (False, True):
+        assert codes_of(two.check(quick=quick)) == ["E030", "E040"]
