@@ -903,15 +903,18 @@ class _TreeScan:
         """All versions *vs* of one path (oldest first)."""
         latest = vs[-1]
         head, _, comp = latest.path.rpartition(b"/")
-        d = self._dir_for(stack, head)
-        if d is None:
-            self._path_alone(vs)
-            return
+        d = stack[-1]
+        if d.src != head:
+            d = self._dir_for(stack, head)
+            if d is None:
+                self._path_alone(vs)
+                return
         if d.state == "unknown":
             return
         entries = d.entries
+        version_name = layout.version_name
         for v in vs:
-            vn = layout.version_name(comp, v.n, v.stamp)
+            vn = version_name(comp, v.n, v.stamp)
             e = entries.pop(vn, None)
             if e is None:
                 self.ck.missing_name(d.rel_of(vn), v, "version")
