@@ -7,23 +7,34 @@ unknown store marker is fatal (nothing else can be read safely).
 
 What is compared with what:
 
-* manifests are read in sequence order and replayed into a *fresh* index in
-  the store's ``tmp/`` (the truth about the store: chain, versions, the
-  objects they need);
-* the live index is compared with that fresh index (``Index.dump()``) at the
+* the manifests are read in sequence order, their chain checked (``prev``,
+  sequence numbers, HEAD) and replayed into a *fresh* index in the store's
+  ``tmp/`` (not fsynced, thrown away afterwards): the truth about the store;
+* the live index is compared with the fresh one (``Index.dump()``) at the
   point where both have applied the same number of manifests;
-* the tree is walked once (``scandir``: names, kinds and inode numbers come
-  with the listing) and every name is looked up in the fresh index; a count
-  of valid version names against the index tells whether any are missing
-  (only then is every expected name stat'ed);
-* every object is re-hashed (unless ``quick``) by background threads while
-  the rest runs: small objects in one thread (blake3 is faster than the cost
-  of handing a small file to a pool), large ones with blake3's own threads.
+* the tree is checked as one merge of two streams: the index's versions in
+  key order (a depth-first order of the uploaded paths) against one
+  ``scandir`` listing per directory (names, kinds and inode numbers in one
+  go).  Expected names are popped from the listings; what is not there is
+  missing, what is left over no version accounts for;
+* objects/ is merged with the objects the manifests need (both sorted), and
+  every object is re-hashed (unless *quick*).
+
+For a store with many objects the work runs in two helper processes next to
+this one (which rebuilds the index): one re-hashes every object (small ones
+read whole, large ones with blake3's own threads), then merges objects/ with
+the rebuilt index and compares the live index with it; the other checks the
+tree against the live index, and its findings count only if the two indexes
+turn out equal (otherwise the tree is checked here, against the rebuild).
+Processes rather than threads: the work is mostly Python, and under the GIL
+threads would take as long as doing it in turn.  Small stores are checked in
+this process.
 
 Nothing is loaded whole: manifests and indexes are streamed, one directory
-listing at a time is held.  :func:`repair` fixes what can be derived again
-(index, tree names, modes, temp files), moves what it must not delete into
-``<store>/lost+found/<timestamp>/``, and lists plainly what it cannot fix.
+listing per level is held.  :func:`repair` fixes what can be derived again
+(index, tree names, modes, temp files, HEAD after a crash), moves what it
+must not delete into ``<store>/lost+found/<timestamp>/``, and lists plainly
+what it cannot fix.
 
 This module prints nothing and imports no CLI code.
 """
