@@ -67,8 +67,8 @@ def main(paths: list[str]) -> int:
 
     # -- tool table: medians over runs
     print("\n| phase | tool | wall s (median) | wall s (each run) | CPU s | peak RSS MiB "
-          "| private MiB |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
+          "| private MiB | others (cores, max) |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
     rows: dict[str, list[dict]] = {}
     for r in runs:
         for k, m in r["table"].items():
@@ -78,13 +78,14 @@ def main(paths: list[str]) -> int:
         secs = [m["seconds"] for m in ms]
         if phase.startswith("log"):
             print(f"| {phase} | {tool} | {statistics.median(secs) * 1000:.0f} ms | "
-                  + ", ".join(f"{s * 1000:.0f}" for s in secs) + " | | | |")
+                  + ", ".join(f"{s * 1000:.0f}" for s in secs) + " | | | | |")
             continue
         rss = max(max(m["maxrss_mib"], m["tree_rss_mib"]) for m in ms)
         anon = max(m.get("tree_anon_mib", float("nan")) for m in ms)
         print(f"| {phase} | {tool} | {statistics.median(secs):.2f} | "
               + ", ".join(f"{s:.2f}" for s in secs)
-              + f" | {statistics.median(m['cpu_s'] for m in ms):.1f} | {rss:.0f} | {anon:.0f} |")
+              + f" | {statistics.median(m['cpu_s'] for m in ms):.1f} | {rss:.0f} | {anon:.0f} | "
+              + f"{max(m.get('other_cores', float('nan')) for m in ms):.2f} |")
     return 0
 
 
