@@ -232,7 +232,8 @@ def is_version_name(t: bytes) -> bool:
 def may_be_cut(path: bytes) -> bool:
     """False when no name derived from *path* can have been cut to fit 255 bytes
     (a cheap pre-check; version markers add at most 24 bytes)."""
-    return b"~" in path or any(len(c) > NAME_MAX - 40 for c in path.split(b"/"))
+    return b"~" in path or (len(path) > NAME_MAX - 40
+                            and any(len(c) > NAME_MAX - 40 for c in path.split(b"/")))
 
 
 def tree_relpath(path: bytes) -> bytes:
@@ -249,8 +250,12 @@ def version_relpath(path: bytes, n: int, stamp: str) -> bytes:
 def check_relpath(path: bytes) -> None:
     if not path:
         raise ValueError("empty path")
-    for c in path.split(b"/"):
-        check_component(c)
+    # Whole-path tests first (this runs for every record of every manifest read);
+    # the per-component walk only when they cannot decide.
+    if (b"\0" in path or path[0] == 0x2F or path[-1] == 0x2F or b"//" in path
+            or b"." in path or len(path) > NAME_MAX):
+        for c in path.split(b"/"):
+            check_component(c)
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
