@@ -66,15 +66,23 @@ def main(paths: list[str]) -> int:
               f" | {fmt(statistics.median(have), 'x')} |")
 
     # -- tool table: medians over runs
-    print("\n| phase | tool | wall s (median) | wall s (each run) | CPU s | peak RSS MiB "
+    print("\n| phase | tool | wall s (median) | wall s (each run) | CPU s user + sys (median) | peak RSS MiB "
           "| private MiB | others (cores, max) |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
     rows: dict[str, list[dict]] = {}
     for r in runs:
         for k, m in r["table"].items():
             rows.setdefault(k, []).append(m)
+    split: dict[str, list[tuple[float, float]]] = {}
+    for r in runs:
+        for x in r["results"]:
+            if x.get("ok"):
+                split.setdefault(f"{x['phase']}|{x['tool']}", []).append((x["user_s"], x["sys_s"]))
     for k, ms in rows.items():
         phase, tool = k.split("|", 1)
+        us = split.get(k, [])
+        cpu = (f"{statistics.median(u for u, _ in us):.1f} + {statistics.median(s for _, s in us):.1f}"
+               if us else "")
         secs = [m["seconds"] for m in ms]
         if phase.startswith("log"):
             print(f"| {phase} | {tool} | {statistics.median(secs) * 1000:.0f} ms | "
@@ -84,7 +92,7 @@ def main(paths: list[str]) -> int:
         anon = max(m.get("tree_anon_mib", float("nan")) for m in ms)
         print(f"| {phase} | {tool} | {statistics.median(secs):.2f} | "
               + ", ".join(f"{s:.2f}" for s in secs)
-              + f" | {statistics.median(m['cpu_s'] for m in ms):.1f} | {rss:.0f} | {anon:.0f} | "
+              + f" | {cpu} | {rss:.0f} | {anon:.0f} | "
               + f"{max(m.get('other_cores', float('nan')) for m in ms):.2f} |")
     return 0
 
