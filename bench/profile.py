@@ -89,7 +89,7 @@ def profile_cmd(label: str, cmd: list[str], a, outdir: str) -> None:
     if a.py_spy:
         raw = os.path.join(outdir, f"profile-{label}.txt")
         t0 = time.perf_counter()
-        subprocess.run([a.py_spy, "record", "--idle", "--threads", "-r", str(a.rate), "-f", "raw",
+        subprocess.run([a.py_spy, "record", "--idle", "--threads", "--subprocesses", "-r", str(a.rate), "-f", "raw",
                         "-o", raw, "--", *cmd], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"\n== {label}: {' '.join(cmd[3:])}  ({time.perf_counter() - t0:.1f} s under py-spy)")
