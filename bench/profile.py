@@ -47,6 +47,8 @@ def summarize_raw(path: str, top: int) -> str:
                 continue
             n = int(n)
             frames = stack.split(";")
+            while frames and frames[0].startswith("process "):   # --subprocesses
+                frames.pop(0)
             tid = "main"
             if frames and frames[0].startswith("thread ("):
                 first = frames.pop(0)               # "thread (0x..): Name" or "thread (0x..)"
