@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where does eidetic's time go?  Profile one CLI command on the reference data.
 
-    python3 bench/profile.py [--scale F] [--work DIR] [--what ingest|resend|fsck|all]
+    python3 bench/profile_eidetic.py [--scale F] [--work DIR] [--what ingest|resend|fsck|all]
                              [--strace] [--top N]
 
 Builds a fresh eidetic store (config as in run.py), then runs, each under
