@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import os
 import secrets
 import stat
@@ -31,8 +32,14 @@ def _load_libc():
     return _libc
 
 
+_TEMP_SALT = secrets.token_hex(4)
+_temp_counter = itertools.count()
+
+
 def temp_name() -> str:
-    return TEMP_PREFIX + secrets.token_hex(8)
+    # Unique per process (pid + random salt) and per call (counter): no
+    # getrandom(2) per temp file, and still unguessable for a fresh process.
+    return f"{TEMP_PREFIX}{_TEMP_SALT}-{os.getpid()}-{next(_temp_counter)}"
 
 
 def is_temp_name(name: bytes | str) -> bool:
