@@ -77,33 +77,23 @@ def _resolve_rel(store: Store, rel: bytes, tree_abs: bytes) -> Target:
     except ValueError:
         raise NotFound(f"{layout.display(rel)} is not a valid path in a tree") from None
     src: list[bytes] = []
+    def decoded(dec: bytes | None, tree_rel: bytes) -> bytes:
+        if dec is not None:
+            return dec
+        hit = index.resolve_cut(tree_rel)   # a name cut to fit 255 bytes: only the index knows
+        if hit is None:
+            raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
+        return hit[0].rpartition(b"/")[2]
+
     for i, comp in enumerate(parts[:-1]):
-        dec = layout.unplain_name(comp)
-        if dec is None:
-            hit = index.resolve_cut(b"/".join(parts[: i + 1]))
-            if hit is None:
-                raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
-            dec = hit[0].rpartition(b"/")[2]
-        src.append(dec)
-    last = parts[-1]
+        src.append(decoded(layout.unplain_name(comp), b"/".join(parts[: i + 1])))
     version = None
-    parsed = layout.parse_version_name(last)
+    parsed = layout.parse_version_name(parts[-1])
     if parsed is not None:
         orig, version, _stamp = parsed
-        if orig is None:
-            hit = index.resolve_cut(rel)
-            if hit is None:
-                raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
-            orig = hit[0].rpartition(b"/")[2]
-        src.append(orig)
+        src.append(decoded(orig, rel))
     else:
-        dec = layout.unplain_name(last)
-        if dec is None:
-            hit = index.resolve_cut(rel)
-            if hit is None:
-                raise NotFound(f"no history for {layout.display(rel)} in study {store.name}")
-            dec = hit[0].rpartition(b"/")[2]
-        src.append(dec)
+        src.append(decoded(layout.unplain_name(parts[-1]), rel))
     path = b"/".join(src)
     is_file = index.has_path(path)
     is_dir = version is None and index.has_dir(path)

@@ -397,26 +397,17 @@ def _listing(dfd: int) -> list[tuple[bytes, str]]:
     return out
 
 
+_KINDS = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"),
+          (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "chardev"),
+          (stat.S_ISBLK, "blockdev"))
+
+
 def _kind_at(dfd: int, name: bytes) -> str:
     try:
         m = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
     except OSError:
         return "unknown"
-    if stat.S_ISREG(m):
-        return "file"
-    if stat.S_ISDIR(m):
-        return "dir"
-    if stat.S_ISLNK(m):
-        return "symlink"
-    if stat.S_ISFIFO(m):
-        return "fifo"
-    if stat.S_ISSOCK(m):
-        return "socket"
-    if stat.S_ISCHR(m):
-        return "chardev"
-    if stat.S_ISBLK(m):
-        return "blockdev"
-    return "unknown"
+    return next((kind for test, kind in _KINDS if test(m)), "unknown")
 
 
 def _describe_oserror(e: OSError, store: Store) -> str:
