@@ -70,6 +70,31 @@ class Result:
 
 _HZ = os.sysconf("SC_CLK_TCK")
 
+# eidetic runs as installed software would: with its bytecode cached.  The
+# session environment may carry PYTHONDONTWRITEBYTECODE=1, which makes every
+# start re-compile eidetic from source (~15 ms per command, more for `log`);
+# borg's Debian package ships compiled bytecode, so that would be unfair.
+# Bytecode goes to a cache under the work directory, never into the repo.
+EIDETIC = {"path": None, "env": None}
+
+
+def env_for(cmd, env):
+    if env is None and isinstance(cmd, list) and cmd and cmd[0] == EIDETIC["path"]:
+        return EIDETIC["env"]
+    return env
+
+
+def setup_eidetic_env(path: str, cache_dir: str) -> None:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = cache_dir
+    EIDETIC["path"] = path
+    EIDETIC["env"] = env
+    # warm the bytecode cache (every module a command may import)
+    subprocess.run([path, "--help"], env=env, capture_output=True)
+    for sub in ("ingest", "fsck", "log", "init", "checkout"):
+        subprocess.run([path, sub, "--help"], env=env, capture_output=True)
+
 
 def cpu_busy_seconds() -> float:
     """Machine-wide busy CPU seconds so far (all cores), from /proc/stat."""
@@ -174,7 +199,7 @@ class Bench:
         with open(logpath, "wb") as log:
             busy0 = cpu_busy_seconds()
             t0 = time.perf_counter()
-            p = subprocess.Popen(cmd, cwd=cwd, env=env, shell=shell,
+            p = subprocess.Popen(cmd, cwd=cwd, env=env_for(cmd, env), shell=shell,
                                  stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT,
                                  preexec_fn=priority_preexec(self.a.nice))
@@ -348,7 +373,7 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
     if have["eidetic"]:
         cfg = eidetic_config(e_root)
         subprocess.run([have["eidetic"], "--config", cfg, "init"], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=EIDETIC["env"])
         b.copy_tree(data, os.path.join(stage, "bench-labA-1", "ds1"))
         b.copy_tree(data, os.path.join(stage, "bench-labB-2", "ds2"))
     b.say(f"setup: copies made in {time.monotonic() - t0:.1f} s; syncing ...")
@@ -510,7 +535,7 @@ def time_log(b: Bench, eidetic: str, cfg: str, target: str, phase: str, tool: st
     for _ in range(runs):
         t0 = time.perf_counter()
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                           preexec_fn=priority_preexec(b.a.nice))
+                           env=env_for(cmd, None), preexec_fn=priority_preexec(b.a.nice))
         times.append(time.perf_counter() - t0)
         rc = rc or p.returncode
         out = p.stdout
@@ -551,13 +576,17 @@ def count_json_versions(out: bytes):
 
 # ------------------------------------------------------------ log store
 
-def log_store_phase(b: Bench, eidetic: str, root: str, n_files: int, uploads: int) -> None:
+def log_store_phase(b: Bench, eidetic: str, root: str, n_files: int, uploads: int,
+                    reuse: bool = False) -> None:
     """A store with n_files * uploads path-versions: `uploads` uploads of the
-    same n_files paths, each changing every file.  Then time `log`."""
+    same n_files paths, each changing every file.  Then time `log`.
+    With *reuse*, *root* holds such a store already (from a --keep run)."""
     b.say(f"log store: {uploads} uploads x {n_files} tiny files "
-          f"= {uploads * n_files:,} path-versions")
-    cfg = eidetic_config(root)
-    subprocess.run([eidetic, "--config", cfg, "init"], check=True, stdout=subprocess.DEVNULL)
+          f"= {uploads * n_files:,} path-versions" + (f" (reusing {root})" if reuse else ""))
+    cfg = os.path.join(root, "eidetic.yaml") if reuse else eidetic_config(root)
+    if not reuse:
+        subprocess.run([eidetic, "--config", cfg, "init"], check=True,
+                       stdout=subprocess.DEVNULL, env=EIDETIC["env"])
     inbox = os.path.join(root, "inbox")
     stage = os.path.join(root, "stage")
     per_dir = 100
@@ -567,7 +596,7 @@ def log_store_phase(b: Bench, eidetic: str, root: str, n_files: int, uploads: in
         rels.append(f"logset/sub-{d // 10:03d}/ses-{d % 10}/trial-{i % per_dir:03d}.txt")
     dirs = sorted({os.path.dirname(r) for r in rels})
     ingest_times = []
-    for v in range(1, uploads + 1):
+    for v in range(1, 0 if reuse else uploads + 1):
         name = f"bench-labL-{v}"
         top = os.path.join(stage, name)
         t0 = time.monotonic()
@@ -591,7 +620,7 @@ def log_store_phase(b: Bench, eidetic: str, root: str, n_files: int, uploads: in
     times = []
     for _ in range(10):
         t0 = time.perf_counter()
-        subprocess.run([eidetic, "--help"], capture_output=True,
+        subprocess.run([eidetic, "--help"], capture_output=True, env=env_for([eidetic], None),
                        preexec_fn=priority_preexec(b.a.nice))
         times.append(time.perf_counter() - t0)
     r = Result("log", "eidetic --help (start-up)", [eidetic, "--help"],
@@ -745,6 +774,10 @@ def main(argv=None) -> int:
     ap.add_argument("--log-files", type=int, default=None,
                     help="files per log-store upload (default 100000 x scale)")
     ap.add_argument("--log-uploads", type=int, default=10)
+    ap.add_argument("--reuse-log-store", metavar="DIR", default=None,
+                    help="time `log` on a log store kept by an earlier --log-store --keep run "
+                         "(DIR = <that run>/logstore; same --log-files/--log-uploads) "
+                         "instead of building one")
     ap.add_argument("--repeat", type=int, default=1,
                     help="repeat the main phases N times (fresh dirs, rotated tool "
                          "order) and report medians; each repeat needs ~8x the data size on disk")
@@ -789,6 +822,8 @@ def main(argv=None) -> int:
     os.makedirs(run_dir)
     b.logdir = os.path.join(run_dir, "logs")
     os.makedirs(b.logdir)
+    if have["eidetic"]:
+        setup_eidetic_env(have["eidetic"], os.path.join(run_dir, "pycache"))
     b.say(f"work directory: {run_dir}")
 
     versions = tool_versions(have)
@@ -803,11 +838,13 @@ def main(argv=None) -> int:
                     b.say(f"=== repeat {rep + 1}/{a.repeat}")
                 main_phases(b, have, data, summary, os.path.join(run_dir, f"rep{rep + 1}"),
                             rep + a.order_shift)
-        if a.log_store:
+        if a.log_store or a.reuse_log_store:
             if have["eidetic"]:
                 n = a.log_files or max(100, int(round(100_000 * a.scale)))
-                log_store_phase(b, have["eidetic"], os.path.join(run_dir, "logstore"),
-                                n, a.log_uploads)
+                log_store_phase(b, have["eidetic"],
+                                os.path.abspath(a.reuse_log_store) if a.reuse_log_store
+                                else os.path.join(run_dir, "logstore"),
+                                n, a.log_uploads, reuse=bool(a.reuse_log_store))
             else:
                 b.skipped("log", "eidetic log --json path", why("eidetic"))
         out = report(b.results, summary)
