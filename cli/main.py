@@ -3,6 +3,7 @@ errors become exit statuses and one-line messages (never a traceback)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -11,11 +12,23 @@ import click
 from eidetic import __version__
 from eidetic.errors import EideticError
 
-from .commands import checkout, demo, fsck, ingest, init, log
 from .common import Ctx
 
+# Subcommands are imported only when used: `eidetic log` must start fast.
+COMMANDS = ("init", "ingest", "log", "checkout", "fsck", "demo")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(f"{__package__}.commands.{name}").command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="EIDETIC_CONFIG", type=click.Path(dir_okay=False),
               help="Config file (default: $EIDETIC_CONFIG, else /etc/eidetic/eidetic.yaml, "
                    "else the built-in default layout under the data directory).")
@@ -25,10 +38,6 @@ from .common import Ctx
 def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """eidetic: a content-addressed archive that never forgets a version."""
     ctx.obj = Ctx(config_path, verbose)
-
-
-for command in (init.command, ingest.command, log.command, checkout.command, fsck.command, demo.command):
-    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> None:

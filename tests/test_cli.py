@@ -72,7 +72,7 @@ def test_version_prints_the_package_version():
 
 def _commands() -> list[str]:
     from eidetic_cli.main import cli
-    return sorted(cli.commands)
+    return sorted(cli.list_commands(None))  # the group loads subcommands lazily
 
 
 def test_help_lists_every_command():
