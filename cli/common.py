@@ -14,7 +14,6 @@ class Ctx:
         self.config_path = config_path
         self.verbose = verbose
         self._cfg = None
-        self.exit_code = 0
 
     @property
     def cfg(self) -> _config.Config:
@@ -43,8 +42,3 @@ def human_bytes(n: int) -> str:
         size /= 1024
     return f"{n} B"
 
-
-def finish(code: int) -> None:
-    """Exit with *code* from inside a command (click's standalone mode is off)."""
-    if code:
-        sys.exit(code)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 
 from .config import Config
@@ -43,6 +42,3 @@ def init(cfg: Config) -> list[Action]:
         actions.append(Action(s.tree, "exists" if tree_existed else "created"))
     return actions
 
-
-def mode_of(path: str) -> int:
-    return stat.S_IMODE(os.lstat(path).st_mode)

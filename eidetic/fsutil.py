@@ -148,20 +148,6 @@ def write_atomic(path: str | bytes, data: bytes, mode: int = 0o644) -> None:
         f.write(data)
 
 
-def safe_join(root: bytes, rel: bytes) -> bytes:
-    """Join a relative path from an untrusted source under *root*.
-
-    Rejects absolute paths, empty, ``.`` and ``..`` components and NUL so the
-    result can never leave *root*.
-    """
-    if b"\0" in rel or rel.startswith(b"/") or not rel:
-        raise ValueError(f"unsafe relative path {rel!r}")
-    for part in rel.split(b"/"):
-        if part in (b"", b".", b".."):
-            raise ValueError(f"unsafe relative path {rel!r}")
-    return root.rstrip(b"/") + b"/" + rel
-
-
 def makedirs(path: bytes, mode: int = 0o755, parent_mode: int = 0o755) -> bool:
     """mkdir -p (missing parents get *parent_mode*); returns True if *path* was created."""
     try:
@@ -194,17 +180,6 @@ def open_regular_nofollow(name: bytes | str, dir_fd: int | None = None) -> tuple
     except BaseException:
         os.close(fd)
         raise
-
-
-def disk_percent_used(path: str | bytes) -> int:
-    """Percentage used the way df(1) shows it (reserved blocks excluded)."""
-    import math
-    import shutil
-
-    u = shutil.disk_usage(path)
-    if u.used + u.free == 0:
-        return 0
-    return math.ceil(100 * u.used / (u.used + u.free))
 
 
 def raise_nofile_limit() -> None:

@@ -317,11 +317,6 @@ class Index:
             v = txn.get(upload_id.encode(), db=self.upload_ids)
         return struct.unpack(">Q", v)[0] if v else None
 
-    def iter_uploads(self) -> Iterator[dict]:
-        with self.env.begin() as txn:
-            for _, v in txn.cursor(db=self.uploads):
-                yield json.loads(v)
-
     def iter_objects(self) -> Iterator[tuple[str, int]]:
         with self.env.begin() as txn:
             for k, v in txn.cursor(db=self.objects):

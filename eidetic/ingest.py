@@ -32,7 +32,7 @@ from . import layout
 from .config import Config
 from .errors import EideticError, EntryChanged, EntryRejected
 from .fsutil import open_regular_nofollow, raise_nofile_limit
-from .inbox import Candidate, Claim, StateDir, scan, wait_settled
+from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
 from .manifest import FileRecord, Header, ManifestReader, SkipRecord
 from .store import Store
 from .tree import Tree
@@ -100,12 +100,15 @@ class Ingester:
             store = Store.open(self.cfg.study(name))
             with store.lock():
                 results.extend(self.recover(store))
-                for c in (c for c in scan(self.cfg, name) if c.study == name):
+                for c in scan(self.cfg, name):
                     results.append(self._take(store, c, settle))
-        return [r for r in results if r is not None]
+        return results
 
     def _reject_unknown(self, c: Candidate, settle: float) -> EntryResult:
         disp = layout.display(c.name)
+        waiting = self._unsettled(c, disp, settle)
+        if waiting is not None:   # refused or not, an entry still being written is left alone
+            return waiting
         known = ", ".join(sorted(self.cfg.studies))
         reason = (f"entry name {disp!r} does not start with a configured study name and '-' "
                   f"(configured: {known}); it was not ingested")
@@ -117,15 +120,21 @@ class Ingester:
         return EntryResult(disp, None, "failed", upload=cl.upload, reason=reason,
                            where=os.fsdecode(cl.path_in("failed")))
 
-    def _take(self, store: Store, c: Candidate, settle: float) -> EntryResult:
-        disp = layout.display(c.name)
+    def _unsettled(self, c: Candidate, disp: str, settle: float) -> EntryResult | None:
         try:
             left = wait_settled(c.path, settle)
         except FileNotFoundError:
             return EntryResult(disp, c.study, "waiting", reason="vanished")
-        if left > 0:
-            self.log(f"waiting {disp}: changed recently, settles in {left:.0f} s")
-            return EntryResult(disp, c.study, "waiting", reason=f"changed recently (settles in {left:.0f} s)")
+        if left <= 0:
+            return None
+        self.log(f"waiting {disp}: changed recently, settles in {left:.0f} s")
+        return EntryResult(disp, c.study, "waiting", reason=f"changed recently (settles in {left:.0f} s)")
+
+    def _take(self, store: Store, c: Candidate, settle: float) -> EntryResult:
+        disp = layout.display(c.name)
+        waiting = self._unsettled(c, disp, settle)
+        if waiting is not None:
+            return waiting
         cl = self.state.claim(c)
         if cl is None:
             return EntryResult(disp, c.study, "waiting", reason="vanished before it could be claimed")
@@ -143,7 +152,7 @@ class Ingester:
         results = []
         for cl in self.state.claims(store.name):
             self.log(f"resuming upload {cl.upload} ({layout.display(cl.original)})")
-            results.append(self.process(store, cl))
+            results.append(self.process(store, cl, resumed=True))
         return results
 
     def catch_up_index(self, store: Store, head_seq: int) -> None:
@@ -153,7 +162,9 @@ class Ingester:
 
     # ------------------------------------------------------------ process
 
-    def process(self, store: Store, cl: Claim) -> EntryResult:
+    def process(self, store: Store, cl: Claim, resumed: bool = False) -> EntryResult:
+        """Ingest a claimed entry; *resumed* for a claim found after a crash
+        (it may already be committed, or still carry its original name)."""
         disp = layout.display(cl.original)
         t0 = time.monotonic()
         where = self.state.locate(cl)
@@ -163,37 +174,34 @@ class Ingester:
             return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason)
         state, path = where
         if state == "original":        # killed between record and rename
-            from .inbox import rename_entry
             rename_entry(cl, path, cl.path_in("claimed"))
             state, path = "claimed", cl.path_in("claimed")
         if state == "failed" or cl.reason is not None:
             self.state.finish(cl, "failed", cl.reason or "failed (reason lost)")
             return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=cl.reason)
 
-        head_seq, _ = store.head()
-        seq = self._committed_seq(store, cl, head_seq)
+        head_seq, prev = store.head()
+        committed = resumed and self._is_head(store, cl, head_seq)
         stats = Stats()
-        if seq is None:
+        seq = head_seq if committed else head_seq + 1
+        if not committed:
             try:
                 if state == "done":
                     raise EntryRejected("entry was marked done but its manifest is missing")
-                seq = self._store_entry(store, cl, path, head_seq + 1, stats)
+                self._store_entry(store, cl, path, seq, prev, stats)
             except EntryRejected as e:
                 return self._fail(store, cl, disp, e.message, t0)
             except OSError as e:
                 return self._fail(store, cl, disp, _describe_oserror(e, store), t0)
-            fresh = True
-        else:
-            fresh = False
         # Past the commit point the upload can no longer fail: a problem here
         # leaves the entry claimed and the next run finishes it.
         try:
-            if fresh:  # each new version gets its tree names as the index applies it
+            if committed:  # resumed: replay the tree in full (idempotent)
+                new_versions = self._materialize(store, seq)
+            else:          # each new version gets its tree names as the index applies it
                 tree = self._tree(store)
                 new_versions = store.index.apply_manifest(store.manifest_path(seq), visit=tree.place_new)
                 store.sync()
-            else:      # resumed: replay the tree in full (idempotent)
-                new_versions = self._materialize(store, seq)
         except (EideticError, OSError) as e:
             reason = (f"upload {cl.upload} is committed but its tree names could not all be made "
                       f"({_describe_oserror(e, store) if isinstance(e, OSError) else e}); "
@@ -221,24 +229,25 @@ class Ingester:
         return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
                            seconds=time.monotonic() - t0, where=os.fsdecode(cl.path_in("failed")))
 
-    def _committed_seq(self, store: Store, cl: Claim, head_seq: int) -> int | None:
-        """The manifest seq of this upload if it was committed before a crash."""
+    @staticmethod
+    def _is_head(store: Store, cl: Claim, head_seq: int) -> bool:
+        """Was this upload committed (as the newest manifest) before a crash?"""
         if head_seq == 0:
-            return None
+            return False
         r = ManifestReader(store.manifest_path(head_seq))
         r.close()
-        return head_seq if r.header.upload == cl.upload else None
+        return r.header.upload == cl.upload
 
     # ---------------------------------------------------------- store phase
 
-    def _store_entry(self, store: Store, cl: Claim, path: bytes, seq: int, stats: Stats) -> int:
+    def _store_entry(self, store: Store, cl: Claim, path: bytes, seq: int, prev: str | None,
+                     stats: Stats) -> None:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
             raise EntryRejected("the entry is a symbolic link; links are never followed. "
                                 "Send the folder itself")
         if not stat.S_ISDIR(st.st_mode):
             raise EntryRejected("the entry is not a folder; an upload must be a folder of files")
-        _, prev = store.head()
         header = Header(seq=seq, upload=cl.upload, prev=prev, study=store.name, entry=cl.original,
                         received=cl.received, uploader_uid=cl.uid, uploader_name=cl.uploader_name,
                         source=cl.location)
@@ -260,7 +269,6 @@ class Ingester:
         except BaseException:
             af.abort()
             raise
-        return seq
 
     def _walk(self, store: Store, top_fd: int, prefix: bytes, writer, stats: Stats) -> None:
         # Explicit stack of (dir fd, relative path, sorted entries, position):

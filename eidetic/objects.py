@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -314,8 +313,5 @@ def _unlink_quiet(p: bytes) -> None:
     except FileNotFoundError:
         pass
 
-
-def is_read_only(st: os.stat_result) -> bool:
-    return not (st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 

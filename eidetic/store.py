@@ -189,9 +189,6 @@ class Store:
             n += 1
         return n
 
-    def tmp_entries(self) -> list[str]:
-        return sorted(os.listdir(os.path.join(self.root, "tmp")))
-
     def sync(self) -> None:
         syncfs(self.root)
 

@@ -274,7 +274,9 @@ def test_edited_last_manifest_does_not_match_head(two):
     assert "E015" in two.codes()
 
 
-def test_crash_at_the_commit_point_is_a_warning_that_ingest_finishes(env, monkeypatch):
+def _crash_at_the_commit_point(env, monkeypatch):
+    """Upload 1 lands; upload 2 is killed right after its manifest is linked,
+    before HEAD moves."""
     env.send({"a.txt": b"one\n"})
 
     class Killed(BaseException):
@@ -292,6 +294,10 @@ def test_crash_at_the_commit_point_is_a_warning_that_ingest_finishes(env, monkey
     with pytest.raises(Killed):
         Ingester(env.cfg).run_once(settle_seconds=0)
     monkeypatch.undo()
+
+
+def test_crash_at_the_commit_point_is_a_warning_that_ingest_finishes(env, monkeypatch):
+    _crash_at_the_commit_point(env, monkeypatch)
     assert os.path.exists(env.manifest(2)) and env.store().head()[0] == 1
 
     findings = env.check()
@@ -823,23 +829,7 @@ def test_repair_leaves_index_and_tree_alone_when_the_chain_is_broken(env):
 
 
 def test_repair_after_a_crash_at_the_commit_point_advances_head(env, monkeypatch):
-    env.send({"a.txt": b"one\n"})
-
-    class Killed(BaseException):
-        pass
-
-    def killed(self, seq, digest):
-        raise Killed()
-
-    monkeypatch.setattr(Store, "set_head", killed)
-    part = os.path.join(env.inbox, ".s-labA-9")
-    os.makedirs(part)
-    with open(os.path.join(part, "b.txt"), "wb") as f:
-        f.write(b"two\n")
-    os.rename(part, os.path.join(env.inbox, "s-labA-9"))
-    with pytest.raises(Killed):
-        Ingester(env.cfg).run_once(settle_seconds=0)
-    monkeypatch.undo()
+    _crash_at_the_commit_point(env, monkeypatch)
     rep = env.repair()
     assert any("advanced HEAD to manifest 2" in line for line in rep.done)
     assert list(env.check()) == []

@@ -40,7 +40,7 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
             warn(f"FAILED {r.entry}: {r.reason}")
             if r.where:
                 warn(f"  the data is kept at {r.where}")
-        elif ctx.verbose or r.reason and "settles" in r.reason:
+        else:
             say(f"waiting {r.entry}: {r.reason}")
     if not results:
         say("nothing to ingest")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
@@ -31,8 +30,7 @@ def command(ctx: Ctx, path: str, as_json: bool) -> None:
     say(f"{what}  study {t.store.name}, {len(entries)} version(s)")
     for e in entries:
         v = e.version
-        name = layout.display(os.fsencode(e.tree_path))   # surrogate-escaped when not UTF-8
-        shown = name.rsplit("/", 1)[1] if not t.is_dir else layout.display(
-            layout.version_relpath(v.path, v.n, v.stamp))
+        vrel = layout.version_relpath(v.path, v.n, v.stamp)
+        shown = layout.display(vrel if t.is_dir else vrel.rpartition(b"/")[2])
         say(f"  v{v.n:<4} {v.received[:19].replace('T', ' ')}Z  {e.upload}  {e.source:<12} "
             f"{human_bytes(v.size):>10}  {v.blake3[:12]}  {shown}")
