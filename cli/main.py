@@ -15,7 +15,7 @@ from eidetic.errors import EideticError
 from .common import Ctx
 
 # Subcommands are imported only when used: `eidetic log` must start fast.
-COMMANDS = ("init", "ingest", "log", "checkout", "fsck", "demo")
+COMMANDS = ("init", "ingest", "status", "log", "checkout", "fsck", "purge", "send", "demo")
 
 
 class LazyGroup(click.Group):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -24,8 +25,36 @@ DEFAULT_SETTLE_SECONDS = 30.0
 DEFAULT_LAYOUT_SETTLE_SECONDS = 2.0
 DEFAULT_STUDY = "demo"
 
-_TOP_KEYS = {"inbox", "state", "settle_seconds", "studies"}
-_STUDY_KEYS = {"tree", "store", "inbox"}
+DEFAULT_RESCAN_SECONDS = 60.0
+DEFAULT_STALE_HOURS = 24.0
+DEFAULT_DISK_WARN = (90, 95)
+NOTIFY_UPLOADS = ("none", "each", "digest")
+
+_TOP_KEYS = {"inbox", "state", "settle_seconds", "studies", "notify", "polling", "rescan_seconds",
+             "stale_hours", "user", "group"}
+_STUDY_KEYS = {"tree", "store", "inbox", "notify", "notify_uploads", "require_description", "group"}
+_NOTIFY_KEYS = {"smtp_host", "smtp_port", "sender", "admin", "disk_warn_percent", "starttls",
+                "credentials_file", "retry_seconds", "digest_hour", "timeout_seconds"}
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """SMTP settings.  Credentials never live in the YAML: *credentials_file*
+    names a file whose first line is the user name and second the password."""
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    sender: str = ""
+    admin: tuple[str, ...] = ()
+    disk_warn_percent: tuple[int, ...] = DEFAULT_DISK_WARN
+    starttls: bool = False
+    credentials_file: str | None = None
+    retry_seconds: float = 300.0        # how soon an unsent mail is tried again
+    digest_hour: int = 7                # local hour after which the daily digest goes out
+    timeout_seconds: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sender)
 
 
 @dataclass(frozen=True)
@@ -34,6 +63,10 @@ class StudyConfig:
     tree: str
     store: str
     inbox: str | None = None
+    notify: tuple[str, ...] = ()        # the study's people
+    notify_uploads: str = "none"        # "none" | "each" (a mail per upload) | "digest" (daily)
+    require_description: bool = False   # refuse entries without an upload description
+    group: str | None = None            # group that may read the tree
 
 
 @dataclass(frozen=True)
@@ -43,6 +76,12 @@ class Config:
     settle_seconds: float
     studies: dict[str, StudyConfig] = field(default_factory=dict)
     source: str = ""          # file it came from, or "" for the default layout
+    notify: NotifyConfig = field(default_factory=NotifyConfig)   # sender "" = no mail at all
+    polling: bool = False     # poll instead of inotify (NFS/SMB-mounted inboxes)
+    rescan_seconds: float = DEFAULT_RESCAN_SECONDS   # full rescan even when events arrive
+    stale_hours: float = DEFAULT_STALE_HOURS         # a dot-entry untouched this long is reported
+    user: str | None = None   # service user owning inbox, state, store and tree (init)
+    group: str | None = None  # service group (init)
 
     @property
     def is_default_layout(self) -> bool:
@@ -139,9 +178,11 @@ def parse(doc: object, source: str) -> Config:
         raise ConfigError("key 'studies' must map at least one study name to its settings", source)
     inbox = _abs_path(doc, "inbox", "inbox", source) if doc.get("inbox") is not None else None
     state = _abs_path(doc, "state", "state", source)
-    settle = doc.get("settle_seconds", DEFAULT_SETTLE_SECONDS)
-    if isinstance(settle, bool) or not isinstance(settle, (int, float)) or not 0 <= settle < math.inf:
-        raise ConfigError(f"key 'settle_seconds' must be a number of seconds >= 0, not {settle!r}", source)
+    settle = _number(doc, "settle_seconds", DEFAULT_SETTLE_SECONDS, source)
+    rescan = _number(doc, "rescan_seconds", DEFAULT_RESCAN_SECONDS, source, minimum=1)
+    stale = _number(doc, "stale_hours", DEFAULT_STALE_HOURS, source)
+    polling = _bool(doc, "polling", False, "polling", source)
+    notify = _notify(doc.get("notify"), source)
 
     studies: dict[str, StudyConfig] = {}
     for name, body in doc["studies"].items():
@@ -161,11 +202,18 @@ def parse(doc: object, source: str) -> Config:
             tree=_abs_path(body, "tree", f"{key}.tree", source),
             store=_abs_path(body, "store", f"{key}.store", source),
             inbox=_abs_path(body, "inbox", f"{key}.inbox", source) if body.get("inbox") is not None else None,
+            notify=_addresses(body, "notify", f"{key}.notify", source),
+            notify_uploads=_choice(body, "notify_uploads", NOTIFY_UPLOADS, f"{key}.notify_uploads", source),
+            require_description=_bool(body, "require_description", False, f"{key}.require_description",
+                                      source),
+            group=_name(body, "group", f"{key}.group", source),
         )
     if inbox is None and not all(s.inbox for s in studies.values()):
         raise ConfigError("key 'inbox' is required unless every study has its own 'inbox'", source)
 
-    cfg = Config(inbox=inbox, state=state, settle_seconds=float(settle), studies=studies, source=source)
+    cfg = Config(inbox=inbox, state=state, settle_seconds=settle, studies=studies, source=source,
+                 notify=notify, polling=polling, rescan_seconds=rescan, stale_hours=stale,
+                 user=_name(doc, "user", "user", source), group=_name(doc, "group", "group", source))
     _check_overlaps(cfg)
     for s in studies.values():
         _check_same_filesystem(s, source)
@@ -176,6 +224,95 @@ def _no_unknown(body: dict, allowed: set[str], prefix: str, source: str) -> None
     for k in body:
         if k not in allowed:
             raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(allowed))})", source)
+
+
+def _number(body: dict, key: str, default: float, source: str, minimum: float = 0,
+            full_key: str | None = None) -> float:
+    v = body.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not minimum <= v < math.inf:
+        raise ConfigError(f"key '{full_key or key}' must be a number >= {minimum:g}, not {v!r}", source)
+    return float(v)
+
+
+def _bool(body: dict, key: str, default: bool, full_key: str, source: str) -> bool:
+    v = body.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"key '{full_key}' must be true or false, not {v!r}", source)
+    return v
+
+
+def _choice(body: dict, key: str, choices: tuple[str, ...], full_key: str, source: str) -> str:
+    v = body.get(key, choices[0])
+    if v is False:      # YAML reads a bare `no`/`off` as false
+        v = "none"
+    if v not in choices:
+        raise ConfigError(f"key '{full_key}' must be one of {', '.join(choices)}, not {v!r}", source)
+    return v
+
+
+def _name(body: dict, key: str, full_key: str, source: str) -> str | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or str(v) == "":
+        raise ConfigError(f"key '{full_key}' must be a user or group name (or number), not {v!r}", source)
+    return str(v)
+
+
+def _addresses(body: dict, key: str, full_key: str, source: str) -> tuple[str, ...]:
+    v = body.get(key)
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(a, str) and _ADDRESS_RE.match(a) for a in v):
+        raise ConfigError(f"key '{full_key}' must be a list of email addresses, not {v!r}", source)
+    return tuple(v)
+
+
+_ADDRESS_RE = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+$")
+
+
+def _notify(body: object, source: str) -> NotifyConfig:
+    if body is None:
+        return NotifyConfig()
+    if not isinstance(body, dict):
+        raise ConfigError("key 'notify' must be a mapping (smtp_host, smtp_port, sender, admin, ...)", source)
+    _no_unknown(body, _NOTIFY_KEYS, "notify.", source)
+    host = body.get("smtp_host", "localhost")
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"key 'notify.smtp_host' must be a host name, not {host!r}", source)
+    port = body.get("smtp_port", 25)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"key 'notify.smtp_port' must be a port number, not {port!r}", source)
+    if "sender" not in body:
+        raise ConfigError("key 'notify.sender' is required: the address mails come from", source)
+    sender = _addresses(body, "sender", "notify.sender", source)
+    if len(sender) != 1:
+        raise ConfigError("key 'notify.sender' must be one email address", source)
+    warn = body.get("disk_warn_percent", list(DEFAULT_DISK_WARN))
+    if isinstance(warn, int) and not isinstance(warn, bool):
+        warn = [warn]
+    if (not isinstance(warn, list) or not all(isinstance(w, int) and not isinstance(w, bool)
+                                              and 0 < w <= 100 for w in warn)):
+        raise ConfigError(f"key 'notify.disk_warn_percent' must be a list of percentages (1-100), "
+                          f"not {warn!r}", source)
+    creds = (_abs_path(body, "credentials_file", "notify.credentials_file", source)
+             if body.get("credentials_file") is not None else None)
+    hour = body.get("digest_hour", 7)
+    if isinstance(hour, bool) or not isinstance(hour, int) or not 0 <= hour <= 23:
+        raise ConfigError(f"key 'notify.digest_hour' must be an hour 0-23, not {hour!r}", source)
+    return NotifyConfig(
+        smtp_host=host, smtp_port=port, sender=sender[0],
+        admin=_addresses(body, "admin", "notify.admin", source),
+        disk_warn_percent=tuple(sorted(set(warn))),
+        starttls=_bool(body, "starttls", False, "notify.starttls", source),
+        credentials_file=creds,
+        retry_seconds=_number(body, "retry_seconds", 300.0, source, minimum=1, full_key="notify.retry_seconds"),
+        digest_hour=hour,
+        timeout_seconds=_number(body, "timeout_seconds", 30.0, source, minimum=1,
+                                full_key="notify.timeout_seconds"),
+    )
 
 
 def _abs_path(body: dict, key: str, full_key: str, source: str) -> str:

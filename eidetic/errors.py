@@ -96,3 +96,9 @@ class EntryRejected(EideticError):
 
 class EntryChanged(EntryRejected):
     """A file kept changing while it was read; the entry may be retried."""
+
+
+class Interrupted(EideticError):
+    """interrupted: stopping before the work was committed{detail}"""
+
+    exit_code = 3

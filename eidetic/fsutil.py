@@ -13,7 +13,9 @@ import ctypes
 import ctypes.util
 import errno
 import itertools
+import math
 import os
+import shutil
 import secrets
 import stat
 from typing import IO, Callable
@@ -194,3 +196,11 @@ def raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+def disk_percent_used(path: str | bytes) -> int:
+    """How full the file system holding *path* is, the way ``df`` shows it
+    (blocks reserved for root count as neither used nor free)."""
+    u = shutil.disk_usage(path)
+    total = u.used + u.free
+    return math.ceil(100 * u.used / total) if total else 0

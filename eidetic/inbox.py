@@ -19,6 +19,8 @@ matching record is never acted on.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import pwd
@@ -30,7 +32,7 @@ from datetime import datetime, timezone
 
 from . import layout
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, LockBusy
 from .fsutil import fsync_dir, is_temp_name, makedirs, write_atomic
 from .manifest import decode_bytes, encode_bytes
 
@@ -152,6 +154,52 @@ def last_change(path: bytes) -> float:
     return newest
 
 
+@dataclass
+class PartialEntry:
+    """A dot-prefixed entry (an upload still being written, or abandoned)."""
+    inbox: str
+    name: bytes
+    study: str | None
+    idle_seconds: float      # since anything in it last changed
+    uid: int
+
+    @property
+    def path(self) -> bytes:
+        return os.fsencode(self.inbox) + b"/" + self.name
+
+
+def partial_entries(cfg: Config, study: str | None = None, idle_at_least: float = 0.0,
+                    now: float | None = None) -> list[PartialEntry]:
+    """Uploads in progress (``.name``, not one of our reserved names) idle for at
+    least *idle_at_least* seconds; the study is read from the name without the dot."""
+    now = time.time() if now is None else now
+    out: list[PartialEntry] = []
+    for inbox, dedicated in cfg.inboxes():
+        if study is not None and dedicated is not None and dedicated != study:
+            continue
+        try:
+            names = os.listdir(os.fsencode(inbox))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if (not name.startswith(b".") or name in (b".", b"..")
+                    or name.startswith(layout.INBOX_RESERVED_PREFIX) or is_temp_name(name)):
+                continue
+            mapped = layout.parse_entry_name(name[1:], frozenset(cfg.studies), dedicated)
+            if study is not None and (mapped is None or mapped[0] != study):
+                continue
+            path = os.fsencode(inbox) + b"/" + name
+            try:
+                uid = os.lstat(path).st_uid
+                idle = now - last_change(path)
+            except FileNotFoundError:
+                continue
+            if idle >= idle_at_least:
+                out.append(PartialEntry(inbox, name, mapped[0] if mapped else None, idle, uid))
+    out.sort(key=lambda p: (-p.idle_seconds, p.name))
+    return out
+
+
 class StateDir:
     """``<state>/claims``, ``done``, ``failed``: one JSON record per upload."""
 
@@ -162,6 +210,49 @@ class StateDir:
         makedirs(os.fsencode(self.root), 0o700)
         for k in RECORD_KINDS:
             makedirs(os.fsencode(os.path.join(self.root, k)), 0o700)
+
+    # ------------------------------------------------------- daemon lock
+
+    def _daemon_lock_path(self, study: str) -> str:
+        return os.path.join(self.root, "daemon", study + ".lock")
+
+    def daemon_lock(self, study: str) -> int:
+        """Take the study's daemon lock (held for the daemon's life) and record
+        our pid in it; returns the fd to keep open.  LockBusy names the holder."""
+        makedirs(os.fsencode(os.path.join(self.root, "daemon")), 0o700)
+        path = self._daemon_lock_path(study)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                pid = self.daemon_pid(study)
+                raise LockBusy(f"study {study}: an ingest daemon is already running"
+                               + (f" (pid {pid})" if pid else "") + f"; lock {path}") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def daemon_pid(self, study: str) -> int | None:
+        """The pid of the daemon holding the study's lock, or None when none runs."""
+        path = self._daemon_lock_path(study)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return None
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            return None   # we got the lock: nobody holds it
+        finally:
+            os.close(fd)
 
     def check(self, source: str) -> None:
         for k in RECORD_KINDS:

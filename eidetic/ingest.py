@@ -30,7 +30,7 @@ from typing import Callable
 
 from . import layout
 from .config import Config
-from .errors import EideticError, EntryChanged, EntryRejected
+from .errors import EideticError, EntryChanged, EntryRejected, Interrupted
 from .fsutil import open_regular_nofollow, raise_nofile_limit
 from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
 from .manifest import FileRecord, Header, ManifestReader, SkipRecord
@@ -74,13 +74,31 @@ def _quiet(_: str) -> None:
 
 class Ingester:
     def __init__(self, cfg: Config, log: Log = _quiet,
-                 progress: Callable[[int, int], None] | None = None) -> None:
-        """*progress(files, bytes)* is called as files are stored (for a UI)."""
+                 progress: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        """*progress(files, bytes)* is called as files are stored (for a UI).
+        *should_stop()* is polled between entries and between files: when it
+        turns true, no new entry is taken and an entry not yet committed is
+        abandoned (its claim stays; the next run redoes it from the entry)."""
         self.cfg = cfg
         self.log = log
         self.progress = progress
+        self.should_stop = should_stop or (lambda: False)
         self.state = StateDir(cfg.state)
+        self._stores: dict[str, Store] = {}
         raise_nofile_limit()
+
+    def store(self, study: str) -> Store:
+        """The study's store, opened once per Ingester (one LMDB environment
+        per process, as lmdb requires)."""
+        if study not in self._stores:
+            self._stores[study] = Store.open(self.cfg.study(study))
+        return self._stores[study]
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
 
     # ---------------------------------------------------------------- top
 
@@ -91,17 +109,34 @@ class Ingester:
         studies = [self.cfg.study(study).name] if study else sorted(self.cfg.studies)
         results: list[EntryResult] = []
         if study is None:
-            for cl in self.state.claims(None):   # unknown-study entries interrupted mid-refusal
-                self.state.finish(cl, "failed", cl.reason or "entry name maps to no configured study")
-            for c in scan(self.cfg, None):
-                if c.study is None:
-                    results.append(self._reject_unknown(c, settle))
+            results.extend(self.reject_unknown(settle))
         for name in studies:
-            store = Store.open(self.cfg.study(name))
-            with store.lock():
-                results.extend(self.recover(store))
-                for c in scan(self.cfg, name):
-                    results.append(self._take(store, c, settle))
+            if self.should_stop():
+                break
+            results.extend(self.run_study(name, settle))
+        return results
+
+    def run_study(self, study: str, settle: float) -> list[EntryResult]:
+        """Finish the study's interrupted work, then ingest its settled entries
+        one at a time, oldest first."""
+        store = self.store(study)
+        results: list[EntryResult] = []
+        with store.lock():
+            results.extend(self.recover(store))
+            for c in scan(self.cfg, study):
+                if self.should_stop():
+                    break
+                results.append(self._take(store, c, settle))
+        return results
+
+    def reject_unknown(self, settle: float) -> list[EntryResult]:
+        """Refuse settled entries whose name maps to no configured study."""
+        results: list[EntryResult] = []
+        for cl in self.state.claims(None):   # unknown-study entries interrupted mid-refusal
+            self.state.finish(cl, "failed", cl.reason or "entry name maps to no configured study")
+        for c in scan(self.cfg, None):
+            if c.study is None:
+                results.append(self._reject_unknown(c, settle))
         return results
 
     def _reject_unknown(self, c: Candidate, settle: float) -> EntryResult:
@@ -151,6 +186,8 @@ class Ingester:
         self.catch_up_index(store, seq)
         results = []
         for cl in self.state.claims(store.name):
+            if self.should_stop():
+                break
             self.log(f"resuming upload {cl.upload} ({layout.display(cl.original)})")
             results.append(self.process(store, cl, resumed=True))
         return results
@@ -189,6 +226,12 @@ class Ingester:
                 if state == "done":
                     raise EntryRejected("entry was marked done but its manifest is missing")
                 self._store_entry(store, cl, path, seq, prev, stats)
+            except Interrupted:
+                store.clean_tmp()
+                self.log(f"abandoned {disp} (upload {cl.upload}): stopping; the next start redoes it")
+                return EntryResult(disp, cl.study, "waiting", upload=cl.upload,
+                                   reason="abandoned on shutdown; redone at the next start",
+                                   seconds=time.monotonic() - t0, where=os.fsdecode(path))
             except EntryRejected as e:
                 return self._fail(store, cl, disp, e.message, t0)
             except OSError as e:
@@ -320,6 +363,8 @@ class Ingester:
                     os.close(dfd)
 
     def _store_file(self, store: Store, dfd: int, name: bytes, relpath: bytes, writer, stats: Stats) -> None:
+        if self.should_stop():
+            raise Interrupted()
         index = store.index
         for attempt in range(MAX_FILE_ATTEMPTS):
             try:

@@ -88,6 +88,11 @@ class Store:
             self._index = Index(os.path.join(self.root, "index"))
         return self._index
 
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
     # ----------------------------------------------------------------- lock
 
     @contextmanager
