@@ -102,3 +102,26 @@ class Interrupted(EideticError):
     """interrupted: stopping before the work was committed{detail}"""
 
     exit_code = 3
+
+
+class SendError(EideticError):
+    """{detail}"""
+
+    exit_code = 1
+
+
+class TransportError(EideticError):
+    """The destination cannot be reached or refuses us (network, authentication,
+    an unknown or changed host key, permission denied on the inbox).
+
+    {detail}"""
+
+    exit_code = 3
+
+    @property
+    def message(self) -> str:
+        return str(self.kwargs["detail"])
+
+
+class HostKeyError(TransportError):
+    """An SSH host key that is unknown (and not accepted) or has changed."""
