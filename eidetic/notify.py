@@ -1,0 +1,718 @@
+"""Email notifications: failed uploads, full disks, abandoned uploads, and
+(optionally) successful uploads, one by one or as a daily digest.
+
+Nothing here may slow down or fail an ingest.  Every mail is first written
+to a durable outbox (``<state>/notify/outbox/<id>.eml``, a complete RFC 5322
+message); a background thread delivers it over SMTP and deletes it once the
+server accepted it.  A mail that could not be delivered gets a sidecar
+``<id>.json`` (attempts, next try, first failure, last error) and is retried
+with a doubling back-off; after seven days it is moved to ``failed/`` and the
+log says so loudly.
+
+The rest of ``<state>/notify/`` remembers what was already said, so that a
+restart does not say it again::
+
+    disk/<study>.json        highest warning threshold crossed (0 = none)
+    stale.json               unfinished uploads already reported
+    digest/<study>/<upload>.json   successful uploads not yet in a digest
+    digest/<study>.day       the local date of the last digest
+
+No public method raises: problems are logged, one line each.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import smtplib
+import ssl
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.policy import SMTP as SMTP_POLICY
+from typing import Callable
+
+from . import layout
+from .config import Config, StudyConfig
+from .fsutil import disk_percent_used, is_temp_name, makedirs, write_atomic
+from .inbox import partial_entries
+
+Log = Callable[[str], None]
+
+GIVE_UP_SECONDS = 7 * 24 * 3600          # an undeliverable mail is kept trying this long
+MAX_BACKOFF_SECONDS = 4 * 3600           # retry interval doubles up to this
+MAX_SUBJECT_NAME = 80                    # entry names are cut to this in subject lines
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _never_raises(method):
+    """Mail is a side channel: a bug or an I/O error here is logged, never raised
+    into the ingest loop that called us."""
+    @functools.wraps(method)
+    def wrapper(self: "Notifier", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - see docstring
+            self.log(f"mail: internal problem in {method.__name__}: {type(e).__name__}: {e}")
+            return 0 if method.__name__ == "deliver" else None
+    return wrapper
+
+
+@dataclass
+class _Queued:
+    name: str              # file name stem in the outbox
+    attempts: int = 0
+    next_try: float = 0.0
+    first_failure: float | None = None
+    last_error: str = ""
+
+
+class _DeliveryProblem(Exception):
+    """Delivery cannot even start (credentials unreadable, ...): retry later."""
+
+
+class Notifier:
+    """Queues mails in a durable outbox and delivers them in the background.
+
+    *clock* (seconds since the epoch) is injectable so tests can reach a
+    retry time or an idle threshold without waiting; *debug* receives the
+    messages that are only worth seeing with ``-v`` (mail disabled, no
+    recipients)."""
+
+    def __init__(self, cfg: Config, log: Log, *, clock: Callable[[], float] = time.time,
+                 debug: Log | None = None) -> None:
+        self.cfg = cfg
+        self.n = cfg.notify
+        self.log = log
+        self._debug = debug or _quiet
+        self._clock = clock
+        self.root = os.path.join(cfg.state, "notify")
+        self.outbox = os.path.join(self.root, "outbox")
+        self.failed_dir = os.path.join(self.root, "failed")
+        self._lock = threading.RLock()          # state read-modify-write
+        self._deliver_lock = threading.Lock()   # one delivery pass at a time
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_due: float | None = None
+        self._warned_mode = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.n.enabled
+
+    # ------------------------------------------------------------ events
+
+    @_never_raises
+    def entry_result(self, r) -> None:
+        """Queue the mails an ingest outcome calls for: a failure always (to the
+        study's people and the admin), a success per the study's notify_uploads."""
+        if not self.enabled:
+            self._debug(f"mail disabled (no notify.sender): nothing sent for {r.entry} ({r.outcome})")
+            return
+        study = self.cfg.studies.get(r.study) if r.study else None
+        if r.outcome == "failed":
+            people = (study.notify if study else ()) + self.n.admin
+            self._queue(self._failure_subject(r), self._failure_body(r, study), people)
+        elif r.outcome == "ingested" and study is not None and study.notify:
+            if study.notify_uploads == "each":
+                self._queue(f"[eidetic] {study.name}: upload {_short(r.entry)} ingested "
+                            f"({r.files} files, {_human_bytes(r.bytes)})",
+                            self._success_body(r, study), study.notify)
+            elif study.notify_uploads == "digest":
+                self._remember_for_digest(r, study)
+
+    @_never_raises
+    def check_disk(self, study: str) -> None:
+        """One warning mail each time the store's file system climbs past a
+        threshold; falling back below re-arms it."""
+        if not self.enabled:
+            self._debug(f"mail disabled: disk of study {study} not checked")
+            return
+        s = self.cfg.studies.get(study)
+        if s is None:
+            return
+        try:
+            percent = disk_percent_used(s.store)
+            usage = shutil.disk_usage(s.store)
+        except OSError as e:
+            self._debug(f"mail: cannot check the disk of study {study} ({s.store}): {e.strerror}")
+            return
+        level = max((t for t in self.n.disk_warn_percent if percent >= t), default=0)
+        with self._lock:
+            path = os.path.join(self.root, "disk", study + ".json")
+            before = int(_read_json(path, {}).get("level", 0))
+            if level == before:
+                return
+            if level > before:   # mail first: a crash in between repeats a mail rather than losing it
+                self._queue(f"[eidetic] {study}: disk {percent}% full (warning at {level}%)",
+                            self._disk_body(s, percent, level, usage), s.notify + self.n.admin)
+                self.log(f"mail: study {study}: disk {percent}% full, crossed {level}%")
+            self._ensure_dir("disk")
+            write_atomic(path, _dump({"level": level, "percent": percent,
+                                      "at": _utc(self._clock())}), mode=0o600)
+
+    @_never_raises
+    def check_stale(self, now: float | None = None) -> None:
+        """Report each dot-entry idle for more than stale_hours once (by inbox,
+        name and inode); forget the ones that are gone."""
+        if not self.enabled:
+            self._debug("mail disabled: unfinished uploads not checked")
+            return
+        if self.cfg.stale_hours <= 0:
+            return
+        now = self._clock() if now is None else now
+        with self._lock:
+            path = os.path.join(self.root, "stale.json")
+            old = _read_json(path, {}).get("reported", [])
+            reported = [k for k in old if _same_inode(k)]
+            known = {(k["inbox"], k["name_hex"], k["ino"]) for k in reported}
+            for p in partial_entries(self.cfg, idle_at_least=self.cfg.stale_hours * 3600, now=now):
+                try:
+                    st = os.lstat(p.path)
+                except FileNotFoundError:
+                    continue
+                key = (p.inbox, p.name.hex(), st.st_ino)
+                if key in known:
+                    continue
+                study = self.cfg.studies.get(p.study) if p.study else None
+                hours = round(p.idle_seconds / 3600)
+                subject = (f"[eidetic] {study.name + ': ' if study else ''}unfinished upload "
+                           f"{_short(layout.display(p.name))} idle for {hours} h")
+                self._queue(subject, self._stale_body(p, study, now), (study.notify if study else ())
+                            + self.n.admin)
+                self.log(f"mail: unfinished upload {layout.display(p.path)} idle for {hours} h reported")
+                known.add(key)
+                reported.append({"inbox": p.inbox, "name_hex": p.name.hex(), "ino": st.st_ino,
+                                 "reported": _utc(now)})
+            if reported != old:
+                self._ensure_dir()
+                write_atomic(path, _dump({"reported": reported}), mode=0o600)
+
+    @_never_raises
+    def digests(self, now: datetime | None = None) -> None:
+        """Queue each digest study's daily summary once a day, after
+        notify.digest_hour local time, when it had uploads."""
+        if not self.enabled:
+            self._debug("mail disabled: no digests")
+            return
+        now = datetime.fromtimestamp(self._clock()).astimezone() if now is None else now
+        if now.tzinfo is not None:
+            now = now.astimezone()      # the digest hour is local time
+        if now.hour < self.n.digest_hour:
+            return
+        day = now.date().isoformat()
+        with self._lock:
+            for s in self.cfg.studies.values():
+                if s.notify_uploads != "digest":
+                    continue
+                marker = os.path.join(self.root, "digest", s.name + ".day")
+                if _read_json(marker, {}).get("day") == day:
+                    continue
+                pending_dir = os.path.join(self.root, "digest", s.name)
+                items = _pending(pending_dir)
+                if items and s.notify:
+                    n_bytes = sum(int(i.get("bytes", 0)) for i in items)
+                    # A fixed id: a crash before the pending records are gone
+                    # re-queues the same file instead of a second mail.
+                    self._queue(f"[eidetic] {s.name}: {len(items)} upload{'s' if len(items) != 1 else ''} "
+                                f"since the last digest ({_human_bytes(n_bytes)})",
+                                self._digest_body(s, items), s.notify, mail_id=f"digest-{s.name}-{day}")
+                for i in items:
+                    _unlink(os.path.join(pending_dir, i["_file"]))
+                self._ensure_dir("digest")
+                write_atomic(marker, _dump({"day": day}), mode=0o600)
+
+    @_never_raises
+    def tick(self) -> None:
+        """Periodic checks (call every rescan interval) and a delivery wake-up."""
+        if not self.enabled:
+            self._debug("mail disabled: tick does nothing")
+            return
+        for study in sorted(self.cfg.studies):
+            self.check_disk(study)
+        self.check_stale()
+        self.digests()
+        self._wake.set()
+
+    # ---------------------------------------------------------- delivery
+
+    @_never_raises
+    def deliver(self, now: float | None = None) -> int:
+        """One synchronous pass: send every mail whose time has come; returns
+        how many the server accepted.  Never raises."""
+        if not self.enabled:
+            return 0
+        with self._deliver_lock:
+            return self._deliver(self._clock() if now is None else now)
+
+    def _deliver(self, now: float) -> int:
+        queued = self._list_outbox()
+        due = [q for q in queued if q.next_try <= now]
+        later = [q.next_try for q in queued if q.next_try > now]
+        self._next_due = min(later) if later else None
+        if not due:
+            return 0
+        sent = 0
+        failed: list[_Queued] = []
+        error = ""
+        smtp: smtplib.SMTP | None = None
+        try:
+            smtp = self._connect()
+            for i, q in enumerate(due):
+                outcome = self._send_one(smtp, q)
+                if outcome == "sent":
+                    sent += 1
+                elif outcome.startswith("retry:"):
+                    failed.append(q)
+                    error = outcome[6:]
+                elif outcome.startswith("broken:"):
+                    failed.extend(due[i:])
+                    error = outcome[7:]
+                    break
+        except _DeliveryProblem as e:
+            failed, error = due, str(e)
+        except (OSError, smtplib.SMTPException) as e:
+            failed, error = due, _describe(e)
+        finally:
+            if smtp is not None:
+                try:
+                    smtp.quit()
+                except (OSError, smtplib.SMTPException):
+                    smtp.close()
+        if failed:
+            waits = [self._reschedule(q, now, error) for q in failed]
+            waits = [w for w in waits if w is not None]
+            nxt = f"; next try in {min(waits):.0f} s" if waits else ""
+            self.log(f"mail: could not deliver {len(failed)} mail(s) via {self.n.smtp_host}:"
+                     f"{self.n.smtp_port}: {error}{nxt} (kept in {self.outbox})")
+            if waits:
+                due_at = now + min(waits)
+                self._next_due = due_at if self._next_due is None else min(self._next_due, due_at)
+        return sent
+
+    def _connect(self) -> smtplib.SMTP:
+        creds = self._credentials() if self.n.credentials_file else None
+        smtp = smtplib.SMTP(self.n.smtp_host, self.n.smtp_port, timeout=self.n.timeout_seconds)
+        try:
+            smtp.ehlo()
+            if self.n.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            if creds is not None:
+                smtp.login(*creds)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    def _send_one(self, smtp: smtplib.SMTP, q: _Queued) -> str:
+        """'sent', 'gone' (moved to failed/), 'retry:<why>' or 'broken:<why>' (connection lost)."""
+        eml = os.path.join(self.outbox, q.name + ".eml")
+        try:
+            with open(eml, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            _unlink(eml[:-4] + ".json")
+            return "gone"
+        headers = BytesHeaderParser(policy=SMTP_POLICY).parsebytes(data)
+        sender = email.utils.parseaddr(str(headers.get("From", "")))[1]
+        rcpts = [a for _, a in email.utils.getaddresses([str(v) for v in headers.get_all("To", [])]) if a]
+        try:
+            refused = smtp.sendmail(sender, rcpts, data)
+        except smtplib.SMTPRecipientsRefused as e:
+            return self._permanent_or_retry(q, e, f"every recipient was refused: {_refusals(e.recipients)}")
+        except smtplib.SMTPServerDisconnected as e:
+            return f"broken:{_describe(e)}"
+        except smtplib.SMTPResponseException as e:
+            return self._permanent_or_retry(q, e, _describe(e))
+        except (OSError, smtplib.SMTPException) as e:
+            return f"broken:{_describe(e)}"
+        _unlink(eml)          # accepted: the mail is the server's now
+        _unlink(eml[:-4] + ".json")
+        if refused:
+            self.log(f"mail: {headers.get('Subject', '')!s}: server refused {_refusals(refused)}")
+        return "sent"
+
+    def _permanent_or_retry(self, q: _Queued, e: Exception, why: str) -> str:
+        code = getattr(e, "smtp_code", None)
+        if code is None and isinstance(e, smtplib.SMTPRecipientsRefused):
+            codes = [c for c, _ in e.recipients.values()]
+            code = min(codes) if codes else None
+        if code is not None and code >= 500:   # the server will never take it
+            self._give_up(q, f"refused by the server: {why}")
+            return "gone"
+        return f"retry:{why}"
+
+    def _reschedule(self, q: _Queued, now: float, error: str) -> float | None:
+        """Record a failed attempt; returns seconds to the next try, None when given up."""
+        q.attempts += 1
+        q.first_failure = now if q.first_failure is None else q.first_failure
+        q.last_error = error
+        if now - q.first_failure >= GIVE_UP_SECONDS:
+            self._give_up(q, f"undeliverable for {(now - q.first_failure) / 86400:.0f} days: {error}")
+            return None
+        wait = min(self.n.retry_seconds * 2 ** min(q.attempts - 1, 30),
+                   max(MAX_BACKOFF_SECONDS, self.n.retry_seconds))
+        q.next_try = now + wait
+        write_atomic(os.path.join(self.outbox, q.name + ".json"),
+                     _dump({"attempts": q.attempts, "next_try": q.next_try,
+                            "first_failure": q.first_failure, "last_error": q.last_error}), mode=0o600)
+        return wait
+
+    def _give_up(self, q: _Queued, why: str) -> None:
+        self._ensure_dir("failed")
+        src = os.path.join(self.outbox, q.name + ".eml")
+        dst = os.path.join(self.failed_dir, q.name + ".eml")
+        try:
+            with open(src, "rb") as f:
+                headers = BytesHeaderParser(policy=SMTP_POLICY).parsebytes(f.read())
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return
+        write_atomic(dst[:-4] + ".json", _dump({"attempts": q.attempts, "gave_up": _utc(self._clock()),
+                                                "reason": why}), mode=0o600)
+        _unlink(src[:-4] + ".json")
+        self.log(f"MAIL NOT DELIVERED, GIVING UP: {headers.get('Subject', '')!s} "
+                 f"(to {headers.get('To', '')!s}): {why}; kept in {dst}")
+
+    def _list_outbox(self) -> list[_Queued]:
+        try:
+            names = sorted(os.listdir(self.outbox))
+        except FileNotFoundError:
+            return []
+        mails = {n[:-4] for n in names if n.endswith(".eml") and not is_temp_name(n)}
+        out = []
+        for n in names:
+            if n.endswith(".json") and not is_temp_name(n) and n[:-5] not in mails:
+                _unlink(os.path.join(self.outbox, n))    # its mail was sent; the crash left this
+        for stem in sorted(mails):
+            side = _read_json(os.path.join(self.outbox, stem + ".json"), {})
+            out.append(_Queued(stem, int(side.get("attempts", 0)), float(side.get("next_try", 0.0)),
+                               side.get("first_failure"), str(side.get("last_error", ""))))
+        return out
+
+    def _credentials(self) -> tuple[str, str]:
+        path = self.n.credentials_file
+        assert path is not None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise _DeliveryProblem(f"credentials file {path}: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(64 * 1024)
+        if not self._warned_mode and (st.st_mode & stat.S_IROTH or
+                                      (st.st_mode & stat.S_IRGRP and st.st_gid != os.getegid())):
+            self._warned_mode = True
+            self.log(f"mail: WARNING: credentials file {path} is readable by other users "
+                     f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it (or 640 with the service's group)")
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise _DeliveryProblem(f"credentials file {path} is not UTF-8 text") from None
+        if len(lines) < 2 or not lines[0].strip() or not lines[1]:
+            raise _DeliveryProblem(f"credentials file {path} must hold the user name on line 1 "
+                                   "and the password on line 2")
+        return lines[0].strip(), lines[1]
+
+    # ---------------------------------------------------------- thread
+
+    def start(self) -> None:
+        """Deliver in a background thread: when woken (a mail was queued) and
+        at least every retry_seconds."""
+        if not self.enabled:
+            self._debug("mail disabled: no delivery thread")
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._wake.set()      # deliver what a previous run left in the outbox
+        self._thread = threading.Thread(target=self._run, name="eidetic-mail", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread; unsent mails stay in the outbox for the next start."""
+        t = self._thread
+        if t is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        t.join(timeout)
+        if t.is_alive():
+            self.log(f"mail: delivery thread still busy after {timeout:.0f} s (left to finish on its own)")
+        else:
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._wait_seconds())
+            if self._stopping.is_set():
+                break
+            self._wake.clear()   # before the pass: a mail queued during it wakes us again
+            self.deliver()
+
+    def _wait_seconds(self) -> float:
+        wait = self.n.retry_seconds
+        if self._next_due is not None:
+            wait = min(wait, max(1.0, self._next_due - self._clock()))
+        return wait
+
+    # ---------------------------------------------------------- queueing
+
+    def _queue(self, subject: str, body: str, recipients, mail_id: str | None = None) -> None:
+        to = _dedupe(recipients)
+        if not to:
+            self._debug(f"mail: nobody to tell about: {subject}")
+            return
+        msg = EmailMessage()
+        msg["From"] = self.n.sender
+        msg["To"] = ", ".join(to)
+        msg["Date"] = email.utils.formatdate(self._clock(), localtime=True)
+        # an explicit domain: make_msgid would otherwise look up our FQDN (DNS, may block)
+        msg["Message-ID"] = email.utils.make_msgid("eidetic", domain=self.n.sender.rpartition("@")[2])
+        msg["Subject"] = subject
+        msg["Auto-Submitted"] = "auto-generated"     # RFC 3834: no vacation replies
+        msg.set_content(body)
+        self._ensure_dir("outbox")
+        name = mail_id or f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+        write_atomic(os.path.join(self.outbox, name + ".eml"), msg.as_bytes(policy=SMTP_POLICY), mode=0o600)
+        self._debug(f"mail queued: {subject} (to {', '.join(to)})")
+        self._wake.set()
+
+    def _ensure_dir(self, sub: str = "") -> None:
+        makedirs(os.fsencode(os.path.join(self.root, sub) if sub else self.root), 0o700, 0o700)
+
+    def _remember_for_digest(self, r, s: StudyConfig) -> None:
+        d = os.path.join(self.root, "digest", s.name)
+        with self._lock:
+            makedirs(os.fsencode(d), 0o700, 0o700)
+            rec = {"entry": r.entry, "upload": r.upload, "files": r.files, "bytes": r.bytes,
+                   "new_bytes": r.new_bytes, "new_versions": r.new_versions, "skipped": r.skipped,
+                   "seconds": r.seconds, "finished": _utc(self._clock())}
+            write_atomic(os.path.join(d, (r.upload or secrets.token_hex(8)) + ".json"), _dump(rec), mode=0o600)
+
+    # ---------------------------------------------------------- texts
+
+    def _failure_subject(self, r) -> str:
+        if r.study:
+            return f"[eidetic] {r.study}: upload {_short(r.entry)} FAILED"
+        return f"[eidetic] upload {_short(r.entry)} FAILED (no such study)"
+
+    def _failure_body(self, r, study: StudyConfig | None) -> str:
+        where = _clean(r.where) if r.where else None
+        lines = [f"The upload {r.entry!s} was NOT ingested.", "",
+                 f"What:   entry {r.entry}" + (f", study {r.study}" if r.study else ", no configured study")
+                 + (f", upload id {r.upload}" if r.upload else ""),
+                 f"Why:    {_clean(r.reason or 'no reason recorded')}"]
+        failed_name = where and os.path.basename(where).startswith(
+            os.fsdecode(layout.INBOX_RESERVED_PREFIX) + "failed~")
+        if where:
+            lines += ["Where:  the data lies untouched at", f"          {where}"]
+        else:
+            lines += ["Where:  the entry is no longer in the inbox."]
+        if r.upload:
+            lines.append(f"        The record is {os.path.join(self.cfg.state, 'failed', r.upload + '.json')}")
+        lines += ["", "Nothing of this upload is in the study's tree.", "", "What to do next:"]
+        if where and failed_name:
+            inbox, base = os.path.split(where)
+            if r.study:
+                target = r.entry
+                lines += ["  1. Fix the cause named under \"Why\" (for example make the files readable",
+                          "     by the service user, free disk space, or let the client finish).",
+                          "  2. Have it ingested again by renaming the entry back to its original name",
+                          "     (as the service user or root):",
+                          f"       cd {shlex.quote(inbox)} && mv {shlex.quote(base)} {shlex.quote(target)}",
+                          "     or send the data again under a new name."]
+            else:
+                known = ", ".join(sorted(self.cfg.studies))
+                lines += ["  Rename the entry to a name that starts with a configured study and '-'",
+                          f"  (configured: {known}), for example (as the service user or root):",
+                          f"       cd {shlex.quote(inbox)} && mv {shlex.quote(base)} "
+                          f"{shlex.quote(sorted(self.cfg.studies)[0] + '-' + r.entry) if self.cfg.studies else '<study>-…'}",
+                          "  or send the data again under a correct name."]
+        elif where:
+            lines += ["  The entry was not marked failed; eidetic tries it again at its next run.",
+                      "  If this mail repeats, look at the daemon's log (journalctl -u eidetic)."]
+        else:
+            lines += ["  Ask the uploader whether the data was moved away, and send it again."]
+        return "\n".join(lines) + "\n"
+
+    def _success_body(self, r, s: StudyConfig) -> str:
+        return "\n".join([
+            f"The upload {r.entry} was ingested into study {s.name}.", "",
+            f"Upload id:     {r.upload}",
+            f"Files:         {r.files}" + (f" ({r.skipped} skipped: links or special files)" if r.skipped else ""),
+            f"Size:          {_human_bytes(r.bytes)} ({_human_bytes(r.new_bytes)} of it new content)",
+            f"New versions:  {r.new_versions}",
+            f"Took:          {r.seconds:.1f} s",
+            f"Tree:          {s.tree}", "",
+            "Nothing needs doing; this is a confirmation. Change studies."
+            f"{s.name}.notify_uploads to 'digest' or 'none' for fewer mails.", ""])
+
+    def _digest_body(self, s: StudyConfig, items: list[dict]) -> str:
+        total = sum(int(i.get("bytes", 0)) for i in items)
+        lines = [f"Uploads ingested into study {s.name} since the last digest: {len(items)}, "
+                 f"{_human_bytes(total)} in all.", ""]
+        for i in items:
+            when = _local(i.get("finished", ""))
+            lines.append(f"- {when}  {i.get('entry')}  (upload {i.get('upload')}): {i.get('files')} files, "
+                         f"{_human_bytes(int(i.get('bytes', 0)))}, {i.get('new_versions')} new versions, "
+                         f"{float(i.get('seconds', 0)):.1f} s")
+        lines += ["", f"Tree: {s.tree}", "Failures are mailed at once and are not part of this digest.", ""]
+        return "\n".join(lines)
+
+    def _disk_body(self, s: StudyConfig, percent: int, level: int, usage) -> str:
+        higher = [t for t in self.n.disk_warn_percent if t > level]
+        return "\n".join([
+            f"The file system holding study {s.name}'s store is {percent}% full "
+            f"(warning threshold {level}%).", "",
+            f"Free:   {_human_bytes(usage.free)} of {_human_bytes(usage.total)}",
+            f"Store:  {s.store}",
+            f"Tree:   {s.tree} (same file system)", "",
+            "When it is full, new uploads fail with \"no space\" and stay untouched in the",
+            "inbox; nothing already stored is at risk. eidetic never deletes old versions,",
+            "so space only comes back if the file system grows or other data moves away.", "",
+            "What to do next: enlarge the file system or move other data off it, then",
+            "rename any failed entries back (see the failure mails).", "",
+            "This mail is sent once per threshold crossing"
+            + (f"; the next warning comes at {higher[0]}%." if higher else "."), ""])
+
+    def _stale_body(self, p, study: StudyConfig | None, now: float) -> str:
+        try:
+            who = pwd.getpwuid(p.uid).pw_name
+        except KeyError:
+            who = f"uid {p.uid}"
+        path = layout.display(p.path)
+        since = datetime.fromtimestamp(now - p.idle_seconds).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        final = layout.display(p.name[1:])
+        inbox = _clean(p.inbox)
+        return "\n".join([
+            f"An upload was started but never finished: {layout.display(p.name)}"
+            + (f" (study {study.name})" if study else " (its name maps to no configured study)"), "",
+            f"Where:     {path}",
+            f"Uploader:  {who}",
+            f"Idle:      nothing in it changed since {since} ({p.idle_seconds / 3600:.0f} h)", "",
+            "A client writes an upload under a name starting with '.' and renames it",
+            "when it is complete. This one has not changed for a long time, so the",
+            "client probably stopped (crash, lost network, a laptop closed). eidetic",
+            "never ingests or removes such an entry.", "",
+            "What to do next:",
+            f"  - ask {who} to send the data again; once a complete copy has arrived,",
+            f"    remove the partial one (as root):  rm -r {shlex.quote(path)}",
+            "  - or, if you know it is complete, rename it without the dot:",
+            f"       cd {shlex.quote(inbox)} && mv {shlex.quote(layout.display(p.name))} {shlex.quote(final)}", "",
+            "This is reported once.", ""])
+
+
+# -------------------------------------------------------------- helpers
+
+def _dedupe(addresses) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for a in addresses:
+        if a and a.lower() not in seen:
+            seen.add(a.lower())
+            out.append(a)
+    return out
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= MAX_SUBJECT_NAME else name[:MAX_SUBJECT_NAME - 1] + "…"
+
+
+def _clean(text: str) -> str:
+    """A str that may carry surrogate escapes (os.fsdecode of any bytes) as
+    readable, mail-safe text."""
+    return layout.display(os.fsencode(text))
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, smtplib.SMTPResponseException):
+        msg = e.smtp_error.decode("utf-8", "replace") if isinstance(e.smtp_error, bytes) else str(e.smtp_error)
+        return f"{e.smtp_code} {msg}".replace("\n", " ")
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e) or type(e).__name__).replace("\n", " ")
+
+
+def _refusals(recipients: dict) -> str:
+    return ", ".join(f"{a} ({c})" for a, (c, _) in recipients.items())
+
+
+def _utc(t: float) -> str:
+    return layout.utc_iso(datetime.fromtimestamp(t, timezone.utc))
+
+
+def _local(iso: str) -> str:
+    try:
+        return layout.parse_utc_iso(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def _dump(obj: dict) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def _read_json(path: str, default: dict) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else default
+    except (OSError, ValueError):
+        return default
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _same_inode(key: dict) -> bool:
+    try:
+        st = os.lstat(os.fsencode(key["inbox"]) + b"/" + bytes.fromhex(key["name_hex"]))
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+    return st.st_ino == key.get("ino")
+
+
+def _pending(d: str) -> list[dict]:
+    """Digest records of one study, oldest first; each carries its file name as "_file"."""
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        if n.endswith(".json") and not is_temp_name(n):
+            rec = _read_json(os.path.join(d, n), {})
+            if rec:
+                rec["_file"] = n
+                out.append(rec)
+    out.sort(key=lambda r: (str(r.get("finished", "")), r["_file"]))
+    return out
