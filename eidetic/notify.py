@@ -52,6 +52,7 @@ Log = Callable[[str], None]
 GIVE_UP_SECONDS = 7 * 24 * 3600          # an undeliverable mail is kept trying this long
 MAX_BACKOFF_SECONDS = 4 * 3600           # retry interval doubles up to this
 MAX_SUBJECT_NAME = 80                    # entry names are cut to this in subject lines
+STALE_CHECK_SECONDS = 300                # tick() walks unfinished uploads at most this often
 
 
 def _quiet(_: str) -> None:
@@ -109,6 +110,7 @@ class Notifier:
         self._thread: threading.Thread | None = None
         self._next_due: float | None = None
         self._warned_mode = False
+        self._last_stale_check: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -244,7 +246,11 @@ class Notifier:
             return
         for study in sorted(self.cfg.studies):
             self.check_disk(study)
-        self.check_stale()
+        now = self._clock()
+        # partial_entries walks every file of every unfinished upload: not every few seconds
+        if self._last_stale_check is None or now - self._last_stale_check >= STALE_CHECK_SECONDS:
+            self._last_stale_check = now
+            self.check_stale(now)
         self.digests()
         self._wake.set()
 
