@@ -365,3 +365,25 @@ def _check_same_filesystem(s: StudyConfig, source: str) -> None:
         raise ConfigError(f"keys 'studies.{s.name}.tree' ({s.tree}) and 'studies.{s.name}.store' "
                           f"({s.store}) are on different file systems; tree files are hardlinks to "
                           "store objects, so they must share one", source)
+
+
+def load_client_settings(path: str) -> dict:
+    """The lab PC's ``eidetic-client.yaml`` (only key: ``location``); {} when absent."""
+    try:
+        with open(path, "rb") as f:
+            doc = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", path) from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError("the top level must be a mapping of keys", path)
+    _no_unknown(doc, {"location"}, "", path)
+    loc = doc.get("location")
+    if loc is not None and not isinstance(loc, str):
+        raise ConfigError("'location' must be a text, e.g. location: labA", path)
+    return {"location": loc} if loc else {}

@@ -13,7 +13,8 @@ LIB = ROOT / "eidetic"
 CLI_PACKAGES = {"click", "eidetic_cli", "cli"}
 
 # Each third-party library belongs to exactly one module.
-OWNERS = {"blake3": "objects.py", "lmdb": "index.py", "yaml": "config.py", "watchdog": "watch.py"}
+OWNERS = {"blake3": "objects.py", "lmdb": "index.py", "yaml": "config.py", "watchdog": "watch.py",
+          "paramiko": "transport.py"}
 
 # os functions that are pure string/number work (everything else on os does I/O).
 PURE_OS = {"fsencode", "fsdecode", "sep", "altsep", "extsep", "curdir", "pardir", "fspath"}

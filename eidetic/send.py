@@ -1,0 +1,553 @@
+"""``eidetic send``: upload a folder from a lab PC into an inbox.
+
+The upload is written into a dot-entry ``.<study>-<location>-<UTC>-<random>``
+(the daemon ignores dot names) and renamed to its name without the dot only
+after every file and the upload description are written and flushed, so the
+daemon never sees half an upload.  Files go in walk order (path components
+compared bytewise: the order ingest walks an entry in and the order the
+description lists them).  Each file is hashed (BLAKE3) from the very bytes
+that are sent; the description is composed last, from the local send state,
+so a resumed upload still gets a complete one.
+
+The local send state (client.SendState, sqlite) records the upload in
+progress and every file finished in it: a send interrupted in any way
+(network drop, Ctrl-C, kill) leaves only the dot-entry, and the same command
+run again resumes it, or starts afresh if the dot-entry is gone.
+
+This module knows nothing of terminals: progress and notices go to
+callbacks (the CLI draws a tqdm bar; a GUI can draw its own), and it never
+reads any server-side config.
+"""
+
+from __future__ import annotations
+
+import getpass
+import io
+import os
+import platform
+import secrets
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+from . import __version__, layout
+from .client import ClientLock, Pending, SendState, client_dir, open_state, sanitize_location
+from .config import load_client_settings
+from .description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
+from .errors import SendError, UsageError
+from .objects import new_hasher
+from .transport import (Destination, HostKeyInfo, SFTPOptions, Transport, open_transport,
+                        parse_destination)
+
+CHUNK = 1 << 20             # read/write buffer; also the progress granularity
+READ_ATTEMPTS = 3           # a file that changes while read is read again this often
+MAX_NAMED_PROBLEMS = 20     # the error message names this many files, then counts
+
+
+@dataclass
+class SendOptions:
+    source: str
+    study: str
+    to: str
+    location: str | None = None         # default: client settings, else the host name
+    changed_only: bool = False
+    dry_run: bool = False
+    identity: str | None = None
+    accept_host_key: str | None = None  # "SHA256:..."
+    client_home: str | None = None      # default: client.client_dir()
+
+
+@dataclass
+class SendProgress:
+    phase: str              # "scanning" | "checking" | "sending" | "finishing"
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+    path: str = ""          # the file being worked on (for display)
+
+
+@dataclass
+class SendHooks:
+    progress: Callable[[SendProgress], None] | None = None
+    notice: Callable[[str], None] | None = None             # resume/afresh, location changed
+    listed: Callable[[str, str], None] | None = None        # (what, path): "send"/"symlink"/"special"
+    confirm_host_key: Callable[[HostKeyInfo], bool] | None = None   # None: not interactive
+    password: Callable[[str], str | None] | None = None
+
+
+@dataclass
+class SendResult:
+    dest: str               # as shown to the user
+    study: str
+    location: str
+    entry: str | None       # the entry's final name (None: nothing was sent)
+    files: int = 0          # files in this upload
+    bytes: int = 0
+    resumed_files: int = 0  # of those, already sent by an interrupted earlier run
+    unchanged: int = 0      # --changed-only: left out, sent before unchanged
+    symlinks: int = 0
+    special: int = 0        # FIFOs, sockets, devices: not regular files
+    dry_run: bool = False
+    completed_earlier: str | None = None   # an earlier run's upload found already renamed
+
+
+@dataclass
+class _Problems:
+    count: int = 0
+    named: list[str] = field(default_factory=list)
+
+    def add(self, what: str) -> None:
+        self.count += 1
+        if len(self.named) < MAX_NAMED_PROBLEMS:
+            self.named.append(what)
+
+    def message(self, intro: str) -> str:
+        more = f" and {self.count - len(self.named)} more" if self.count > len(self.named) else ""
+        return f"{intro}: " + "; ".join(self.named) + more
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def entry_name(study: str, location: str, when: datetime) -> str:
+    """``<study>-<location>-<UTC time>-<random>``; the dot-entry adds a leading '.'."""
+    return f"{study}-{location}-{when.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+def default_location(home: str) -> tuple[str, str]:
+    """(location as given, where it came from) per the client settings, else the host name."""
+    path = os.path.join(home, "eidetic-client.yaml")
+    loc = load_client_settings(path).get("location")
+    if loc:
+        return loc, path
+    return socket.gethostname().split(".")[0] or "unknown", "the host name"
+
+
+# --------------------------------------------------------------------- walk
+
+@dataclass
+class _Item:
+    kind: str               # "file" | "symlink" | "special" | "error"
+    rel: bytes
+    local: str
+    size: int = 0
+    mtime_ns: int = 0
+    error: str = ""
+
+
+def _listing(path: str) -> list[os.DirEntry]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: os.fsencode(e.name))
+
+
+def _classify(e: os.DirEntry, rel: bytes) -> tuple[_Item | None, bool]:
+    """(item, is a directory to descend into)."""
+    if e.is_symlink() or (hasattr(e, "is_junction") and e.is_junction()):
+        return _Item("symlink", rel, e.path), False
+    if e.is_dir(follow_symlinks=False):
+        return None, True
+    if e.is_file(follow_symlinks=False):
+        st = e.stat(follow_symlinks=False)
+        return _Item("file", rel, e.path, st.st_size, st.st_mtime_ns), False
+    return _Item("special", rel, e.path), False
+
+
+def walk(source: str) -> Iterator[_Item]:
+    """Everything under *source* in walk order, with an explicit stack of
+    sorted listings (flat memory for any number of files; symlinks are
+    reported, never followed)."""
+    try:
+        first = _listing(source)
+    except OSError as e:
+        raise SendError(f"cannot read the folder {source}: {e.strerror}") from None
+    stack: list[tuple[bytes, Iterator[os.DirEntry]]] = [(b"", iter(first))]
+    while stack:
+        base, it = stack[-1]
+        e = next(it, None)
+        if e is None:
+            stack.pop()
+            continue
+        rel = base + b"/" + os.fsencode(e.name) if base else os.fsencode(e.name)
+        try:
+            item, is_dir = _classify(e, rel)
+            if is_dir:
+                stack.append((rel, iter(_listing(e.path))))
+                continue
+        except OSError as err:
+            item = _Item("error", rel, e.path, error=err.strerror or str(err))
+        assert item is not None
+        yield item
+
+
+def _check_name(rel: bytes) -> str | None:
+    for c in rel.split(b"/"):
+        if len(c) > layout.NAME_MAX:
+            return "its name is longer than 255 bytes in UTF-8, more than the server can store"
+    return None
+
+
+# --------------------------------------------------------------------- send
+
+class _Sender:
+    def __init__(self, opts: SendOptions, hooks: SendHooks) -> None:
+        self.opts = opts
+        self.hooks = hooks
+        self.home = opts.client_home or client_dir()
+        self.p = SendProgress("scanning", 0, 0, 0, 0)
+
+    def notice(self, msg: str) -> None:
+        if self.hooks.notice:
+            self.hooks.notice(msg)
+
+    def progress(self, phase: str | None = None, path: str | None = None) -> None:
+        if phase is not None:
+            self.p.phase = phase
+        if path is not None:
+            self.p.path = path
+        if self.hooks.progress:
+            self.hooks.progress(SendProgress(**vars(self.p)))
+
+    def listed(self, what: str, rel: bytes) -> None:
+        if self.hooks.listed:
+            self.hooks.listed(what, layout.display(rel))
+
+    # -- the steps
+
+    def prepare(self) -> None:
+        o = self.opts
+        if not layout.STUDY_NAME_RE.match(o.study):
+            raise UsageError(f"--study {o.study!r}: a study name is letters, digits and '_' "
+                             "(as the study runner gave it to you)")
+        self.source = os.path.abspath(o.source)
+        try:
+            st = os.stat(self.source)
+        except FileNotFoundError:
+            raise UsageError(f"{o.source}: no such file or folder") from None
+        except OSError as e:
+            raise SendError(f"{o.source}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            self.single = False
+            if os.path.lexists(os.path.join(self.source, os.fsdecode(DESCRIPTION_NAME))):
+                raise UsageError(f"{self.source} contains a file named {DESCRIPTION_NAME.decode()}: that "
+                                 "name is reserved for eidetic's upload description; rename or move it")
+        elif stat.S_ISREG(st.st_mode):
+            self.single = True
+            if os.fsencode(os.path.basename(self.source)) == DESCRIPTION_NAME:
+                raise UsageError(f"{DESCRIPTION_NAME.decode()} is reserved for eidetic's upload description")
+        else:
+            raise UsageError(f"{o.source} is neither a folder nor a regular file")
+        self.dest: Destination = parse_destination(o.to)
+        given, origin = (o.location, "--location") if o.location else default_location(self.home)
+        self.location = sanitize_location(given)
+        if self.location != given:
+            self.notice(f"location {given!r} (from {origin}) may only hold letters, digits, '_' and '.' "
+                        f"('-' separates the parts of an upload's name): using {self.location!r}")
+
+    def plan(self, state: SendState) -> tuple[int, int, int, _Problems]:
+        """Walk the source into the plan table; returns (unchanged, symlinks, special, problems)."""
+        unchanged = symlinks = special = 0
+        problems = _Problems()
+        state.plan_reset()
+        items: Iterator[_Item]
+        if self.single:
+            st = os.stat(self.source)
+            items = iter([_Item("file", os.fsencode(os.path.basename(self.source)), self.source,
+                                st.st_size, st.st_mtime_ns)])
+        else:
+            items = walk(self.source)
+        state.begin_batch()
+        try:
+            for it in items:
+                if it.kind == "symlink":
+                    symlinks += 1
+                    self.listed("symlink", it.rel)
+                    continue
+                if it.kind == "special":
+                    special += 1
+                    self.listed("special", it.rel)
+                    continue
+                if it.kind == "error":
+                    problems.add(f"{layout.display(it.rel)} ({it.error})")
+                    continue
+                bad = _check_name(it.rel)
+                if bad:
+                    problems.add(f"{layout.display(it.rel)} ({bad})")
+                    continue
+                if self.opts.changed_only and self._unchanged(state, it):
+                    unchanged += 1
+                    continue
+                state.plan_add(it.rel, it.local, it.size, it.mtime_ns)
+                self.p.files_total += 1
+                self.p.bytes_total += it.size
+                if self.p.files_total % 1000 == 0:
+                    self.progress("scanning", layout.display(it.rel))
+        finally:
+            state.end_batch()
+        return unchanged, symlinks, special, problems
+
+    def _unchanged(self, state: SendState, it: _Item) -> bool:
+        """Same path, size, mtime and BLAKE3 as last sent to this destination
+        and study.  Only files whose size and mtime match are hashed."""
+        last = state.ledger(self.dest.key, self.opts.study, it.rel)
+        if last is None or last.size != it.size or last.mtime_ns != it.mtime_ns:
+            return False
+        self.progress("checking", layout.display(it.rel))
+        try:
+            oid, size, mtime = _hash_file(it.local)
+        except OSError:
+            return False        # unreadable now: the send itself will name it
+        return (oid, size, mtime) == (last.blake3, last.size, last.mtime_ns)
+
+    def run(self) -> SendResult:
+        self.prepare()
+        o = self.opts
+        res = SendResult(self.dest.display, o.study, self.location, None, dry_run=o.dry_run)
+        state = open_state(self.home)
+        try:
+            if o.dry_run:
+                return self._dry_run(state, res)
+            what = f"{self.source} to {self.dest.display} (study {o.study})"
+            with ClientLock(os.path.join(self.home, "locks"), f"{self.dest.key}\0{o.study}\0{self.source}",
+                            what):
+                transport = open_transport(self.dest, SFTPOptions(
+                    identity=o.identity, known_hosts=os.path.join(self.home, "known_hosts"),
+                    accept_host_key=o.accept_host_key, confirm_host_key=self.hooks.confirm_host_key,
+                    password=self.hooks.password))
+                try:
+                    transport.check_inbox()
+                    return self._send(state, transport, res)
+                finally:
+                    transport.close()
+        finally:
+            state.close()
+
+    def _dry_run(self, state: SendState, res: SendResult) -> SendResult:
+        if self.dest.kind == "local":
+            from .transport import LocalTransport
+            LocalTransport(self.dest).check_inbox()
+        pending = state.pending(self.dest.key, self.opts.study, self.source)
+        res.unchanged, res.symlinks, res.special, problems = self.plan(state)
+        for rel, _local, _size, _mtime in state.plan():
+            self.listed("send", rel)
+        res.files, res.bytes = state.plan_totals()
+        if pending is not None:
+            self.notice(f"an interrupted upload .{pending.entry} would be resumed")
+        if problems.count:
+            raise SendError(problems.message("these cannot be read, so the send would fail"))
+        return res
+
+    def _resolve_pending(self, state: SendState, t: Transport) -> Pending | None:
+        pending = state.pending(self.dest.key, self.opts.study, self.source)
+        if pending is None:
+            return None
+        dot = b"." + pending.entry.encode()
+        if t.exists(dot):
+            return pending
+        if pending.phase == "renaming":
+            # Killed between the rename and recording it: the upload arrived.
+            state.complete(pending)
+            self.notice(f"the earlier upload {pending.entry} was completed before it was interrupted")
+            return None
+        self.notice(f"the earlier interrupted upload .{pending.entry} is gone from {self.dest.display}; "
+                    "starting afresh")
+        state.forget(pending)
+        return None
+
+    def _send(self, state: SendState, t: Transport, res: SendResult) -> SendResult:
+        o = self.opts
+        pending = self._resolve_pending(state, t)
+        res.unchanged, res.symlinks, res.special, problems = self.plan(state)
+        total, nbytes = state.plan_totals()
+        if total == 0 and not problems.count:
+            return res
+        if pending is None:
+            started = _utc_now()
+            pending = state.begin(self.dest.key, o.study, self.source,
+                                  entry_name(o.study, self.location, started), self.location,
+                                  layout.utc_iso(started))
+            dot = b"." + pending.entry.encode()
+            t.mkdir(dot)
+        else:
+            dot = b"." + pending.entry.encode()
+            for rel in state.files_not_planned(pending):
+                t.remove(dot + b"/" + rel)      # sent earlier, no longer part of this upload
+                state.file_forget(pending, rel)
+            self.notice(f"resuming interrupted upload .{pending.entry} "
+                        f"({state.count_done(pending)} of {total} files already sent)")
+        res.location = pending.location
+        made: list[bytes] = []          # the directories of the current path, created
+        self.progress("sending")
+        for rel, local, _size, _mtime in state.plan():
+            self._make_parents(t, dot, rel, made)
+            disp = layout.display(rel)
+            try:
+                if self._already_sent(state, t, pending, dot, rel, local):
+                    res.resumed_files += 1
+                else:
+                    self._send_file(state, t, pending, dot, rel, local, disp, problems)
+            except FileNotFoundError:
+                problems.add(f"{disp} (it disappeared while sending)")
+            except OSError as e:
+                # Only the source raises OSError here: the transports raise TransportError.
+                problems.add(f"{disp} ({e.strerror or e})")
+            self.p.files_done += 1
+            self.progress(path=disp)
+        if problems.count:
+            raise SendError(problems.message(
+                f"not sent (the unfinished upload stays hidden as .{pending.entry}; fix these and run the "
+                "same command again to finish it)"))
+        self.progress("finishing", "")
+        res.files, res.bytes = self._write_description(state, t, pending, dot)
+        t.sync_tree(dot)
+        state.set_phase(pending, "renaming")
+        t.rename(dot, pending.entry.encode())
+        state.complete(pending)
+        res.entry = pending.entry
+        return res
+
+    def _make_parents(self, t: Transport, dot: bytes, rel: bytes, made: list[bytes]) -> None:
+        # Walk order keeps a directory's files together, so remembering only the
+        # current chain of directories is enough (flat memory).
+        parts = rel.split(b"/")[:-1]
+        keep = 0
+        while keep < len(made) and keep < len(parts) and made[keep] == parts[keep]:
+            keep += 1
+        del made[keep:]
+        for i in range(keep, len(parts)):
+            made.append(parts[i])
+            t.mkdir(dot + b"/" + b"/".join(made))
+
+    def _already_sent(self, state: SendState, t: Transport, p: Pending, dot: bytes, rel: bytes,
+                      local: str) -> bool:
+        done = state.done_file(p, rel)
+        if done is None or done.blake3 is None:
+            return False
+        st = os.stat(local, follow_symlinks=False)
+        if (st.st_size, st.st_mtime_ns) != (done.size, done.mtime_ns) or not stat.S_ISREG(st.st_mode):
+            return False
+        if t.size(dot + b"/" + rel) != done.size:
+            return False
+        self.p.bytes_done += done.size
+        return True
+
+    def _send_file(self, state: SendState, t: Transport, p: Pending, dot: bytes, rel: bytes,
+                   local: str, disp: str, problems: _Problems) -> None:
+        self.listed("send", rel)
+        remote = dot + b"/" + rel
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(0.2 * attempt)
+            f, st = _open_source(local)
+            with f:
+                state.file_started(p, rel, st.st_size, st.st_mtime_ns)
+                w = t.open_write(remote)
+                try:
+                    h = new_hasher()
+                    counted = 0
+                    buf = bytearray(CHUNK)
+                    mv = memoryview(buf)
+                    while True:
+                        n = f.readinto(buf)
+                        if not n:
+                            break
+                        h.update(mv[:n])
+                        w.write(mv[:n])
+                        counted += n
+                        self.p.bytes_done += n
+                        if self.hooks.progress:
+                            self.progress(path=disp)
+                    after = os.fstat(f.fileno())
+                except BaseException:
+                    w.abort()
+                    raise
+                if after.st_size == st.st_size == counted and after.st_mtime_ns == st.st_mtime_ns:
+                    w.finish()
+                    state.file_done(p, rel, st.st_size, st.st_mtime_ns, h.hexdigest())
+                    return
+                w.abort()
+                self.p.bytes_total += st.st_size     # a re-read is more work: progress never goes back
+        problems.add(f"{disp} (it kept changing while it was read; close the program writing it)")
+
+    def _write_description(self, state: SendState, t: Transport, p: Pending, dot: bytes) -> tuple[int, int]:
+        header = DescriptionHeader(
+            client=f"eidetic {__version__}", study=p.study, location=p.location, user=_local_user(),
+            host=socket.gethostname(), platform=platform.platform(), started=p.started, source=self.source)
+        w = t.open_write(dot + b"/" + DESCRIPTION_NAME)
+        try:
+            out = io.BufferedWriter(_RawWriter(w), buffer_size=CHUNK)
+            dw = DescriptionWriter(out, header)
+            for f in state.described(p):
+                assert f.blake3 is not None
+                dw.add(DescribedFile(f.relpath, f.size, f.mtime_ns, f.blake3))
+            dw.finish(layout.utc_iso(_utc_now()))
+            out.flush()
+        except BaseException:
+            w.abort()
+            raise
+        w.finish()
+        return dw.files, dw.bytes
+
+
+class _RawWriter(io.RawIOBase):
+    """A transport writer as a raw stream, so DescriptionWriter's many small
+    lines go out in large writes."""
+
+    def __init__(self, w) -> None:
+        self.w = w
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.w.write(bytes(b))
+        return len(b)
+
+
+def _open_source(path: str) -> tuple[io.FileIO, os.stat_result]:
+    """Open a file to send without following a symlink swapped in since the
+    walk and without blocking on a FIFO; only regular files."""
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, flags)
+    f = io.FileIO(fd, "rb", closefd=True)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "no longer a regular file", path)
+        return f, st
+    except BaseException:
+        f.close()
+        raise
+
+
+def _hash_file(path: str) -> tuple[str, int, int]:
+    f, st = _open_source(path)
+    with f:
+        h = new_hasher()
+        buf = bytearray(CHUNK)
+        mv = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+    return h.hexdigest(), st.st_size, st.st_mtime_ns
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:       # no user name known to the OS (a container, an odd Windows setup)
+        return "unknown"
+
+
+def send(opts: SendOptions, hooks: SendHooks | None = None) -> SendResult:
+    """Send ``opts.source`` to ``opts.to`` as one upload (see the module doc).
+    Raises UsageError, SendError, TransportError, HostKeyError or LockBusy;
+    KeyboardInterrupt leaves the dot-entry and the state to resume from."""
+    return _Sender(opts, hooks or SendHooks()).run()

@@ -1,0 +1,686 @@
+"""Where ``eidetic send`` writes: a local or mounted inbox folder, or SFTP.
+
+Both transports take paths relative to the inbox as bytes with "/" between
+components (the entry's own names, whatever the client's OS) and offer the
+few operations an upload needs.  This is the only module importing paramiko.
+
+SFTP (paramiko): the host key is checked against ``~/.ssh/known_hosts`` and
+the client's own ``known_hosts``; an unknown key is shown (type and SHA256
+fingerprint, like OpenSSH) to a ``confirm_host_key`` callback and saved to the
+client's file when accepted; a changed key is always refused.  Authentication
+tries ``--identity``, then the SSH agent, then ``~/.ssh/id_*``, then a
+password from the ``password`` callback (never stored).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import socket
+import stat
+import urllib.parse
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import paramiko
+from paramiko.sftp import CMD_EXTENDED
+
+from .errors import HostKeyError, TransportError, UsageError
+
+CONNECT_TIMEOUT = 30.0
+IO_TIMEOUT = 120.0          # a silent network for this long fails the send (re-run resumes)
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+_KEY_TYPE_NAMES = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
+
+
+class Writer(Protocol):
+    def write(self, data: bytes | memoryview) -> None: ...
+    def finish(self) -> None: ...       # flush, make durable, close; raises on any failure
+    def abort(self) -> None: ...        # close, ignoring errors
+
+
+class Transport(Protocol):
+    display: str                        # the destination as shown to the user
+
+    def check_inbox(self) -> None: ...
+    def exists(self, rel: bytes) -> bool: ...
+    def size(self, rel: bytes) -> int | None: ...       # None: not a regular file
+    def mkdir(self, rel: bytes) -> None: ...            # an existing directory is fine
+    def open_write(self, rel: bytes) -> Writer: ...     # create or truncate
+    def remove(self, rel: bytes) -> None: ...           # a missing file is fine
+    def sync_tree(self, rel: bytes) -> None: ...        # make the entry's directories durable
+    def rename(self, old: bytes, new: bytes) -> None: ...   # never onto an existing name
+    def close(self) -> None: ...
+
+
+@dataclass
+class Destination:
+    kind: str                   # "local" | "sftp"
+    path: str                   # the inbox (local path, or the path on the server)
+    user: str = ""
+    host: str = ""
+    port: int = 22
+
+    @property
+    def key(self) -> str:
+        """Identifies the destination in the client's state and ledger."""
+        if self.kind == "local":
+            return os.path.normcase(os.path.abspath(self.path))
+        return f"sftp://{self.user}@{self.host}:{self.port}{self.path}"
+
+    @property
+    def display(self) -> str:
+        if self.kind == "local":
+            return self.path
+        port = f":{self.port}" if self.port != 22 else ""
+        return f"sftp://{self.user}@{self.host}{port}{self.path}"
+
+
+def parse_destination(text: str) -> Destination:
+    """``sftp://user@host[:port]/path`` (the path is absolute on the server;
+    ``/~/path`` is relative to the login's home) or a local folder."""
+    if not text.lower().startswith("sftp://"):
+        if "://" in text:
+            raise UsageError(f"--to {text}: only sftp:// addresses or folders are supported")
+        return Destination("local", os.path.abspath(text))
+    u = urllib.parse.urlsplit(text)
+    if u.query or u.fragment:
+        raise UsageError(f"--to {text}: an sftp:// address takes no '?' or '#' part")
+    netloc = u.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at:
+        hostport, userinfo = netloc, ""
+    if ":" in userinfo:
+        raise UsageError(f"--to {text}: do not put a password in the address; you will be asked for it")
+    user = urllib.parse.unquote(userinfo) or _local_user()
+    try:
+        host, port = u.hostname or "", u.port or 22
+    except ValueError:
+        raise UsageError(f"--to {text}: bad port") from None
+    path = urllib.parse.unquote(u.path)
+    if not host:
+        raise UsageError(f"--to {text}: no host name (sftp://user@host/path/to/inbox)")
+    if not path or path == "/":
+        raise UsageError(f"--to {text}: no inbox path (sftp://user@host/path/to/inbox)")
+    if path.startswith("/~/"):
+        path = path[3:]
+    return Destination("sftp", path.rstrip("/") or "/", user, host, port)
+
+
+def _local_user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except Exception:       # no user name known to the OS: let the server refuse
+        return "user"
+
+
+# -------------------------------------------------------------------- local
+
+class _LocalWriter:
+    def __init__(self, path: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        self.path = path
+        self.fd = os.open(path, flags, 0o644)
+
+    def write(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data)
+        while mv:
+            n = os.write(self.fd, mv)
+            mv = mv[n:]
+
+    def finish(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _local_error(e: OSError, what: str, where: str) -> TransportError:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return TransportError(f"permission denied on the inbox while {what} ({where})")
+    if e.errno == errno.ENOSPC:
+        return TransportError(f"the inbox is full: no space left while {what} ({where})")
+    if e.errno == getattr(errno, "EDQUOT", -1):
+        return TransportError(f"your disk quota on the inbox is used up while {what} ({where})")
+    return TransportError(f"the inbox failed while {what} ({where}): {e.strerror or e}")
+
+
+def _guard_local(what: str):
+    """Turn OSError of a destination operation into TransportError, so the
+    caller can tell the inbox's failures from the source's."""
+    def wrap(fn):
+        def inner(self, *args):
+            try:
+                return fn(self, *args)
+            except OSError as e:
+                rel = next((a for a in args if isinstance(a, bytes)), b"")
+                raise _local_error(e, what, self._p(rel) if rel else self.root) from None
+        return inner
+    return wrap
+
+
+class _GuardedLocalWriter:
+    def __init__(self, w: _LocalWriter) -> None:
+        self.w = w
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.w.write(data)
+        except OSError as e:
+            raise _local_error(e, "writing", self.w.path) from None
+
+    def finish(self) -> None:
+        try:
+            self.w.finish()
+        except OSError as e:
+            raise _local_error(e, "finishing a file", self.w.path) from None
+
+    def abort(self) -> None:
+        self.w.abort()
+
+
+class LocalTransport:
+    """An inbox folder on this machine or a mounted share (SMB/NFS)."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.root = dest.path
+        self.display = dest.display
+
+    def _p(self, rel: bytes) -> str:
+        parts = [os.fsdecode(c) if os.name == "posix" else c.decode("utf-8") for c in rel.split(b"/")]
+        return os.path.join(self.root, *parts)
+
+    def check_inbox(self) -> None:
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            raise TransportError(f"the inbox folder {self.root} does not exist (is the share mounted?)") from None
+        except OSError as e:
+            raise TransportError(f"cannot reach the inbox folder {self.root}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise TransportError(f"{self.root} is not a folder")
+        if not os.access(self.root, os.W_OK):
+            raise TransportError(f"permission denied: you cannot write into the inbox folder {self.root}")
+
+    @_guard_local('looking at a file')
+    def exists(self, rel: bytes) -> bool:
+        try:
+            os.lstat(self._p(rel))
+            return True
+        except FileNotFoundError:
+            return False
+
+    @_guard_local('looking at a file')
+    def size(self, rel: bytes) -> int | None:
+        try:
+            st = os.lstat(self._p(rel))
+        except FileNotFoundError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    @_guard_local('creating a folder')
+    def mkdir(self, rel: bytes) -> None:
+        p = self._p(rel)
+        try:
+            os.mkdir(p, 0o755)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(p).st_mode):
+                raise
+
+    @_guard_local("creating a file")
+    def open_write(self, rel: bytes) -> Writer:
+        return _GuardedLocalWriter(_LocalWriter(self._p(rel)))
+
+    @_guard_local('removing an unfinished file')
+    def remove(self, rel: bytes) -> None:
+        try:
+            os.unlink(self._p(rel))
+        except FileNotFoundError:
+            pass
+
+    @_guard_local('flushing the upload')
+    def sync_tree(self, rel: bytes) -> None:
+        # Windows cannot fsync a directory (NTFS journals its metadata itself).
+        if os.name != "posix":
+            return
+        for dirpath, _dirs, _files in os.walk(self._p(rel)):
+            _fsync_dir(dirpath)
+
+    @_guard_local('renaming the finished upload')
+    def rename(self, old: bytes, new: bytes) -> None:
+        src, dst = self._p(old), self._p(new)
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "already exists", dst)
+        os.rename(src, dst)
+        if os.name == "posix":
+            _fsync_dir(self.root)
+
+    def close(self) -> None:
+        pass
+
+
+def _fsync_dir(path: str) -> None:
+    from .fsutil import fsync_dir
+    try:
+        fsync_dir(path)
+    except OSError as e:
+        # Some network file systems (CIFS) refuse fsync on a directory; the
+        # server commits the metadata on its own there.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
+# --------------------------------------------------------------------- SFTP
+
+@dataclass
+class HostKeyInfo:
+    """What a first contact shows the user (like OpenSSH)."""
+    host: str               # as in known_hosts: "host" or "[host]:port"
+    key_type: str           # e.g. "ssh-ed25519"
+    fingerprint: str        # "SHA256:..."
+
+    @property
+    def type_name(self) -> str:
+        if self.key_type.startswith("ecdsa-"):
+            return "ECDSA"
+        return _KEY_TYPE_NAMES.get(self.key_type, self.key_type)
+
+    def question(self) -> str:
+        return (f"The authenticity of host '{self.host}' can't be established.\n"
+                f"{self.type_name} key fingerprint is {self.fingerprint}.\n"
+                "Compare it with the fingerprint your study runner gave you.")
+
+
+@dataclass
+class SFTPOptions:
+    identity: str | None = None                             # a private key file
+    known_hosts: str | None = None                          # the client's own known_hosts
+    accept_host_key: str | None = None                      # "SHA256:..." accepted without asking
+    confirm_host_key: Callable[[HostKeyInfo], bool] | None = None   # None: not interactive
+    password: Callable[[str], str | None] | None = None     # prompt -> password (None: none)
+    user_known_hosts: str | None = None                     # default ~/.ssh/known_hosts
+    ssh_dir: str | None = None                              # default ~/.ssh
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+class _SFTPWriter:
+    def __init__(self, owner: "SFTPTransport", f: paramiko.SFTPFile) -> None:
+        self.owner = owner
+        self.f = f
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.f.write(bytes(data))
+
+    def finish(self) -> None:
+        self.f.flush()
+        self.owner._fsync(self.f)
+        self.f.close()          # raises any error of a pipelined write
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        except Exception:
+            pass
+
+
+class SFTPTransport:
+    def __init__(self, dest: Destination, opts: SFTPOptions) -> None:
+        self.dest = dest
+        self.display = dest.display
+        self.opts = opts
+        self.root = dest.path
+        self._fsync_ok = True
+        self.transport: paramiko.Transport | None = None
+        self.sftp: paramiko.SFTPClient | None = None
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connecting
+
+    @property
+    def _hostname(self) -> str:
+        return self.dest.host if self.dest.port == 22 else f"[{self.dest.host}]:{self.dest.port}"
+
+    def _known_hosts(self) -> tuple[paramiko.HostKeys, list[str]]:
+        keys = paramiko.HostKeys()
+        files = [self.opts.user_known_hosts or os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")]
+        if self.opts.known_hosts:
+            files.append(self.opts.known_hosts)
+        used = []
+        for f in files:
+            if os.path.isfile(f):
+                try:
+                    keys.load(f)
+                    used.append(f)
+                except (OSError, paramiko.SSHException) as e:
+                    raise TransportError(f"cannot read the known hosts file {f}: {e}") from None
+        return keys, used
+
+    def _connect(self) -> None:
+        d = self.dest
+        try:
+            sock = socket.create_connection((d.host, d.port), timeout=CONNECT_TIMEOUT)
+        except socket.gaierror as e:
+            raise TransportError(f"cannot find the server {d.host}: {e.strerror}") from None
+        except OSError as e:
+            raise TransportError(f"cannot connect to {d.host} port {d.port}: "
+                                 f"{e.strerror or 'timed out'}") from None
+        known, _files = self._known_hosts()
+        known_for_host = known.lookup(self._hostname) or {}
+        t = paramiko.Transport(sock)
+        self.transport = t
+        if known_for_host:
+            # Like OpenSSH: ask for a key type we already know for this host.
+            opts = t.get_security_options()
+            types = list(opts.key_types)
+            preferred = [k for k in types if k in known_for_host or
+                         (k.startswith("rsa-sha2-") and "ssh-rsa" in known_for_host)]
+            opts.key_types = preferred + [k for k in types if k not in preferred]
+        try:
+            t.start_client(timeout=CONNECT_TIMEOUT)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise TransportError(f"the SSH connection to {d.host} port {d.port} failed: {e}") from None
+        t.set_keepalive(30)
+        self._check_host_key(t.get_remote_server_key(), known_for_host)
+        self._authenticate(t)
+        try:
+            self.sftp = paramiko.SFTPClient.from_transport(t)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise TransportError(f"{d.host} offers no SFTP service: {e}") from None
+        if self.sftp is None:
+            raise TransportError(f"{d.host} offers no SFTP service")
+        self.sftp.get_channel().settimeout(IO_TIMEOUT)
+
+    def _check_host_key(self, key: paramiko.PKey, known_for_host) -> None:
+        info = HostKeyInfo(self._hostname, key.get_name(), fingerprint(key))
+        if known_for_host:
+            known = known_for_host.get(key.get_name())
+            if known is not None and known.asbytes() == key.asbytes():
+                return
+            # Never accept a different key for a known host, whatever the flags say:
+            # it is a reinstalled server at best and an attacker at worst.
+            raise HostKeyError(
+                f"WARNING: the host key of {info.host} has CHANGED (it now offers {info.type_name} "
+                f"{info.fingerprint}, which does not match the known hosts file). Someone could be "
+                "intercepting the connection, or the server was reinstalled. Nothing was sent. Ask your "
+                "study runner for the server's fingerprint; only if it matches, remove the old entry "
+                f"(ssh-keygen -R '{info.host}', and from {self.opts.known_hosts or 'the client known_hosts'}) "
+                "and try again.")
+        if self.opts.accept_host_key:
+            if self.opts.accept_host_key.strip() != info.fingerprint:
+                raise HostKeyError(f"the host key of {info.host} is {info.type_name} {info.fingerprint}, "
+                                   f"not the {self.opts.accept_host_key} given with --accept-host-key: "
+                                   "refusing to connect")
+        elif self.opts.confirm_host_key is None or not self.opts.confirm_host_key(info):
+            how = (f"if your study runner confirms this fingerprint, run the command again with "
+                   f"--accept-host-key {info.fingerprint}")
+            raise HostKeyError(f"unknown host key for {info.host}: {info.type_name} {info.fingerprint}; "
+                               f"nothing was sent. {how[0].upper()}{how[1:]} (or add the host to "
+                               "~/.ssh/known_hosts, e.g. with ssh-keyscan)")
+        self._save_host_key(key)
+
+    def _save_host_key(self, key: paramiko.PKey) -> None:
+        path = self.opts.known_hosts
+        if not path:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a", encoding="ascii", newline="\n") as f:
+            f.write(f"{self._hostname} {key.get_name()} {key.get_base64()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _authenticate(self, t: paramiko.Transport) -> None:
+        user = self.dest.user
+        tried: list[str] = []
+        allowed: list[str] | None = None
+
+        def try_key(label: str, key: paramiko.PKey) -> bool:
+            nonlocal allowed
+            if allowed is not None and "publickey" not in allowed:
+                return False
+            tried.append(label)
+            try:
+                t.auth_publickey(user, key)
+                return t.is_authenticated()
+            except paramiko.BadAuthenticationType as e:
+                allowed = list(e.allowed_types)
+            except paramiko.AuthenticationException:
+                pass
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise TransportError(f"the SSH connection to {self.dest.host} failed: {e}") from None
+            return False
+
+        if self.opts.identity:
+            key = self._load_key(self.opts.identity, explicit=True)
+            if key is not None and try_key(f"key {self.opts.identity}", key):
+                return
+        else:
+            try:
+                agent_keys = paramiko.Agent().get_keys()
+            except (paramiko.SSHException, OSError):
+                agent_keys = ()
+            for k in agent_keys:
+                if try_key("a key from the SSH agent", k):
+                    return
+            ssh_dir = self.opts.ssh_dir or os.path.join(os.path.expanduser("~"), ".ssh")
+            for name in DEFAULT_KEYS:
+                p = os.path.join(ssh_dir, name)
+                if os.path.isfile(p):
+                    key = self._load_key(p, explicit=False)
+                    if key is not None and try_key(f"key {p}", key):
+                        return
+        if self.opts.password is not None and (allowed is None or {"password", "keyboard-interactive"} & set(allowed)):
+            pw = self.opts.password(f"{user}@{self.dest.host}'s password: ")
+            if pw:
+                tried.append("password")
+                try:
+                    if allowed is not None and "password" not in allowed:
+                        t.auth_interactive(user, lambda title, instr, prompts: [pw for _ in prompts])
+                    else:
+                        t.auth_password(user, pw)
+                    if t.is_authenticated():
+                        return
+                except paramiko.BadAuthenticationType as e:
+                    try:
+                        if "keyboard-interactive" in e.allowed_types:
+                            t.auth_interactive(user, lambda title, instr, prompts: [pw for _ in prompts])
+                            if t.is_authenticated():
+                                return
+                    except paramiko.AuthenticationException:
+                        pass
+                except paramiko.AuthenticationException:
+                    pass
+                except (paramiko.SSHException, OSError, EOFError) as e:
+                    raise TransportError(f"the SSH connection to {self.dest.host} failed: {e}") from None
+        what = ", ".join(tried) if tried else "no key found and no password given"
+        raise TransportError(f"authentication failed for {user}@{self.dest.host} (tried: {what}); "
+                             "check the user name, or give your key with --identity FILE")
+
+    def _load_key(self, path: str, explicit: bool) -> paramiko.PKey | None:
+        try:
+            return paramiko.PKey.from_path(path)
+        except paramiko.PasswordRequiredException:
+            if self.opts.password is None:
+                if explicit:
+                    raise TransportError(f"the key {path} is protected by a passphrase and there is no "
+                                         "terminal to ask for it (load it into ssh-agent)") from None
+                return None
+            phrase = self.opts.password(f"Enter passphrase for key '{path}': ")
+            if not phrase:
+                return None
+            try:
+                return paramiko.PKey.from_path(path, passphrase=phrase)
+            except paramiko.SSHException:
+                raise TransportError(f"wrong passphrase for the key {path}") from None
+        except (paramiko.SSHException, OSError, ValueError) as e:
+            if explicit:
+                raise TransportError(f"cannot use the key {path}: {e}") from None
+            return None
+
+    # -- file operations
+
+    def _r(self, rel: bytes) -> str:
+        # paramiko sends str paths as UTF-8; names that are not UTF-8 go as
+        # surrogate escapes and would be mangled, so refuse them clearly.
+        try:
+            text = rel.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TransportError(f"the name {rel!r} is not valid UTF-8 and cannot be sent over SFTP; "
+                                 "send through a mounted inbox folder instead") from None
+        return f"{self.root}/{text}" if self.root != "/" else f"/{text}"
+
+    def _err(self, e: Exception, what: str, rel: bytes | None = None) -> TransportError:
+        where = f"{self.display}" + (f" ({rel.decode('utf-8', 'replace')})" if rel else "")
+        if isinstance(e, (socket.timeout, EOFError, paramiko.SSHException)) or \
+                (isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT)):
+            return TransportError(f"the connection to {self.dest.host} was lost while {what} "
+                                  f"({e or type(e).__name__}); run the same command again to resume")
+        if isinstance(e, OSError) and e.errno == errno.EACCES:
+            return TransportError(f"permission denied on the server while {what} in {where}")
+        if isinstance(e, OSError) and e.errno == errno.ENOENT:
+            return TransportError(f"not found on the server while {what} in {where}")
+        return TransportError(f"the server refused {what} in {where}: {e} (is its disk full?)")
+
+    def check_inbox(self) -> None:
+        assert self.sftp is not None
+        try:
+            st = self.sftp.stat(self.root)
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOENT:
+                raise TransportError(f"the inbox {self.root} does not exist on {self.dest.host}") from None
+            raise self._err(e, "looking at the inbox") from None
+        if not stat.S_ISDIR(st.st_mode or 0):
+            raise TransportError(f"{self.root} on {self.dest.host} is not a folder")
+
+    def _lstat(self, rel: bytes):
+        assert self.sftp is not None
+        try:
+            return self.sftp.lstat(self._r(rel))
+        except FileNotFoundError:
+            return None
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOENT:
+                return None
+            raise self._err(e, "looking at a file", rel) from None
+
+    def exists(self, rel: bytes) -> bool:
+        return self._lstat(rel) is not None
+
+    def size(self, rel: bytes) -> int | None:
+        st = self._lstat(rel)
+        if st is None or not stat.S_ISREG(st.st_mode or 0):
+            return None
+        return st.st_size
+
+    def mkdir(self, rel: bytes) -> None:
+        assert self.sftp is not None
+        try:
+            self.sftp.mkdir(self._r(rel), 0o755)
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            st = self._lstat(rel) if isinstance(e, OSError) and not isinstance(e, socket.timeout) else None
+            if st is not None and stat.S_ISDIR(st.st_mode or 0):
+                return
+            raise self._err(e, "creating a folder", rel) from None
+
+    def open_write(self, rel: bytes) -> Writer:
+        assert self.sftp is not None
+        try:
+            f = self.sftp.open(self._r(rel), "wb")
+            f.set_pipelined(True)
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise self._err(e, "creating a file", rel) from None
+        return _GuardedWriter(self, _SFTPWriter(self, f), rel)
+
+    def _fsync(self, f: paramiko.SFTPFile) -> None:
+        # paramiko has no fsync: send OpenSSH's "fsync@openssh.com" extension
+        # (OpenSSH >= 6.5) ourselves, on the file's handle.  paramiko does not
+        # expose the server's extension list, so a server without it answers
+        # "unsupported" once and we stop asking; the file is then as durable
+        # as the server makes a closed file.
+        if not self._fsync_ok:
+            return
+        assert self.sftp is not None
+        try:
+            self.sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
+        except OSError as e:
+            if e.errno is None and "unsupported" in str(e).lower():
+                self._fsync_ok = False
+                return
+            raise
+
+    def remove(self, rel: bytes) -> None:
+        assert self.sftp is not None
+        try:
+            self.sftp.remove(self._r(rel))
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOENT:
+                return
+            raise self._err(e, "removing an unfinished file", rel) from None
+
+    def sync_tree(self, rel: bytes) -> None:
+        pass    # SFTP has no directory fsync; the files themselves were fsynced
+
+    def rename(self, old: bytes, new: bytes) -> None:
+        assert self.sftp is not None
+        if self.exists(new):
+            raise TransportError(f"{new.decode('utf-8', 'replace')} already exists in {self.display}")
+        try:
+            # FACTS.md: sftp.rename onto an existing name fails; posix_rename works
+            # (the target was just checked to be absent, and its name is random).
+            self.sftp.posix_rename(self._r(old), self._r(new))
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise self._err(e, "renaming the finished upload", new) from None
+
+    def close(self) -> None:
+        for x in (self.sftp, self.transport):
+            if x is not None:
+                try:
+                    x.close()
+                except Exception:
+                    pass
+        self.sftp = None
+        self.transport = None
+
+
+class _GuardedWriter:
+    """Turns paramiko's exceptions on a file into TransportError."""
+
+    def __init__(self, owner: SFTPTransport, w: _SFTPWriter, rel: bytes) -> None:
+        self.owner, self.w, self.rel = owner, w, rel
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.w.write(data)
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise self.owner._err(e, "writing", self.rel) from None
+
+    def finish(self) -> None:
+        try:
+            self.w.finish()
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise self.owner._err(e, "finishing a file", self.rel) from None
+
+    def abort(self) -> None:
+        self.w.abort()
+
+
+def open_transport(dest: Destination, opts: SFTPOptions | None = None) -> Transport:
+    if dest.kind == "local":
+        return LocalTransport(dest)
+    return SFTPTransport(dest, opts or SFTPOptions())
+
