@@ -606,6 +606,11 @@ class _Checker:
                 more = f" and {total - _SHOWN} more" if total > _SHOWN else ""
                 used = f"used by {shown}{more}"
                 detail = f"{detail}; {used}" if detail else used
+            else:
+                described = _description_of(self.fresh, oid)
+                if described:
+                    data["description"] = described
+                    detail = f"{detail}; {described}" if detail else described
         if code == "E023":
             data = {"store_rel": path[len(self.broot) + 1:]}
         self.add(code, path, detail, data=data)
@@ -742,6 +747,20 @@ def _affected(idx, oid: str, limit: int = _REF_LIMIT) -> tuple[list[tuple[bytes,
                     v = _decode_version(bytes(vkey), bytes(value))
                     out.append((v.path, v.n, v.stamp))
     return out, total
+
+
+def _description_of(idx, oid: str) -> str | None:
+    """"the upload description of upload X (manifest N)" when *oid* is one (the
+    objects database names the first manifest that referenced it)."""
+    with idx.env.begin() as txn:
+        v = txn.get(bytes.fromhex(oid), db=idx.objects)
+    if v is None:
+        return None
+    seq = struct.unpack(">QQ", v)[1]
+    summary = idx.upload(seq) or {}
+    if (summary.get("description") or {}).get("blake3") != oid:
+        return None
+    return f"the upload description of upload {summary.get('upload')} (manifest {seq}), kept as the sender's claim"
 
 
 def _force_applied(idx, seq: int) -> None:
@@ -1618,6 +1637,10 @@ class _Repairer:
                 rep.done.append(f"restored missing object {oid} from its tree name")
                 continue
             self.bad_objects.add(oid)
+            if f.data.get("description"):
+                rep.cannot.append(f"object {oid} is missing: {f.data['description']}; restore it from a "
+                                  "backup (no tree name holds its bytes)")
+                continue
             rep.cannot.append(f"object {oid} is missing and no tree name holds its bytes; "
                               f"{_affected_text(f.data)}: send one of those files again or restore the "
                               "object from a backup, then run 'fsck --repair' again for their tree names")
@@ -1741,6 +1764,8 @@ def _hash_file(path: bytes) -> str:
 
 
 def _affected_text(data: dict | None) -> str:
+    if data and data.get("description"):
+        return data["description"]
     if not data or not data.get("versions"):
         return "no version uses it"
     vs = data["versions"]

@@ -9,7 +9,7 @@ from the index (never by reading manifests).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import layout
@@ -35,12 +35,14 @@ class Entry:
     upload: str
     source: str
     tree_path: str
+    provenance: dict = field(default_factory=dict)   # see provenance()
 
     def to_json(self, study: str) -> dict:
         v = self.version
         d = {"version": v.n, "blake3": v.blake3, "size": v.size, "received": v.received,
              "upload": self.upload, "tree_path": self.tree_path, "study": study,
-             "mtime_ns": v.mtime_ns, "mode": v.mode, "source": self.source}
+             "mtime_ns": v.mtime_ns, "mode": v.mode, "source": self.source,
+             "provenance": self.provenance}
         try:
             d["path"] = v.path.decode("utf-8")
         except UnicodeDecodeError:
@@ -115,16 +117,50 @@ def history(t: Target) -> list[Entry]:
     else:
         versions = index.versions_of(t.path)
     versions.sort(key=lambda v: (-v.seq, v.path, -v.n))
-    uploads: dict[int, dict] = {}
+    uploads: dict[int, tuple[dict, dict]] = {}
     out = []
     troot = os.path.abspath(t.store.tree)
     for v in versions:
-        up = uploads.get(v.seq)
-        if up is None:
-            up = uploads[v.seq] = index.upload(v.seq) or {}
+        hit = uploads.get(v.seq)
+        if hit is None:
+            up = index.upload(v.seq) or {}
+            hit = uploads[v.seq] = up, provenance(up)
+        up, prov = hit
         out.append(Entry(v, up.get("upload", "?"), up.get("source", "?"),
-                         os.path.join(troot, os.fsdecode(layout.version_relpath(v.path, v.n, v.stamp)))))
+                         os.path.join(troot, os.fsdecode(layout.version_relpath(v.path, v.n, v.stamp))), prov))
     return out
+
+
+def provenance(summary: dict) -> dict:
+    """Where an upload came from, from the index's summary of its manifest
+    (no manifest is read).  ``verified`` is true when every file was checked
+    against the sender's upload description; the sender's own account
+    (user, host, client, ...) is there only then."""
+    up = summary.get("uploader") or {}
+    prov: dict = {"location": summary.get("source", "?"), "received": summary.get("received"),
+                  "uploader": {"uid": up.get("uid"), "name": up.get("name")},
+                  "verified": summary.get("description") is not None}
+    desc = summary.get("description")
+    if desc is not None:
+        prov.update({"user": desc.get("user"), "host": desc.get("host"), "client": desc.get("client"),
+                     "platform": desc.get("platform"), "folder": desc.get("source"),
+                     "started": desc.get("started"), "ended": desc.get("ended"),
+                     "description": desc.get("blake3")})
+    return prov
+
+
+def provenance_text(prov: dict) -> str:
+    """One readable line: "from labA by jdoe@LAB-PC-3 (eidetic 0.2.0), verified"."""
+    def show(x) -> str:   # the sender chose these strings: no control characters reach a terminal
+        return layout.display(str(x).encode("utf-8", "surrogatepass"))
+
+    loc = show(prov.get("location", "?"))
+    if prov.get("verified"):
+        return (f"from {loc} by {show(prov.get('user'))}@{show(prov.get('host'))} "
+                f"({show(prov.get('client'))}), verified")
+    up = prov.get("uploader") or {}
+    who = show(up.get("name") or (f"uid {up['uid']}" if up.get("uid") is not None else "?"))
+    return f"from {loc} by {who}, no description"
 
 
 def select(versions: list[Version], n: int | None = None, at: datetime | None = None,

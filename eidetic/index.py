@@ -6,10 +6,10 @@ store_format.md, "Index"):
   meta      b"format" -> b"1";  b"applied" -> seq;  b"head" -> digest of last applied manifest;
             b"partial" -> seq, records applied (a manifest being applied in chunks)
   versions  path \\0 version(4 BE) -> VersionRecord
-  objects   blake3(32) -> size(8 BE) first seq(8 BE)
+  objects   blake3(32) -> size(8 BE) first seq(8 BE)   (also each upload description's object)
   refs      blake3(32) -> path \\0 version(4 BE)   (dupsort: every path-version using it)
   bysize    size(8 BE) -> b""                      (large objects only: "might this be a re-send?")
-  uploads   seq(8 BE) -> JSON summary of the upload
+  uploads   seq(8 BE) -> JSON summary of the upload (with the manifest's "description", if any)
   upload_ids upload id -> seq(8 BE)
   cutnames  tree relpath -> source relpath [\\0 version(4 BE)]  (names shortened to fit 255 bytes)
 
@@ -203,6 +203,13 @@ class Index:
                        "files": info.trailer.files, "bytes": info.trailer.bytes,
                        "skipped": info.trailer.skipped, "new_versions": new_versions,
                        "digest": info.digest}
+            if h.description is not None:
+                # The sender's description is archived as an object that no path uses:
+                # listing it here makes it trusted and referenced (fsck checks it).
+                desc = h.description
+                txn.put(bytes.fromhex(desc["blake3"]), struct.pack(">QQ", desc["size"], h.seq),
+                        db=self.objects, overwrite=False)
+                summary["description"] = desc
             summary.update(h.extra)
             txn.put(_seq(h.seq), json.dumps(summary).encode(), db=self.uploads)
             txn.put(h.upload.encode(), _seq(h.seq), db=self.upload_ids)

@@ -2,9 +2,11 @@
 
 For one entry, in this order (store_format.md, "Write ordering"):
 
-1. walk the entry without following symlinks and stream every regular file
+1. store the entry's upload description (if it has one) as an object, then
+   walk the entry without following symlinks and stream every regular file
    into the object store (hashing the bytes actually stored), while the
-   manifest streams into tmp/;
+   manifest streams into tmp/ and each file is checked against the
+   description (a merge of two streams in walk order);
 2. commit: one syncfs makes objects and manifest durable, then the manifest
    gets its name (the commit point) and HEAD advances;
 3. apply the manifest to the index (resumable);
@@ -22,6 +24,7 @@ decides *when* to call it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import time
@@ -30,10 +33,11 @@ from typing import Callable
 
 from . import layout
 from .config import Config
+from .description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
 from .errors import EideticError, EntryChanged, EntryRejected, Interrupted
 from .fsutil import open_regular_nofollow, raise_nofile_limit
 from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
-from .manifest import FileRecord, Header, ManifestReader, SkipRecord
+from .manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
 from .store import Store
 from .tree import Tree
 
@@ -57,6 +61,7 @@ class EntryResult:
     skipped: int = 0
     seconds: float = 0.0
     where: str | None = None
+    verified: bool = False     # every file was checked against the sender's upload description
 
 
 @dataclass
@@ -253,16 +258,17 @@ class Ingester:
             return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
                                seconds=time.monotonic() - t0, where=os.fsdecode(path))
         summary = store.index.upload(seq) or {}
+        verified = summary.get("description") is not None   # committed only if it matched
         info = {"seq": seq, "files": summary.get("files", 0), "bytes": summary.get("bytes", 0),
-                "new_versions": new_versions, "skipped": summary.get("skipped", 0)}
+                "new_versions": new_versions, "skipped": summary.get("skipped", 0), "verified": verified}
         self.state.finish(cl, "done", extra=info)
         res = EntryResult(disp, cl.study, "ingested", upload=cl.upload, files=info["files"],
                           bytes=info["bytes"], new_bytes=stats.new_bytes, new_versions=new_versions,
                           skipped=info["skipped"], seconds=time.monotonic() - t0,
-                          where=os.fsdecode(cl.path_in("done")))
+                          where=os.fsdecode(cl.path_in("done")), verified=verified)
         self.log(f"ingested {disp} as upload {cl.upload}: {res.files} files, {res.bytes} bytes "
                  f"({res.new_bytes} new), {res.new_versions} new versions, {res.skipped} skipped, "
-                 f"{res.seconds:.1f} s")
+                 f"{res.seconds:.1f} s" + (", verified against the sender's description" if verified else ""))
         return res
 
     def _fail(self, store: Store, cl: Claim, disp: str, reason: str, t0: float) -> EntryResult:
@@ -291,27 +297,94 @@ class Ingester:
                                 "Send the folder itself")
         if not stat.S_ISDIR(st.st_mode):
             raise EntryRejected("the entry is not a folder; an upload must be a folder of files")
-        header = Header(seq=seq, upload=cl.upload, prev=prev, study=store.name, entry=cl.original,
-                        received=cl.received, uploader_uid=cl.uid, uploader_name=cl.uploader_name,
-                        source=cl.location)
-        af, writer = store.new_manifest(header)
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        desc: _Description | None = None
         try:
-            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            dst = os.fstat(dfd)
+            if (dst.st_dev, dst.st_ino) != (cl.dev, cl.ino):
+                raise EntryRejected("the entry was replaced after it was claimed")
+            desc = self._open_description(store, dfd, cl)
+            header = Header(seq=seq, upload=cl.upload, prev=prev, study=store.name, entry=cl.original,
+                            received=cl.received, uploader_uid=cl.uid, uploader_name=cl.uploader_name,
+                            source=cl.location, description=desc.header if desc else None)
+            af, writer = store.new_manifest(header)
             try:
-                if (os.fstat(dfd).st_dev, os.fstat(dfd).st_ino) != (cl.dev, cl.ino):
-                    raise EntryRejected("the entry was replaced after it was claimed")
-                self._walk(store, dfd, b"", writer, stats)
-            finally:
-                os.close(dfd)
-            if stats.problems:
-                more = len(stats.problems) - MAX_REPORTED_PROBLEMS
-                listing = "; ".join(stats.problems[:MAX_REPORTED_PROBLEMS])
-                raise EntryRejected(f"{len(stats.problems)} file(s) could not be read: {listing}"
-                                    + (f" (and {more} more)" if more > 0 else ""))
-            store.commit_manifest(af, writer)
+                out = _CheckedWriter(writer, _Verifier(desc.reader)) if desc else writer
+                self._walk(store, dfd, b"", out, stats)
+                if stats.problems:
+                    more = len(stats.problems) - MAX_REPORTED_PROBLEMS
+                    listing = "; ".join(stats.problems[:MAX_REPORTED_PROBLEMS])
+                    raise EntryRejected(f"{len(stats.problems)} file(s) could not be read: {listing}"
+                                        + (f" (and {more} more)" if more > 0 else ""))
+                if isinstance(out, _CheckedWriter):
+                    out.verifier.finish()     # before the commit point: a mismatch commits nothing
+                store.commit_manifest(af, writer)
+            except BaseException:
+                af.abort()
+                raise
+        finally:
+            os.close(dfd)
+            if desc is not None:
+                desc.close()
+
+    def _open_description(self, store: Store, dfd: int, cl: Claim) -> "_Description | None":
+        """Store the entry's upload description as an object and open that
+        object (our own copy: the uploader cannot change what is checked).
+        None for an entry without one."""
+        name = layout.display(DESCRIPTION_NAME)
+        try:
+            st = os.stat(DESCRIPTION_NAME, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            if store.study.require_description:
+                raise EntryRejected(f"study {store.name} requires an upload description ({name} at the "
+                                    "top of the entry, written by 'eidetic send') and this entry has none; "
+                                    "send it again with 'eidetic send'") from None
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _KINDS if test(st.st_mode)), "unknown")
+            raise EntryRejected(f"its upload description {name} is a {_KIND_WORDS.get(kind, kind)}, not a "
+                                "regular file; it was not followed or opened")
+        try:
+            fd, before = open_regular_nofollow(DESCRIPTION_NAME, dir_fd=dfd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EINVAL, errno.ENXIO):
+                raise EntryRejected(f"its upload description {name} is not a regular file; "
+                                    "it was not followed or opened") from None
+            raise EntryRejected(f"its upload description {name} could not be read ({e.strerror})") from None
+        try:
+            res = store.objects.put_fd(fd, before.st_size, store.index.is_trusted, store.index.size_seen)
+            after = os.fstat(fd)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                raise
+            raise EntryRejected(f"its upload description {name} could not be read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        if not (res.size == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns):
+            raise EntryChanged(f"its upload description {name} changed while it was read; "
+                               "is the upload still being written?")
+        f = os.fdopen(store.objects.open(res.oid), "rb", buffering=1 << 16)
+        try:
+            ended = _end_time(f, res.size, name)
+            try:
+                reader = DescriptionReader(f, name)
+            except DescriptionError as e:
+                raise EntryRejected(f"its upload description is not valid: {e}") from None
+            h = reader.header
+            disp = layout.display(cl.original)
+            if h.study != store.name:
+                raise EntryRejected(f"its upload description is for study {h.study!r} but the entry name "
+                                    f"{disp!r} puts it in study {store.name!r}; an entry cannot choose "
+                                    "another study, so nothing was ingested")
+            if h.location != cl.location:
+                raise EntryRejected(f"its upload description says location {h.location!r} but the entry name "
+                                    f"{disp!r} says {cl.location!r}")
         except BaseException:
-            af.abort()
+            f.close()
             raise
+        prov = h.provenance()
+        header = {"blake3": res.oid, "size": res.size, **prov, "ended": ended}
+        return _Description({k: header[k] for k in DESCRIPTION_KEYS}, reader, f)
 
     def _walk(self, store: Store, top_fd: int, prefix: bytes, writer, stats: Stats) -> None:
         # Explicit stack of (dir fd, relative path, sorted entries, position):
@@ -327,6 +400,8 @@ class Ingester:
                     continue
                 stack[-1] = (dfd, rel, names, i + 1)
                 name, kind = names[i]
+                if not rel and name == DESCRIPTION_NAME:
+                    continue     # reserved: the sender's description, not a path of the upload
                 relpath = rel + b"/" + name if rel else name
                 if kind == "dir":
                     try:
@@ -426,6 +501,117 @@ class Ingester:
             tree.place_plain(latest)
         store.sync()
         return new_versions
+
+
+# ---------------------------------------------------------- verification
+
+@dataclass
+class _Description:
+    header: dict                 # the manifest header's "description" value
+    reader: DescriptionReader    # streaming over our stored copy
+    f: object
+
+    def close(self) -> None:
+        self.f.close()  # type: ignore[attr-defined]
+
+
+def _end_time(f, size: int, name: str) -> str:
+    """The description's end time, read from its last line before the walk
+    (the manifest header, written first, records it).  The streaming reader
+    validates that line again with everything else."""
+    tail_len = min(size, 4096)
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    f.seek(0)
+    problem = None
+    if not tail.endswith(b"\n"):
+        problem = "it does not end with a complete line"
+    else:
+        try:
+            end = json.loads(tail[:-1].rpartition(b"\n")[2])
+            layout.parse_utc_iso(end["end"])
+            return end["end"]
+        except (ValueError, TypeError, KeyError):
+            problem = "its last line is not an end line"
+    raise EntryRejected(f"its upload description {name} is incomplete ({problem}): the send did not "
+                        "finish; send the folder again")
+
+
+class _Verifier:
+    """Merge-joins what the walk finds with what the description lists.
+    Both come in walk order, so memory stays flat for any number of files;
+    only the first MAX_REPORTED_PROBLEMS names are kept for the reason."""
+
+    def __init__(self, reader: DescriptionReader) -> None:
+        self._files = reader.files()
+        self.counts = {"missing": 0, "extra": 0, "different": 0}
+        self.named: list[str] = []
+        self._want: DescribedFile | None = None
+        self._want_key: list[bytes] = []
+        self._advance()
+
+    def _advance(self) -> None:
+        try:
+            self._want = next(self._files, None)
+        except DescriptionError as e:
+            raise EntryRejected(f"its upload description is not valid: {e}") from None
+        if self._want is not None:
+            self._want_key = walk_key(self._want.path)
+
+    def _problem(self, kind: str, path: bytes, detail: str) -> None:
+        self.counts[kind] += 1
+        if len(self.named) < MAX_REPORTED_PROBLEMS:
+            self.named.append(f"{layout.display(path)} {detail}")
+
+    def see(self, rec: FileRecord | SkipRecord) -> None:
+        key = walk_key(rec.path)
+        while self._want is not None and self._want_key < key:
+            self._problem("missing", self._want.path, "(missing: described, not in the entry)")
+            self._advance()
+        want = self._want
+        if want is None or self._want_key != key:
+            what = "" if isinstance(rec, FileRecord) else f"a {_KIND_WORDS.get(rec.skipped, rec.skipped)}, "
+            self._problem("extra", rec.path, f"(extra: {what}not in the description)")
+            return
+        self._advance()
+        if isinstance(rec, SkipRecord):
+            self._problem("different", rec.path, f"(different: described as a file, here a "
+                                                 f"{_KIND_WORDS.get(rec.skipped, rec.skipped)})")
+        elif rec.size != want.size:
+            self._problem("different", rec.path, f"(different: {rec.size} bytes here, {want.size} described)")
+        elif rec.blake3 != want.blake3:
+            self._problem("different", rec.path, "(different: same size, other content)")
+
+    def finish(self) -> None:
+        """Raise EntryRejected unless every described file was found, equal, and nothing else."""
+        while self._want is not None:
+            self._problem("missing", self._want.path, "(missing: described, not in the entry)")
+            self._advance()
+        total = sum(self.counts.values())
+        if not total:
+            return
+        counts = ", ".join(f"{n} {kind}" for kind, n in self.counts.items() if n)
+        more = total - len(self.named)
+        raise EntryRejected(f"the entry does not match its upload description ({counts}): "
+                            + "; ".join(self.named) + (f" (and {more} more)" if more > 0 else "")
+                            + ". Files changed after the sender described them, or were changed or lost on "
+                              "the way; nothing of this upload was ingested")
+
+
+class _CheckedWriter:
+    """The manifest writer, with every record also checked by a _Verifier."""
+
+    def __init__(self, writer, verifier: _Verifier) -> None:
+        self.writer = writer
+        self.verifier = verifier
+
+    def add(self, rec: FileRecord | SkipRecord) -> None:
+        self.writer.add(rec)
+        self.verifier.see(rec)
+
+
+_KIND_WORDS = {"symlink": "symbolic link", "fifo": "FIFO", "socket": "socket", "chardev": "character device",
+               "blockdev": "block device", "dir": "directory", "unknown": "file of unknown kind"}
 
 
 def _listing(dfd: int) -> list[tuple[bytes, str]]:

@@ -21,7 +21,8 @@ from typing import IO, Iterator
 from . import layout
 from .errors import IntegrityError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2                  # what this eidetic writes
+READABLE_VERSIONS = (1, 2)            # 2 added the optional "description" header key
 SKIP_KINDS = ("symlink", "fifo", "socket", "chardev", "blockdev", "unknown")
 
 
@@ -61,7 +62,11 @@ def dumps(obj: dict) -> bytes:
 # ------------------------------------------------------------------ records
 
 _HEADER_KEYS = frozenset({"eidetic_manifest", "seq", "upload", "prev", "study", "entry", "entry_b64",
-                          "received", "uploader", "source"})
+                          "received", "uploader", "source", "description"})
+# The "description" header object: what the sender's upload description said
+# (store_format.md, "Upload descriptions"); its file is stored as an object.
+DESCRIPTION_KEYS = ("blake3", "size", "client", "location", "user", "host", "platform", "started",
+                    "ended", "source")
 
 
 @dataclass
@@ -75,23 +80,28 @@ class Header:
     uploader_uid: int
     uploader_name: str | None
     source: str
-    extra: dict = field(default_factory=dict)   # provenance added by later format versions
+    extra: dict = field(default_factory=dict)   # keys added by later format versions
+    description: dict | None = None   # DESCRIPTION_KEYS; None for an upload sent without one
+    version: int = MANIFEST_VERSION
 
     def to_json(self) -> dict:
-        d: dict = {"eidetic_manifest": MANIFEST_VERSION, "seq": self.seq, "upload": self.upload,
+        d: dict = {"eidetic_manifest": self.version, "seq": self.seq, "upload": self.upload,
                    "prev": self.prev, "study": self.study}
         encode_bytes(d, "entry", self.entry)
         d.update({"received": self.received,
                   "uploader": {"uid": self.uploader_uid, "name": self.uploader_name},
                   "source": self.source})
+        if self.description is not None:
+            d["description"] = {k: self.description[k] for k in DESCRIPTION_KEYS}
         d.update(self.extra)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Header":
         version = d.get("eidetic_manifest")
-        if isinstance(version, bool) or not isinstance(version, int) or version != MANIFEST_VERSION:
-            raise ValueError(f"unknown manifest version {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
+            raise ValueError(f"unknown manifest version {version!r} (this eidetic reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
         up = d.get("uploader")
         if not isinstance(up, dict):
             raise ValueError("uploader must be an object")
@@ -99,7 +109,8 @@ class Header:
                 study=_str(d, "study"), entry=decode_bytes(d, "entry"),
                 received=_str(d, "received"), uploader_uid=_int(up, "uid"),
                 uploader_name=up.get("name"), source=_str(d, "source"),
-                extra={k: v for k, v in d.items() if k not in _HEADER_KEYS})
+                extra={k: v for k, v in d.items() if k not in _HEADER_KEYS},
+                description=_description(d, version), version=version)
         if not layout.UPLOAD_ID_RE.match(h.upload):
             raise ValueError(f"bad upload id {h.upload!r}")
         if h.prev is not None and not layout.valid_object_id(h.prev):
@@ -164,6 +175,26 @@ def parse_record(d: dict) -> FileRecord | SkipRecord:
     if size < 0 or not 0 <= mode <= 0o7777:
         raise ValueError("size or mode out of range")
     return FileRecord(path, size, oid, mode, mtime)
+
+
+def _description(d: dict, version: int) -> dict | None:
+    if "description" not in d:
+        return None
+    if version < 2:
+        raise ValueError("key description needs manifest version 2")
+    desc = d["description"]
+    if not isinstance(desc, dict) or set(desc) != set(DESCRIPTION_KEYS):
+        raise ValueError(f"description must be an object with exactly the keys {', '.join(DESCRIPTION_KEYS)}")
+    try:
+        if not layout.valid_object_id(_str(desc, "blake3")):
+            raise ValueError("blake3 must be 64 lowercase hex digits")
+        if _int(desc, "size") < 0:
+            raise ValueError("size must be >= 0")
+        for k in DESCRIPTION_KEYS[2:]:
+            _str(desc, k)
+    except ValueError as e:
+        raise ValueError(f"description: {e}") from None
+    return {k: desc[k] for k in DESCRIPTION_KEYS}
 
 
 def _int(d: dict, k: str) -> int:

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from eidetic import layout
 from eidetic.errors import IntegrityError
-from eidetic.manifest import (SKIP_KINDS, FileRecord, Header, ManifestReader, ManifestWriter, SkipRecord,
-                              digest_of, read_all)
+from eidetic.manifest import (DESCRIPTION_KEYS, SKIP_KINDS, FileRecord, Header, ManifestReader, ManifestWriter,
+                              SkipRecord, digest_of, read_all)
 
 settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
 settings.load_profile("eidetic")
@@ -44,7 +44,9 @@ paths = st.lists(_component, min_size=1, max_size=5).map(b"/".join)
 _dt = st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2999, 1, 1), timezones=st.just(timezone.utc))
 _json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.text())
 _KNOWN_HEADER_KEYS = {"eidetic_manifest", "seq", "upload", "prev", "study", "entry", "entry_b64", "received",
-                      "uploader", "source"}
+                      "uploader", "source", "description"}
+descriptions = st.none() | st.fixed_dictionaries(
+    {"blake3": hex64, "size": st.integers(0, 2**63), **{k: st.text() for k in DESCRIPTION_KEYS[2:]}})
 
 
 @st.composite
@@ -60,6 +62,7 @@ def headers(draw) -> Header:
         uploader_uid=draw(st.integers(0, 2**32)),
         uploader_name=draw(st.none() | st.text()),
         source=draw(st.text()),
+        description=draw(descriptions),
         extra=draw(st.dictionaries(st.text(min_size=1).filter(lambda k: k not in _KNOWN_HEADER_KEYS),
                                    st.one_of(_json_scalar, st.lists(_json_scalar, max_size=3)), max_size=3)),
     )
@@ -159,7 +162,7 @@ def test_writing_the_same_manifest_twice_gives_the_same_bytes(header, recs):
 def test_the_documented_example_is_read_back():
     path, digest, data = write(example_header(), example_records())
     lines = data.decode("ascii").splitlines()
-    assert lines[0] == ('{"eidetic_manifest":1,"seq":1,"upload":"20261121T204814Z-0b0956ef","prev":null,'
+    assert lines[0] == ('{"eidetic_manifest":2,"seq":1,"upload":"20261121T204814Z-0b0956ef","prev":null,'
                         '"study":"demo","entry":"demo-labA-1","received":"2026-11-21T20:48:14.754701Z",'
                         '"uploader":{"uid":1000,"name":"alice"},"source":"labA"}')
     assert lines[2] == ('{"path_b64":"cmF3L/9kYXRh","size":0,"blake3":"%s","mode":384,'
@@ -341,7 +344,7 @@ def test_a_trailer_that_does_not_match_is_rejected(sample, trailer):
     assert "trailer" in str(err)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None, True, 1.0])
+@pytest.mark.parametrize("version", [0, 3, "1", "2", None, True, 1.0, 2.0])
 def test_a_wrong_version_is_rejected(version):
     _, _, data = write(example_header(), example_records())
     head, rest = data.split(b"\n", 1)
@@ -392,3 +395,58 @@ def test_records_can_be_streamed_one_at_a_time():
     rest = list(it)
     assert rest == example_records()[1:]
     assert r.info is not None and r.info.digest == digest
+
+
+# ------------------------------------------------- versions and descriptions
+
+EXAMPLE_DESCRIPTION = {
+    "blake3": "5b1e2ca8ec0bb4c2cd8e0e48c8e6c5fa4b3c47d7a9d6e7b8b5d56f4e1f1c8a10", "size": 412,
+    "client": "eidetic 0.2.0", "location": "labA", "user": "jdoe", "host": "LAB-PC-3",
+    "platform": "Windows-10-10.0.19045-SP0", "started": "2026-11-21T20:48:02.118250Z",
+    "ended": "2026-11-21T20:48:03.904117Z", "source": "C:\\Data\\demo"}
+
+
+def test_a_header_with_a_description_round_trips_with_its_keys_in_order():
+    path, _, data = write(example_header(description=dict(EXAMPLE_DESCRIPTION)), example_records())
+    head = data.split(b"\n", 1)[0].decode()
+    assert head.endswith(',"source":"labA","description":{"blake3":"%s","size":412,"client":"eidetic 0.2.0",'
+                         '"location":"labA","user":"jdoe","host":"LAB-PC-3",'
+                         '"platform":"Windows-10-10.0.19045-SP0","started":"2026-11-21T20:48:02.118250Z",'
+                         '"ended":"2026-11-21T20:48:03.904117Z","source":"C:\\\\Data\\\\demo"}}'
+                         % EXAMPLE_DESCRIPTION["blake3"])
+    h = read_all(path)[0]
+    assert h.description == EXAMPLE_DESCRIPTION and h.version == 2 and h.extra == {}
+
+
+def test_a_version_1_manifest_is_still_read():
+    path, digest, data = write(example_header(version=1), example_records())
+    assert data.startswith(b'{"eidetic_manifest":1,')
+    h, recs, info = read_all(path)
+    assert (h.version, h.description, recs, info.digest) == (1, None, example_records(), digest)
+
+
+def test_a_new_manifest_is_written_as_version_2():
+    _, _, data = write(example_header(), example_records())
+    assert json.loads(data.split(b"\n", 1)[0])["eidetic_manifest"] == 2
+
+
+@pytest.mark.parametrize("change", [
+    {"blake3": "AB" * 32}, {"blake3": "00"}, {"size": -1}, {"size": "412"}, {"user": None}, {"host": 5},
+    {"extra_key": "x"}, {"ended": None},
+])
+def test_a_bad_description_in_a_header_is_rejected_naming_line_1(change):
+    _, _, data = write(example_header(description=dict(EXAMPLE_DESCRIPTION)), example_records())
+    head, rest = data.split(b"\n", 1)
+    d = json.loads(head)
+    d["description"].update(change)
+    err = _expect_integrity(write_bytes(json.dumps(d, separators=(",", ":")).encode() + b"\n" + rest), 1)
+    assert "description" in str(err)
+
+
+def test_a_description_in_a_version_1_header_is_rejected():
+    _, _, data = write(example_header(description=dict(EXAMPLE_DESCRIPTION)), example_records())
+    head, rest = data.split(b"\n", 1)
+    d = json.loads(head)
+    d["eidetic_manifest"] = 1
+    err = _expect_integrity(write_bytes(json.dumps(d, separators=(",", ":")).encode() + b"\n" + rest), 1)
+    assert "version 2" in str(err)

@@ -33,4 +33,4 @@ def command(ctx: Ctx, path: str, as_json: bool) -> None:
         vrel = layout.version_relpath(v.path, v.n, v.stamp)
         shown = layout.display(vrel if t.is_dir else vrel.rpartition(b"/")[2])
         say(f"  v{v.n:<4} {v.received[:19].replace('T', ' ')}Z  {e.upload}  {e.source:<12} "
-            f"{human_bytes(v.size):>10}  {v.blake3[:12]}  {shown}")
+            f"{human_bytes(v.size):>10}  {v.blake3[:12]}  {shown}  [{history.provenance_text(e.provenance)}]")
