@@ -1,44 +1,484 @@
-"""Creating a configured layout on disk (``eidetic init``); idempotent."""
+"""The deployment design on disk: ``eidetic init`` creates it, ``init --check`` audits it.
+
+Directories, owners and modes (docs/admin.md, "Permissions"):
+
+    inbox   service:service        3777  anyone may drop an entry; the sticky bit keeps users
+                                         off each other's entries; setgid gives every entry the
+                                         service group, so an uploader with umask 027 (0750/0640)
+                                         is readable by eidetic without being readable by the
+                                         other uploaders
+    state   service:service        0700  private bookkeeping
+    store   service:service        0700  objects, manifests, index: study members never need it
+    tree    service:<study group>  2750  readable by the study group only; setgid so the
+                                         directories ingest creates later get the study group
+
+Owners are applied only when the config names them (``user``, ``group``,
+``studies.<s>.group``); the default layout run by a normal user gets the modes
+alone.  Nothing here prints: :func:`init` returns what it did, :func:`check`
+what differs from the design.
+"""
 
 from __future__ import annotations
 
+import grp
 import os
-from dataclasses import dataclass
+import pwd
+import stat
+from dataclasses import dataclass, field
 
-from .config import Config
-from .fsutil import makedirs
+from . import layout
+from .config import Config, StudyConfig
+from .errors import ConfigError
+from .fsutil import disk_percent_used, makedirs
 from .inbox import StateDir
-from .store import Store
+from .store import STORE_DIRS, Store
 
-INBOX_MODE = 0o1777      # anyone may drop an entry; only its owner may rename or remove it
+INBOX_MODE = 0o3777
 STATE_MODE = 0o700
+STORE_MODE = 0o700
+TREE_MODE = 0o2750
+
+MIN_INOTIFY_WATCHES = 8192
+MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
+MOUNTINFO = "/proc/self/mountinfo"
+# inotify sees nothing that another machine writes, and LMDB's locking is unsafe on these.
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
+                        "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.rclone", "lustre", "gpfs",
+                        "beegfs", "ocfs2", "gfs2", "davfs", "fuse.davfs2"})
+
+
+@dataclass(frozen=True)
+class Ids:
+    uid: int | None       # None: leave as it is
+    gid: int | None
+
+    def text(self) -> str:
+        return f"{_user_name(self.uid)}:{_group_name(self.gid)}"
+
+
+@dataclass(frozen=True)
+class Want:
+    """One directory of the design."""
+    path: str
+    role: str             # "inbox" | "state" | "store" | "tree"
+    mode: int
+    ids: Ids
+    study: str | None = None
 
 
 @dataclass
 class Action:
     path: str
-    what: str            # "created" | "exists"
+    what: str             # "created" | "changed" | "ok"
+    detail: str = ""
 
+    def __str__(self) -> str:
+        if self.what == "created":
+            return f"created {self.path} ({self.detail})"
+        if self.what == "changed":
+            return f"changed {self.detail}"
+        return f"ok {self.path}"
+
+
+@dataclass
+class Finding:
+    """A difference from the design (``init --check``)."""
+    code: str             # missing | not-dir | mode | owner | setgid | filesystem | disk | inotify
+    #                       | network-fs | access
+    path: str
+    detail: str
+    severity: str = "error"     # "error" | "warning"
+    data: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.path}: {self.detail}"
+
+
+# ----------------------------------------------------------------- the design
+
+def _resolve_user(name: str | None, key: str, source: str) -> tuple[int | None, int | None]:
+    """(uid, primary gid or None) of a configured user name or number."""
+    if name is None:
+        return None, None
+    if name.isdigit():
+        try:
+            return int(name), pwd.getpwuid(int(name)).pw_gid
+        except KeyError:
+            return int(name), None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"key '{key}': no such user {name!r} (create it first, e.g. "
+                          f"'adduser --system --group {name}')", source) from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _resolve_group(name: str | None, key: str, source: str) -> int | None:
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"key '{key}': no such group {name!r}", source) from None
+
+
+def design(cfg: Config) -> list[Want]:
+    """Every directory ``init`` makes, with its mode and owner; unknown user or
+    group names are a ConfigError."""
+    uid, primary = _resolve_user(cfg.user, "user", cfg.source)
+    gid = _resolve_group(cfg.group, "group", cfg.source)
+    if gid is None:
+        gid = primary if cfg.user is not None else None
+    service = Ids(uid, gid)
+    wants = [Want(inbox, "inbox", INBOX_MODE, service, dedicated) for inbox, dedicated in cfg.inboxes()]
+    wants.append(Want(cfg.state, "state", STATE_MODE, service))
+    for s in cfg.studies.values():
+        tree_gid = _resolve_group(s.group, f"studies.{s.name}.group", cfg.source)
+        wants.append(Want(s.store, "store", STORE_MODE, service, s.name))
+        wants.append(Want(s.tree, "tree", TREE_MODE, Ids(uid, tree_gid if tree_gid is not None else gid),
+                          s.name))
+    return wants
+
+
+def _inner_paths(want: Want) -> list[str]:
+    """What inside a store or the state directory must belong to the service
+    user too: the daemon writes there (a root-owned shard or record left by a
+    command run as root would stop it).  Objects themselves are read-only and
+    are not walked."""
+    out: list[str] = []
+    if want.role == "store":
+        root = want.path
+        for name in (*STORE_DIRS, layout.STORE_MARKER, "HEAD", "lock"):
+            out.append(os.path.join(root, name))
+        for sub in ("objects", "index"):
+            try:
+                out.extend(os.path.join(root, sub, n) for n in sorted(os.listdir(os.path.join(root, sub))))
+            except OSError:
+                pass
+    elif want.role == "state":
+        for dirpath, dirs, files in os.walk(want.path):
+            out.extend(os.path.join(dirpath, n) for n in sorted(dirs + files))
+    return [p for p in out if os.path.lexists(p)]
+
+
+# ----------------------------------------------------------------------- init
 
 def init(cfg: Config) -> list[Action]:
-    actions: list[Action] = []
-
-    def mkdir(path: str, mode: int) -> None:
-        created = makedirs(os.fsencode(path), mode)
-        if created:
-            os.chmod(path, mode)   # mkdir's mode is filtered by the umask; sticky needs chmod
-        actions.append(Action(path, "created" if created else "exists"))
-
-    for inbox, _ in cfg.inboxes():
-        mkdir(inbox, INBOX_MODE)
-    existed = os.path.isdir(cfg.state)
+    """Create every configured directory with the design's mode (and owner
+    when configured); fix what differs.  Idempotent."""
+    wants = design(cfg)
+    existed = {w.path: os.path.isdir(w.path) for w in wants}
+    for w in wants:
+        if w.role == "inbox":
+            makedirs(os.fsencode(w.path), 0o700)       # the real mode comes with chmod below
     StateDir(cfg.state).init()
-    actions.append(Action(cfg.state, "exists" if existed else "created"))
     for s in cfg.studies.values():
-        existed = os.path.exists(os.path.join(s.store, "eidetic-store"))
-        tree_existed = os.path.isdir(s.tree)
         Store.init(s)
-        actions.append(Action(s.store, "exists" if existed else "created"))
-        actions.append(Action(s.tree, "exists" if tree_existed else "created"))
+        if _service_ids(wants).uid is not None:
+            _precreate(s)
+    actions: list[Action] = []
+    for w in wants:
+        before = os.lstat(w.path)
+        changes = _apply(w.path, w.mode, w.ids, before)
+        if not existed[w.path]:
+            actions.append(Action(w.path, "created", f"mode {w.mode:04o}, {_owner_text(w.path)}"))
+        else:
+            actions.extend(Action(w.path, "changed", c) for c in changes)
+            if not changes:
+                actions.append(Action(w.path, "ok"))
+        for inner in _inner_paths(w):
+            st = os.lstat(inner)
+            if not stat.S_ISLNK(st.st_mode):
+                for c in _apply(inner, None, w.ids, st):
+                    if existed[w.path]:
+                        actions.append(Action(inner, "changed", c))
     return actions
 
+
+def _service_ids(wants: list[Want]) -> Ids:
+    return next(w.ids for w in wants if w.role == "state")
+
+
+def _precreate(s: StudyConfig) -> None:
+    """A store's lock file and index files are created by whoever first needs
+    them; if that is root (``sudo eidetic fsck``) the daemon could not open
+    them afterwards.  Create them now so init hands them to the service user."""
+    fd = os.open(os.path.join(s.store, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    if not os.path.exists(os.path.join(s.store, "index", "data.mdb")):
+        store = Store(s)
+        store.index   # noqa: B018 - opening creates data.mdb and lock.mdb
+        store.close()
+
+
+def _apply(path: str, mode: int | None, ids: Ids, st: os.stat_result) -> list[str]:
+    changes: list[str] = []
+    uid = -1 if ids.uid is None or ids.uid == st.st_uid else ids.uid
+    gid = -1 if ids.gid is None or ids.gid == st.st_gid else ids.gid
+    if uid != -1 or gid != -1:
+        os.chown(path, uid, gid, follow_symlinks=False)
+        changes.append(f"owner of {path} {_user_name(st.st_uid)}:{_group_name(st.st_gid)} -> "
+                       f"{_owner_text(path)}")
+    if mode is not None:
+        # chown may clear set-id bits, and mkdir's mode is filtered by the umask: always chmod.
+        now = stat.S_IMODE(os.lstat(path).st_mode)
+        if now != mode:
+            os.chmod(path, mode)
+            now = stat.S_IMODE(os.lstat(path).st_mode)
+        if now != mode:
+            # The kernel silently drops setgid for a caller outside the directory's group.
+            changes.append(f"mode of {path} is {now:04o}, not {mode:04o}: setting the setgid bit needs "
+                           "membership of the directory's group (run 'eidetic init' as root)")
+        elif stat.S_IMODE(st.st_mode) != mode:
+            changes.append(f"mode of {path} {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}")
+    return changes
+
+
+def _owner_text(path: str) -> str:
+    st = os.lstat(path)
+    return f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"
+
+
+def _user_name(uid: int | None) -> str:
+    if uid is None:
+        return "(unchanged)"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int | None) -> str:
+    if gid is None:
+        return "(unchanged)"
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+# ---------------------------------------------------------------------- check
+
+def check(cfg: Config, max_user_watches_file: str = MAX_USER_WATCHES,
+          mountinfo_file: str = MOUNTINFO) -> list[Finding]:
+    """What differs from the design; changes nothing.  An empty list: all is well."""
+    wants = design(cfg)
+    out: list[Finding] = []
+    for w in wants:
+        out.extend(_check_dir(w))
+    for s in cfg.studies.values():
+        try:
+            if os.stat(s.tree).st_dev != os.stat(s.store).st_dev:
+                out.append(Finding("filesystem", s.tree, f"tree and store {s.store} are on different file "
+                                   "systems; tree files are hardlinks to store objects"))
+        except OSError:
+            pass   # already reported as missing
+    out.extend(_check_disk(cfg, wants))
+    if not cfg.polling:
+        out.extend(_check_inotify(len(cfg.inboxes()), max_user_watches_file))
+    out.extend(_check_network(cfg, wants, mountinfo_file))
+    out.extend(_check_access(wants))
+    return out
+
+
+def _check_dir(w: Want) -> list[Finding]:
+    try:
+        st = os.stat(w.path)
+    except FileNotFoundError:
+        return [Finding("missing", w.path, f"{w.role} directory does not exist (run 'eidetic init')")]
+    except OSError as e:
+        return [Finding("missing", w.path, f"cannot stat: {e.strerror}")]
+    if not stat.S_ISDIR(st.st_mode):
+        return [Finding("not-dir", w.path, f"{w.role} is not a directory")]
+    out: list[Finding] = []
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != w.mode:
+        out.append(Finding("mode", w.path, f"{w.role} has mode {mode:04o}, the design says {w.mode:04o}",
+                           data={"mode": mode, "want": w.mode}))
+    for p, ids, st_ in [(w.path, w.ids, st)] + [(q, w.ids, None) for q in _inner_paths(w)]:
+        if st_ is None:
+            try:
+                st_ = os.lstat(p)
+            except OSError:
+                continue
+        bad_uid = w.ids.uid is not None and st_.st_uid != ids.uid
+        bad_gid = w.ids.gid is not None and st_.st_gid != ids.gid
+        if bad_uid or bad_gid:
+            out.append(Finding("owner", p, f"owned by {_user_name(st_.st_uid)}:{_group_name(st_.st_gid)}, the "
+                               f"design says {ids.text()}"))
+    return out
+
+
+def _check_disk(cfg: Config, wants: list[Want]) -> list[Finding]:
+    thresholds = sorted(cfg.notify.disk_warn_percent)
+    if not thresholds:
+        return []
+    out: list[Finding] = []
+    seen: set[int] = set()
+    for w in wants:
+        if w.role == "tree":
+            continue   # shares the store's file system
+        try:
+            dev = os.stat(w.path).st_dev
+            pct = disk_percent_used(w.path)
+        except OSError:
+            continue
+        if dev in seen:
+            continue
+        seen.add(dev)
+        crossed = [t for t in thresholds if pct >= t]
+        if crossed:
+            out.append(Finding("disk", w.path, f"file system is {pct}% full (warning at {crossed[-1]}%)",
+                               "warning", {"percent_used": pct, "threshold": crossed[-1]}))
+    return out
+
+
+def _check_inotify(n_inboxes: int, path: str) -> list[Finding]:
+    try:
+        with open(path, "rb") as f:
+            watches = int(f.read(64).strip())
+    except (OSError, ValueError):
+        return []
+    need = max(MIN_INOTIFY_WATCHES, n_inboxes)
+    if watches < need:
+        return [Finding("inotify", path, f"fs.inotify.max_user_watches is {watches}; at least {need} is "
+                        "advised (sysctl fs.inotify.max_user_watches=524288)", "warning",
+                        {"max_user_watches": watches})]
+    return []
+
+
+def parse_mountinfo(text: str) -> list[tuple[str, str]]:
+    """(mount point, file system type) of every line of /proc/self/mountinfo."""
+    out: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+        except ValueError:
+            continue
+        if len(fields) < 5 or sep + 1 >= len(fields):
+            continue
+        out.append((_unescape_mount(fields[4]), fields[sep + 1]))
+    return out
+
+
+def _unescape_mount(s: str) -> str:
+    # The kernel writes space, tab, newline and backslash in mount points as \ooo.
+    if "\\" not in s:
+        return s
+    raw = s.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out).decode("utf-8", "surrogateescape")
+
+
+def fs_type(path: str, mounts: list[tuple[str, str]]) -> str | None:
+    """The type of the file system holding *path*: the longest mount point
+    that is a prefix of its real path (a later mount over the same point wins)."""
+    real = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    for point, typ in mounts:
+        if real == point or point == "/" or real.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) >= best[0]:
+                best = (len(point), typ)
+    return best[1] if best else None
+
+
+def _check_network(cfg: Config, wants: list[Want], mountinfo_file: str) -> list[Finding]:
+    try:
+        with open(mountinfo_file, encoding="utf-8", errors="surrogateescape") as f:
+            mounts = parse_mountinfo(f.read())
+    except OSError:
+        return []
+    out: list[Finding] = []
+    for w in wants:
+        typ = fs_type(w.path, mounts)
+        if typ not in NETWORK_FS:
+            continue
+        if w.role == "inbox" and not cfg.polling:
+            out.append(Finding("network-fs", w.path, f"inbox is on a network file system ({typ}): inotify "
+                               "does not see files written by other machines; set 'polling: true'",
+                               data={"fstype": typ}))
+        elif w.role == "store":
+            out.append(Finding("network-fs", w.path, f"store is on a network file system ({typ}): its LMDB "
+                               "index and lock are unsafe there; use a local file system",
+                               data={"fstype": typ}))
+        elif w.role == "state":
+            out.append(Finding("network-fs", w.path, f"state is on a network file system ({typ}): its locks "
+                               "are unreliable there; use a local file system", "warning",
+                               data={"fstype": typ}))
+    return out
+
+
+def _groups_of(uid: int, gid: int | None) -> set[int]:
+    try:
+        pw = pwd.getpwuid(uid)
+        return set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    except KeyError:
+        return {gid} if gid is not None else set()
+
+
+def _searchable(st: os.stat_result, uid: int | None, gids: set[int]) -> bool:
+    if uid == 0:
+        return True
+    if uid is not None and st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid in gids:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _check_access(wants: list[Want]) -> list[Finding]:
+    """Can the service user reach every directory, and the study group its tree?"""
+    out: list[Finding] = []
+    for w in wants:
+        who: list[tuple[str, int | None, set[int]]] = []
+        if w.ids.uid is not None:
+            who.append(("the service user", w.ids.uid, _groups_of(w.ids.uid, w.ids.gid)))
+        if w.role == "tree" and w.ids.gid is not None:
+            who.append(("the study group", None, {w.ids.gid}))
+        for label, uid, gids in who:
+            parent = os.path.dirname(w.path)
+            while True:
+                try:
+                    st = os.stat(parent)
+                except OSError:
+                    break
+                if not _searchable(st, uid, gids):
+                    out.append(Finding("access", parent, f"{label} cannot pass through this directory to "
+                                       f"reach {w.path} (mode {stat.S_IMODE(st.st_mode):04o})"))
+                    break
+                if parent == os.path.dirname(parent):
+                    break
+                parent = os.path.dirname(parent)
+    return out
+
+
+# ------------------------------------------------------------ systemd drop-in
+
+def systemd_dropin(cfg: Config) -> str:
+    """A drop-in for eidetic.service opening exactly the configured directories
+    to the daemon (the unit has ProtectSystem=strict)."""
+    paths = [w.path for w in design(cfg) if w.role != "tree"] + [s.tree for s in cfg.studies.values()]
+    lines = ["# /etc/systemd/system/eidetic.service.d/paths.conf (made by 'eidetic init --systemd-dropin')",
+             "# then: systemctl daemon-reload && systemctl restart eidetic",
+             "[Service]", "ReadWritePaths="]
+    lines += [f"ReadWritePaths={_systemd_quote(p)}" for p in paths]
+    if cfg.source:
+        lines.append(f"Environment=EIDETIC_CONFIG={_systemd_quote(cfg.source)}")
+    return "\n".join(lines) + "\n"
+
+
+def _systemd_quote(path: str) -> str:
+    if any(c in path for c in ' "\\\t'):
+        return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return path

@@ -108,7 +108,7 @@ def two_uids(world_tmp, nonroot_venv) -> TwoUids:
     res = t.daemon("init")
     assert res.returncode == 0, res.stderr
     st = os.lstat(lay.inbox)
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (DAEMON_UID, 0o1777)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (DAEMON_UID, 0o3777)
     return t
 
 
@@ -124,7 +124,8 @@ def test_daemon_uid_ingests_an_uploader_uids_entry_renamed_in_place(two_uids):
     t, lay = two_uids, two_uids.lay
     entry = t.upload("s1-labA-1", {"d/f.txt": "hello", "d/sub/g.txt": "world", "top.txt": "top"})
     st = os.lstat(entry)
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (UPLOADER_UID, 0o755)
+    # The setgid inbox gives the entry the service group (and its directories the setgid bit).
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UPLOADER_UID, DAEMON_UID, 0o2755)
     # The premise (FACTS.md): the daemon cannot move the entry out of the inbox.
     res = run_as(DAEMON_UID, ["mv", str(entry), str(lay.root / "taken")])
     assert res.returncode != 0 and entry.exists()
@@ -136,7 +137,7 @@ def test_daemon_uid_ingests_an_uploader_uids_entry_renamed_in_place(two_uids):
     assert done.startswith(".eidetic~done~") and done.endswith("~s1-labA-1")
     kept = lay.inbox / done
     assert _owners(kept) == {UPLOADER_UID}
-    assert stat.S_IMODE(os.lstat(kept).st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(kept).st_mode) == 0o2755
     assert (kept / "d/f.txt").read_text() == "hello"
     assert plain_files(lay.tree()) == {b"d/f.txt": b"hello", b"d/sub/g.txt": b"world", b"top.txt": b"top"}
     assert _owners(lay.tree()) == {DAEMON_UID}

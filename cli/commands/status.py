@@ -1,0 +1,72 @@
+"""eidetic status"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..common import Ctx, human_bytes, say
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+@click.command("status")
+@click.option("--study", help="Only this study.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (stable keys) instead of text.")
+@click.pass_obj
+def command(ctx: Ctx, study: str | None, as_json: bool) -> None:
+    """Per study: entries waiting, in processing, failed, stale partial
+    uploads, the last ingest, what the store holds, how full its file system
+    is, and whether a daemon serves it; then entries that map to no study.
+
+    Takes no lock: safe while the daemon runs.  Exit status 1 when a failed
+    entry is waiting in an inbox for someone to act on it, else 0.
+    """
+    from eidetic.layout import display
+    from eidetic.status import status
+
+    st = status(ctx.cfg, study)
+    if as_json:
+        click.echo(json.dumps(st.to_json(), indent=1, sort_keys=False))
+        sys.exit(1 if st.has_failed else 0)
+    for name, s in st.studies.items():
+        daemon = ("daemon running" + (f" (pid {s.daemon_pid})" if s.daemon_pid and s.daemon_pid > 0 else "")
+                  if s.daemon_running else "no daemon running")
+        say(f"study {name}: {daemon}")
+        say(f"  waiting      {len(s.waiting)}" + (": " + ", ".join(display(w.entry) for w in s.waiting[:5])
+                                                  + (", ..." if len(s.waiting) > 5 else "") if s.waiting else ""))
+        say(f"  processing   {len(s.processing)}"
+            + "".join(f"\n    {display(p.entry)} (upload {p.upload}, since {p.received})" for p in s.processing))
+        say(f"  failed       {len(s.failed)}")
+        for f in s.failed:
+            say(f"    {display(f.entry)} (upload {f.upload}, {f.finished}): {f.reason}")
+            say(f"      kept as {display(f.where)}")
+        say(f"  uploading    {s.partial} in progress, {len(s.stale)} stale")
+        for p in s.stale:
+            who = p.user or f"uid {p.uid}"
+            say(f"    {display(p.entry)} in {p.inbox}: untouched for {_hours(p.idle_seconds)} ({who})")
+        if s.last_ingest:
+            li = s.last_ingest
+            say(f"  last ingest  {li.time} {display(li.entry)} (upload {li.upload}): {li.files} files, "
+                f"{human_bytes(li.bytes)}")
+        else:
+            say("  last ingest  none")
+        if s.versions is not None:
+            paths = "?" if s.paths is None else f"{s.paths}"
+            size = "?" if s.store_bytes is None else human_bytes(s.store_bytes)
+            say(f"  store        {s.uploads} uploads, {paths} paths, {s.versions} versions, "
+                f"{s.objects} objects, {size}")
+        if s.percent_used is not None:
+            say(f"  filesystem   {s.percent_used}% used, {human_bytes(s.free_bytes or 0)} free of "
+                f"{human_bytes(s.total_bytes or 0)}")
+        for e in s.errors:
+            say(f"  error        {e}")
+    if st.unknown:
+        say("entries that map to no study:")
+        for u in st.unknown:
+            say(f"  {display(u.entry)} in {u.inbox}: {u.state}" + (f" ({u.reason})" if u.reason else ""))
+    sys.exit(1 if st.has_failed else 0)

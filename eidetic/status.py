@@ -1,0 +1,312 @@
+"""What each study's inbox, state and store look like right now (``eidetic status``).
+
+Read-only and lock-free: it never takes a store lock, so it works while a
+daemon ingests (LMDB readers do not block its writer).  It never creates
+anything either: a store whose index was never opened (no ``data.mdb``) is
+reported without one, because an index created by root here would later be
+unwritable for the service user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+
+from . import inbox as inbox_mod
+from .config import Config, StudyConfig
+from .errors import EideticError
+from .fsutil import disk_percent_used
+from .inbox import Claim, StateDir
+from .manifest import encode_bytes
+from .store import Store
+
+
+def _named(d: dict, key: str, value: bytes) -> dict:
+    encode_bytes(d, key, value)
+    return d
+
+
+@dataclass
+class Waiting:
+    entry: bytes
+    inbox: str
+
+    def to_json(self) -> dict:
+        return _named({"inbox": self.inbox}, "entry", self.entry)
+
+
+@dataclass
+class Processing:
+    entry: bytes
+    upload: str
+    received: str
+
+    def to_json(self) -> dict:
+        return _named({"upload": self.upload, "received": self.received}, "entry", self.entry)
+
+
+@dataclass
+class Failed:
+    entry: bytes          # the name it was sent under
+    upload: str
+    reason: str
+    where: bytes          # its failed name in the inbox now
+    finished: str
+
+    def to_json(self) -> dict:
+        d = _named({"upload": self.upload, "reason": self.reason, "finished": self.finished}, "entry", self.entry)
+        return _named(d, "where", self.where)
+
+
+@dataclass
+class Stale:
+    entry: bytes          # the dot name
+    inbox: str
+    idle_seconds: float
+    uid: int
+    user: str | None
+
+    def to_json(self) -> dict:
+        return _named({"inbox": self.inbox, "idle_seconds": round(self.idle_seconds), "uid": self.uid,
+                       "user": self.user}, "entry", self.entry)
+
+
+@dataclass
+class LastIngest:
+    time: str             # when it finished (or was received, when only the index knows it)
+    upload: str
+    entry: bytes
+    files: int
+    bytes: int
+    seq: int | None
+
+    def to_json(self) -> dict:
+        return _named({"time": self.time, "upload": self.upload, "files": self.files, "bytes": self.bytes,
+                       "seq": self.seq}, "entry", self.entry)
+
+
+@dataclass
+class Unknown:
+    """An entry whose name maps to no configured study."""
+    entry: bytes
+    inbox: str
+    state: str            # "waiting" (not taken yet) | "failed" (refused, still in the inbox)
+    upload: str | None = None
+    reason: str | None = None
+    where: bytes | None = None
+
+    def to_json(self) -> dict:
+        d = _named({"inbox": self.inbox, "state": self.state, "upload": self.upload, "reason": self.reason},
+                   "entry", self.entry)
+        if self.where is not None:
+            encode_bytes(d, "where", self.where)
+        else:
+            d["where"] = None
+        return d
+
+
+@dataclass
+class StudyStatus:
+    name: str
+    waiting: list[Waiting] = field(default_factory=list)
+    processing: list[Processing] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+    stale: list[Stale] = field(default_factory=list)
+    partial: int = 0                       # uploads in progress (dot-entries), stale ones included
+    last_ingest: LastIngest | None = None
+    uploads: int | None = None             # None: unknown (no index yet, or unreadable)
+    paths: int | None = None
+    versions: int | None = None
+    objects: int | None = None
+    store_bytes: int | None = None
+    percent_used: int | None = None
+    free_bytes: int | None = None
+    total_bytes: int | None = None
+    daemon_pid: int | None = None          # -1: running, pid unknown
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def daemon_running(self) -> bool:
+        return self.daemon_pid is not None
+
+    def to_json(self) -> dict:
+        return {
+            "waiting": [w.to_json() for w in self.waiting],
+            "processing": [p.to_json() for p in self.processing],
+            "failed": [f.to_json() for f in self.failed],
+            "stale": [s.to_json() for s in self.stale],
+            "partial": self.partial,
+            "last_ingest": self.last_ingest.to_json() if self.last_ingest else None,
+            "uploads": self.uploads,
+            "paths": self.paths,
+            "versions": self.versions,
+            "objects": self.objects,
+            "store_bytes": self.store_bytes,
+            "filesystem": {"percent_used": self.percent_used, "free_bytes": self.free_bytes,
+                           "total_bytes": self.total_bytes},
+            "daemon": {"running": self.daemon_running,
+                       "pid": self.daemon_pid if self.daemon_pid and self.daemon_pid > 0 else None},
+            "errors": list(self.errors),
+        }
+
+
+@dataclass
+class Status:
+    studies: dict[str, StudyStatus]
+    unknown: list[Unknown]
+
+    @property
+    def daemon_running(self) -> bool:
+        return any(s.daemon_running for s in self.studies.values())
+
+    @property
+    def has_failed(self) -> bool:
+        return any(s.failed for s in self.studies.values()) or any(u.state == "failed" for u in self.unknown)
+
+    def to_json(self) -> dict:
+        return {"studies": {n: s.to_json() for n, s in self.studies.items()},
+                "unknown": [u.to_json() for u in self.unknown],
+                "daemon_running": self.daemon_running}
+
+
+# ------------------------------------------------------------------- gather
+
+def status(cfg: Config, study: str | None = None, now: float | None = None) -> Status:
+    names = [cfg.study(study).name] if study else sorted(cfg.studies)
+    state = StateDir(cfg.state)
+    records = {kind: _records(state, kind) for kind in ("claims", "done", "failed")}
+    out = Status({}, [])
+    for name in names:
+        out.studies[name] = _study(cfg, cfg.study(name), state, records, now)
+    if study is None:
+        out.unknown = _unknown(cfg, state, records)
+    return out
+
+
+def _records(state: StateDir, kind: str) -> list[dict] | OSError:
+    try:
+        return state.list(kind)
+    except OSError as e:
+        return e
+
+
+def _present(state_dir: StateDir, rec: dict, state: str) -> Claim | None:
+    """The record's entry, if it is still in the inbox under its *state* name (checked by inode)."""
+    cl = _claim(rec)
+    if cl is None:
+        return None
+    where = state_dir.locate(cl)
+    return cl if where is not None and where[0] == state else None
+
+
+def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, now: float | None) -> StudyStatus:
+    st = StudyStatus(s.name)
+    st.waiting = [Waiting(c.name, c.inbox) for c in inbox_mod.scan(cfg, s.name)]
+    for kind in ("claims", "done", "failed"):
+        if isinstance(records[kind], OSError):
+            st.errors.append(f"cannot read {os.path.join(cfg.state, kind)}: {records[kind].strerror}")
+    claims = [r for r in _ok(records["claims"]) if r.get("study") == s.name]
+    for r in claims:
+        cl = _claim(r)
+        if cl is not None:
+            st.processing.append(Processing(cl.original, cl.upload, cl.received))
+    for r in _ok(records["failed"]):
+        if r.get("study") != s.name:
+            continue
+        cl = _present(state, r, "failed")
+        if cl is not None:
+            st.failed.append(Failed(cl.original, cl.upload, str(r.get("reason") or cl.reason or ""),
+                                    cl.path_in("failed"), str(r.get("finished", ""))))
+    stale_after = cfg.stale_hours * 3600
+    partial = inbox_mod.partial_entries(cfg, s.name, now=now)
+    st.partial = len(partial)
+    st.stale = [Stale(p.name, p.inbox, p.idle_seconds, p.uid, _user(p.uid)) for p in partial
+                if p.idle_seconds >= stale_after]
+    done = [r for r in _ok(records["done"]) if r.get("study") == s.name and r.get("finished")]
+    if done:
+        r = max(done, key=lambda r: r["finished"])
+        cl = _claim(r)
+        if cl is not None:
+            st.last_ingest = LastIngest(r["finished"], cl.upload, cl.original, int(r.get("files", 0)),
+                                        int(r.get("bytes", 0)), r.get("seq"))
+    _store_numbers(s, st)
+    try:
+        u = shutil.disk_usage(s.store)
+        st.percent_used = disk_percent_used(s.store)
+        st.free_bytes, st.total_bytes = u.free, u.total
+    except OSError as e:
+        st.errors.append(f"cannot stat {s.store}: {e.strerror}")
+    st.daemon_pid = state.daemon_pid(s.name)
+    return st
+
+
+def _ok(records: list[dict] | OSError) -> list[dict]:
+    return [] if isinstance(records, OSError) else records
+
+
+_CLAIM_KEYS = frozenset(f.name for f in fields(Claim)) | {"original_b64"}
+
+
+def _claim(rec: dict) -> Claim | None:
+    """The claim part of a claims/done/failed record (those add their own keys)."""
+    try:
+        return Claim.from_json({k: v for k, v in rec.items() if k in _CLAIM_KEYS})
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def _user(uid: int) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
+    store = Store(s)
+    try:
+        store.check_format()
+        manifests = [store.manifest_path(n) for n in store.manifest_seqs()]
+        manifest_bytes = sum(os.lstat(p).st_size for p in manifests)
+        index_dir = os.path.join(s.store, "index")
+        if not os.path.exists(os.path.join(index_dir, "data.mdb")):
+            # Never opened: nothing was ingested yet, or it was removed for a rebuild.
+            st.uploads = len(manifests)
+            if not manifests:
+                st.paths = st.versions = st.objects = 0
+                st.store_bytes = 0
+            return
+        idx = store.index
+        stats = idx.stats()
+        st.uploads = stats["uploads"]
+        st.versions = stats["path_versions"]
+        st.objects = stats["objects"]
+        st.paths = sum(1 for v in idx.iter_versions() if v.n == 1)
+        index_bytes = sum(os.lstat(os.path.join(index_dir, n)).st_size for n in os.listdir(index_dir))
+        st.store_bytes = sum(size for _oid, size in idx.iter_objects()) + manifest_bytes + index_bytes
+        if st.last_ingest is None and st.uploads:
+            applied, _ = idx.applied()
+            up = idx.upload(applied) if applied else None
+            if up:
+                st.last_ingest = LastIngest(up.get("received", ""), up.get("upload", ""),
+                                            str(up.get("entry", "")).encode("utf-8", "surrogateescape"),
+                                            int(up.get("files", 0)), int(up.get("bytes", 0)), applied)
+    except (OSError, EideticError) as e:
+        msg = e.message if isinstance(e, EideticError) else f"{e.strerror}: {e.filename}"
+        st.errors.append(f"store {s.store}: {msg}")
+    # The index stays open: LMDB environments are shared per process (index.py).
+
+
+def _unknown(cfg: Config, state: StateDir, records: dict) -> list[Unknown]:
+    out = [Unknown(c.name, c.inbox, "waiting") for c in inbox_mod.scan(cfg) if c.study is None]
+    for r in _ok(records["failed"]):
+        if r.get("study") is not None:
+            continue
+        cl = _present(state, r, "failed")
+        if cl is not None:
+            out.append(Unknown(cl.original, cl.inbox, "failed", cl.upload, str(r.get("reason") or ""),
+                               cl.path_in("failed")))
+    return out
