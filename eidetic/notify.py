@@ -67,7 +67,7 @@ def _never_raises(method):
         try:
             return method(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - see docstring
-            self.log(f"mail: internal problem in {method.__name__}: {type(e).__name__}: {e}")
+            self.log(f"mail: {method.__name__} failed: {type(e).__name__}: {e}")
             return 0 if method.__name__ == "deliver" else None
     return wrapper
 
@@ -530,7 +530,7 @@ class Notifier:
             lines += ["Where:  the data lies untouched at", f"          {where}"]
         else:
             lines += ["Where:  the entry is no longer in the inbox."]
-        if r.upload:
+        if r.upload and failed_name:
             lines.append(f"        The record is {os.path.join(self.cfg.state, 'failed', r.upload + '.json')}")
         lines += ["", "Nothing of this upload is in the study's tree.", "", "What to do next:"]
         if where and failed_name:

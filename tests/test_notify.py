@@ -388,3 +388,16 @@ def test_without_a_notify_section_nothing_is_queued(layout, smtp):
     n.stop()
     assert not (layout.state / "notify").exists()
     assert smtp.received == []
+
+
+def test_a_broken_state_directory_is_logged_never_raised(tmp_path, smtp):
+    lay = notify_layout(tmp_path / "l", smtp.port, study={"notify_uploads": "digest"})
+    (lay.state / "notify").write_bytes(b"not a directory")
+    logs: list[str] = []
+    n = Notifier(lay.cfg, logs.append)
+    n.entry_result(EntryResult("s1-x", "s1", "failed", upload="u", reason="r", where=None))
+    n.entry_result(EntryResult("s1-y", "s1", "ingested", upload="v"))
+    n.tick()
+    assert n.deliver() == 0
+    assert any(line.startswith("mail: entry_result failed: NotADirectoryError") for line in logs), logs
+    assert smtp.received == []
