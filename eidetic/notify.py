@@ -40,12 +40,15 @@ from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import layout
 from .config import Config, StudyConfig
 from .fsutil import disk_percent_used, is_temp_name, makedirs, write_atomic
-from .inbox import partial_entries
+from .inbox import PartialEntry, partial_entries
+
+if TYPE_CHECKING:   # ingest pulls in the whole store stack; only its record type is needed
+    from .ingest import EntryResult
 
 Log = Callable[[str], None]
 
@@ -119,7 +122,7 @@ class Notifier:
     # ------------------------------------------------------------ events
 
     @_never_raises
-    def entry_result(self, r) -> None:
+    def entry_result(self, r: EntryResult) -> None:
         """Queue the mails an ingest outcome calls for: a failure always (to the
         study's people and the admin), a success per the study's notify_uploads."""
         if not self.enabled:
@@ -161,7 +164,7 @@ class Notifier:
                 return
             if level > before:   # mail first: a crash in between repeats a mail rather than losing it
                 self._queue(f"[eidetic] {study}: disk {percent}% full (warning at {level}%)",
-                            self._disk_body(s, percent, level, usage), s.notify + self.n.admin)
+                            self._disk_body(s, percent, level, usage.free, usage.total), s.notify + self.n.admin)
                 self.log(f"mail: study {study}: disk {percent}% full, crossed {level}%")
             self._ensure_dir("disk")
             write_atomic(path, _dump({"level": level, "percent": percent,
@@ -502,7 +505,7 @@ class Notifier:
     def _ensure_dir(self, sub: str = "") -> None:
         makedirs(os.fsencode(os.path.join(self.root, sub) if sub else self.root), 0o700, 0o700)
 
-    def _remember_for_digest(self, r, s: StudyConfig) -> None:
+    def _remember_for_digest(self, r: EntryResult, s: StudyConfig) -> None:
         d = os.path.join(self.root, "digest", s.name)
         with self._lock:
             makedirs(os.fsencode(d), 0o700, 0o700)
@@ -513,12 +516,12 @@ class Notifier:
 
     # ---------------------------------------------------------- texts
 
-    def _failure_subject(self, r) -> str:
+    def _failure_subject(self, r: EntryResult) -> str:
         if r.study:
             return f"[eidetic] {r.study}: upload {_short(r.entry)} FAILED"
         return f"[eidetic] upload {_short(r.entry)} FAILED (no such study)"
 
-    def _failure_body(self, r, study: StudyConfig | None) -> str:
+    def _failure_body(self, r: EntryResult, study: StudyConfig | None) -> str:
         where = _clean(r.where) if r.where else None
         lines = [f"The upload {r.entry!s} was NOT ingested.", "",
                  f"What:   entry {r.entry}" + (f", study {r.study}" if r.study else ", no configured study")
@@ -557,7 +560,7 @@ class Notifier:
             lines += ["  Ask the uploader whether the data was moved away, and send it again."]
         return "\n".join(lines) + "\n"
 
-    def _success_body(self, r, s: StudyConfig) -> str:
+    def _success_body(self, r: EntryResult, s: StudyConfig) -> str:
         return "\n".join([
             f"The upload {r.entry} was ingested into study {s.name}.", "",
             f"Upload id:     {r.upload}",
@@ -581,12 +584,12 @@ class Notifier:
         lines += ["", f"Tree: {s.tree}", "Failures are mailed at once and are not part of this digest.", ""]
         return "\n".join(lines)
 
-    def _disk_body(self, s: StudyConfig, percent: int, level: int, usage) -> str:
+    def _disk_body(self, s: StudyConfig, percent: int, level: int, free: int, total: int) -> str:
         higher = [t for t in self.n.disk_warn_percent if t > level]
         return "\n".join([
             f"The file system holding study {s.name}'s store is {percent}% full "
             f"(warning threshold {level}%).", "",
-            f"Free:   {_human_bytes(usage.free)} of {_human_bytes(usage.total)}",
+            f"Free:   {_human_bytes(free)} of {_human_bytes(total)}",
             f"Store:  {s.store}",
             f"Tree:   {s.tree} (same file system)", "",
             "When it is full, new uploads fail with \"no space\" and stay untouched in the",
@@ -597,7 +600,7 @@ class Notifier:
             "This mail is sent once per threshold crossing"
             + (f"; the next warning comes at {higher[0]}%." if higher else "."), ""])
 
-    def _stale_body(self, p, study: StudyConfig | None, now: float) -> str:
+    def _stale_body(self, p: PartialEntry, study: StudyConfig | None, now: float) -> str:
         try:
             who = pwd.getpwuid(p.uid).pw_name
         except KeyError:
