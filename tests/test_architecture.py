@@ -14,7 +14,7 @@ CLI_PACKAGES = {"click", "eidetic_cli", "cli"}
 
 # Each third-party library belongs to exactly one module.
 OWNERS = {"blake3": "objects.py", "lmdb": "index.py", "yaml": "config.py", "watchdog": "watch.py",
-          "paramiko": "transport.py"}
+          "paramiko": "transport.py", "sdnotify": "daemon.py"}
 
 # os functions that are pure string/number work (everything else on os does I/O).
 PURE_OS = {"fsencode", "fsdecode", "sep", "altsep", "extsep", "curdir", "pardir", "fspath"}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
+from datetime import datetime
 
 import click
 
@@ -19,13 +22,25 @@ from ..common import Ctx, human_bytes, say, warn
 def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> None:
     """Ingest complete inbox entries into their studies' stores.
 
-    Exit status 0 when every entry taken was ingested, 1 when any failed.
+    Without --once this is the daemon: it watches every configured inbox
+    (inotify, or polling with `polling: true`), rescans every rescan_seconds,
+    and ingests each entry once it has been unchanged for settle_seconds,
+    one at a time per study, until SIGTERM or SIGINT (an entry in progress is
+    abandoned and redone at the next start; exit status 0).  SIGHUP reloads
+    the config file; a bad one is logged and the running one kept.  Log lines
+    go to stderr (with sd-daemon priority prefixes under journald); -v adds
+    detail.  A study is served by one daemon at a time: when another daemon
+    already serves one of them, this one names that study and pid and exits
+    with status 3.  `--once` still works while a daemon runs (it waits for
+    the study's store).  With --study, only that study is served.
+
+    With --once: exit status 0 when every entry taken was ingested, 1 when
+    any failed.
     """
+    if not once:
+        sys.exit(_daemon(ctx, study, settle))
     from eidetic.ingest import Ingester
 
-    if not once:
-        raise click.UsageError("only 'eidetic ingest --once' is available in this version "
-                               "(the watching daemon is not part of it yet)")
     cfg = ctx.cfg
     log = (lambda m: warn(f"{time.strftime('%H:%M:%S')} {m}")) if ctx.verbose else (lambda m: None)
     results = Ingester(cfg, log=log).run_once(study=study, settle_seconds=settle)
@@ -44,4 +59,53 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
             say(f"waiting {r.entry}: {r.reason}")
     if not results:
         say("nothing to ingest")
+    if cfg.notify.enabled:
+        _notify_once(ctx, results)
     sys.exit(1 if failed else 0)
+
+
+def _notify_once(ctx: Ctx, results) -> None:
+    """Queue the mails this run calls for and make one delivery attempt
+    (whatever is not delivered stays in the outbox for the next run)."""
+    from eidetic.notify import Notifier
+
+    notifier = Notifier(ctx.cfg, warn, debug=warn if ctx.verbose else None)
+    for r in results:
+        if r.outcome in ("ingested", "failed"):
+            notifier.entry_result(r)
+    for s in sorted({r.study for r in results if r.outcome == "ingested" and r.study}):
+        notifier.check_disk(s)
+    notifier.deliver()
+
+
+def _daemon(ctx: Ctx, study: str | None, settle: float | None) -> int:
+    from eidetic.daemon import Daemon
+
+    return Daemon(ctx.cfg, _line_logger(ctx.verbose), config_path=ctx.config_path, study=study,
+                  settle=settle).run()
+
+
+def _line_logger(verbose: int):
+    """One line per event on stderr, flushed at once.  Under journald
+    ($JOURNAL_STREAM set) with an sd-daemon priority prefix and no time
+    (the journal adds its own); otherwise with an ISO local time stamp."""
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    lock = threading.Lock()
+    tags = {3: "error: ", 4: "warning: "}
+
+    def log(priority: int, msg: str) -> None:
+        if priority >= 7 and not verbose:
+            return
+        lines = msg.splitlines() or [""]
+        if journal:
+            text = "".join(f"<{priority}>{ln}\n" for ln in lines)
+        else:
+            stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+            text = "".join(f"{stamp} {tags.get(priority, '')}{ln}\n" for ln in lines)
+        with lock:
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except (OSError, ValueError):   # no one is listening: ingest goes on
+                pass
+    return log

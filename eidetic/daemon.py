@@ -1,0 +1,570 @@
+"""The long-running ingest daemon (``eidetic ingest`` without ``--once``).
+
+It is thin on purpose: the Ingester decides *how* an entry is ingested;
+the daemon only decides *when*.  One worker thread per served study runs
+``Ingester.run_study`` whenever it is woken - by a watch event naming one of
+its entries, by the periodic rescan, or by a timer when an entry was still
+settling - so entries of one study go one at a time, oldest first, and a
+slow study never holds up another.  One more worker refuses entries whose
+name maps to no study.  The main thread only handles signals (stop,
+reload), the rescan timer and systemd's watchdog, so a hung main loop is
+noticed by systemd.
+
+Nothing here knows about click: the caller passes *log(priority, message)*
+with syslog priorities and gets an exit status back (or an EideticError).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import select
+import signal
+import threading
+import time
+import traceback
+from typing import Callable
+
+import sdnotify
+
+from . import config as _config
+from . import layout
+from .config import Config, StudyConfig
+from .errors import ConfigError, EideticError, LockBusy
+from .inbox import StateDir
+from .ingest import EntryResult, Ingester
+from .store import Store
+from .watch import InboxWatch
+
+# sd-daemon / syslog priorities (the CLI turns them into "<3>" etc. for journald)
+ERROR, WARNING, INFO, DEBUG = 3, 4, 6, 7
+
+Log = Callable[[int, str], None]
+
+STOP_TIMEOUT = 20.0          # how long shutdown waits for workers to abandon their entries
+MAX_BACKOFF = 60.0           # an erring worker retries after 1, 2, 4 ... up to this many seconds
+LOCK_POLL = 0.5              # while another process holds a store lock, look again this often
+MIN_SETTLE_RECHECK = 0.2
+
+# The Ingester's own log lines, by first word.  None: the daemon logs that
+# event itself from the EntryResult (with more detail, e.g. where the data lies).
+_INGEST_LEVELS = {"waiting": DEBUG, "claimed": INFO, "resuming": INFO, "abandoned": WARNING,
+                  "ingested": None, "failed": None, "incomplete": None}
+
+_tls = threading.local()
+
+
+class _DaemonIngester(Ingester):
+    """An Ingester that hands over each entry's result as soon as it exists
+    (run_study returns them only at the end of a pass, which may be a
+    backlog of thousands)."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None], should_stop: Callable[[], bool],
+                 on_result: Callable[[EntryResult], None]) -> None:
+        super().__init__(cfg, log=log, should_stop=should_stop)
+        self.on_result = on_result
+
+    def process(self, store: Store, cl, resumed: bool = False) -> EntryResult:
+        r = super().process(store, cl, resumed)
+        self.on_result(r)
+        return r
+
+
+class _NoNotifier:
+    """Stands in when no notifier can be built; every call does nothing."""
+
+    def entry_result(self, r: EntryResult) -> None: ...
+    def check_disk(self, study: str) -> None: ...
+    def tick(self) -> None: ...
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+class _Worker:
+    """A thread that runs passes over one study (or, with study None, over
+    the entries that map to no study) whenever it is woken."""
+
+    def __init__(self, daemon: "Daemon", study: str | None) -> None:
+        self.daemon = daemon
+        self.study = study
+        self.wake_event = threading.Event()
+        self.stop_event = threading.Event()
+        self._rescan = False
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"eidetic-ingest-{study}" if study else "eidetic-unknown")
+
+    @property
+    def label(self) -> str:
+        return f"study {self.study}" if self.study else "entries of no study"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self, rescan: bool = False) -> None:
+        if rescan:
+            self._rescan = True
+        self.wake_event.set()
+
+    def stop(self) -> None:
+        """No new entry; an entry not yet committed is abandoned (redone later)."""
+        self.stop_event.set()
+        self.wake_event.set()
+
+    def _run(self) -> None:
+        _tls.worker = self
+        d = self.daemon
+        failures = 0
+        rescan = True          # the first pass is the start-up scan (and recovery)
+        ingester: Ingester | None = None
+        try:
+            while not self.stop_event.is_set():
+                retry_in: float | None = None
+                try:
+                    ingester = d.ingester
+                    waiting = d._pass(self, ingester, rescan)
+                    failures = 0
+                    if waiting:    # come back when it may have settled, not before
+                        retry_in = max(MIN_SETTLE_RECHECK, min(d.settle(), d.cfg.rescan_seconds))
+                except Exception as e:  # noqa: BLE001 - a worker must survive anything
+                    failures += 1
+                    retry_in = min(MAX_BACKOFF, 2.0 ** (failures - 1))
+                    d._log_exception(f"{self.label}: ", e, f"; retrying in {retry_in:.0f} s")
+                    if self.stop_event.wait(retry_in):   # back off: events do not cut it short
+                        break
+                    rescan = True
+                    continue
+                self.wake_event.wait(retry_in)
+                self.wake_event.clear()    # before the pass: an event during it wakes us again
+                rescan, self._rescan = self._rescan, False
+        finally:
+            # The LMDB environment is per process: close it before a successor
+            # (a study whose settings changed) opens the store again.
+            if self.study is not None and ingester is not None and d._close_on_exit(self):
+                try:
+                    ingester.store(self.study).close()
+                except Exception as e:  # noqa: BLE001
+                    d._log_exception(f"{self.label}: closing the store: ", e)
+
+
+class Daemon:
+    """Serve every configured study (or only *study*) until SIGTERM/SIGINT.
+
+    *config_path* is what SIGHUP reloads (None: the usual lookup again);
+    *settle* overrides settle_seconds.  ``run()`` returns the exit status."""
+
+    def __init__(self, cfg: Config, log: Log, config_path: str | None = None, study: str | None = None,
+                 settle: float | None = None) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.config_path = config_path
+        self.only_study = cfg.study(study).name if study else None
+        self.settle_override = settle
+        self.state = StateDir(cfg.state)
+        self.ingester: Ingester = None  # type: ignore[assignment]  # built in run()
+        self.notifier = _NoNotifier()
+        self.workers: dict[str | None, _Worker] = {}
+        self._retiring: set[_Worker] = set()
+        self._locks: dict[str, int] = {}
+        self._watch: InboxWatch | None = None
+        self._inbox_owner: dict[str, str | None] = {}
+        self._stopping = threading.Event()
+        self._signals: list[int] = []
+        self._sd = sdnotify.SystemdNotifier()
+        self._sd_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self.ingested = 0
+        self.failed = 0
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> int:
+        """Must be called from the main thread (it installs signal handlers)."""
+        self._sd_notify("STATUS=starting")
+        self._check_ready(self.cfg)
+        served = self._served(self.cfg)
+        self._take_locks(served)
+        try:
+            return self._run(served)
+        finally:
+            for fd in self._locks.values():
+                os.close(fd)
+            self._locks.clear()
+
+    def _run(self, served: list[str]) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT,
+                                                                       signal.SIGHUP)}
+        try:
+            self.ingester = self._new_ingester(self.cfg)
+            self.notifier = self._new_notifier(self.cfg)
+            self.notifier.start()
+            self._start_watch(self.cfg)
+            self.log(INFO, self._describe_start(served))
+            self._start_workers(served, with_unknown=self.only_study is None)
+            self._sd_notify("READY=1", self._status())   # watches are in place; the backlog may follow
+            self._main_loop(rfd)
+            return 0
+        finally:
+            self._shutdown()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            os.close(rfd)
+            os.close(wfd)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        # Only note it: the main loop is woken through the wakeup fd and acts
+        # outside the handler (no locks taken in signal context).
+        self._signals.append(signum)
+
+    def _main_loop(self, rfd: int) -> None:
+        watchdog = self._watchdog_interval()
+        now = time.monotonic()
+        next_rescan = now + self.cfg.rescan_seconds
+        next_ping = now + watchdog if watchdog else float("inf")
+        while True:
+            timeout = max(0.0, min(next_rescan, next_ping) - time.monotonic())
+            try:
+                select.select([rfd], [], [], timeout)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                pass
+            _drain(rfd)
+            while self._signals:
+                sig = self._signals.pop(0)
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    self.log(INFO, f"stopping ({signal.Signals(sig).name}): no new entries; an entry in "
+                                   "progress is abandoned and redone at the next start")
+                    return
+                if sig == signal.SIGHUP:
+                    self._reload()
+                    next_rescan = time.monotonic() + self.cfg.rescan_seconds
+            now = time.monotonic()
+            if now >= next_rescan:
+                self.log(DEBUG, "periodic rescan")
+                for w in list(self.workers.values()):
+                    w.wake(rescan=True)
+                next_rescan = now + self.cfg.rescan_seconds
+            if now >= next_ping:
+                self._sd_notify("WATCHDOG=1")
+                next_ping = now + watchdog
+
+    def _shutdown(self) -> None:
+        self._stopping.set()
+        self._sd_notify("STOPPING=1", "STATUS=stopping")
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        workers = list(self.workers.values()) + list(self._retiring)
+        for w in workers:
+            w.stop()
+        stuck = self._join(workers, STOP_TIMEOUT)
+        self.notifier.stop()
+        if stuck:   # leave the stores open: closing LMDB under a running thread would crash
+            self.log(WARNING, f"{', '.join(w.label for w in stuck)}: still busy after {STOP_TIMEOUT:.0f} s; "
+                              "exiting anyway (the entry is redone at the next start)")
+        elif self.ingester is not None:
+            self.ingester.close()
+        self.log(INFO, f"stopped ({self.ingested} ingested, {self.failed} failed since start)")
+
+    def _join(self, workers: list[_Worker], timeout: float) -> list[_Worker]:
+        """Wait for *workers* to end, still pinging systemd's watchdog."""
+        deadline = time.monotonic() + timeout
+        watchdog = self._watchdog_interval()
+        for w in workers:
+            if not w.thread.is_alive() and w.thread.ident is None:
+                continue    # never started
+            while w.thread.is_alive() and time.monotonic() < deadline:
+                w.thread.join(min(1.0, watchdog or 1.0, max(0.0, deadline - time.monotonic())))
+                if watchdog:
+                    self._sd_notify("WATCHDOG=1")
+        return [w for w in workers if w.thread.is_alive()]
+
+    # ------------------------------------------------------------- passes
+
+    def settle(self) -> float:
+        return self.cfg.settle_seconds if self.settle_override is None else self.settle_override
+
+    def _should_stop(self) -> bool:
+        w = getattr(_tls, "worker", None)
+        return self._stopping.is_set() or (w is not None and w.stop_event.is_set())
+
+    def _pass(self, w: _Worker, ingester: Ingester, rescan: bool) -> bool:
+        """One pass; True when some entry is still settling."""
+        settle = self.settle()
+        if w.study is None:
+            results = ingester.reject_unknown(settle)
+            for r in results:
+                if r.outcome == "failed":
+                    self._on_result(r)
+            if rescan:
+                self.notifier.tick()
+        else:
+            if not self._await_store(w, ingester.store(w.study)):
+                return False
+            results = ingester.run_study(w.study, settle)
+            if rescan:
+                self.notifier.check_disk(w.study)
+        return any(r.outcome == "waiting" for r in results) and not w.stop_event.is_set()
+
+    def _await_store(self, w: _Worker, store: Store) -> bool:
+        """Wait until no other process (``ingest --once``, ``fsck --repair``)
+        holds the store lock, without blocking in flock, so a stop request
+        is still noticed.  False when told to stop meanwhile."""
+        said = False
+        while True:
+            try:
+                with store.lock(wait=False):
+                    return True
+            except LockBusy:
+                if not said:
+                    self.log(INFO, f"study {w.study}: another eidetic process is writing to the store; "
+                                   "waiting for it")
+                    said = True
+            if w.stop_event.wait(LOCK_POLL):
+                return False
+
+    def _on_result(self, r: EntryResult) -> None:
+        """Called from a worker as each entry is ingested or fails."""
+        if r.outcome == "ingested":
+            with self._counts_lock:
+                self.ingested += 1
+            self.log(INFO, f"ingested {r.entry} (study {r.study}) as upload {r.upload}: {r.files} files, "
+                           f"{r.bytes} bytes ({r.new_bytes} new), {r.new_versions} new versions"
+                           + (f", {r.skipped} skipped (not regular files)" if r.skipped else "")
+                           + f", {r.seconds:.1f} s")
+        elif r.outcome == "failed":
+            with self._counts_lock:
+                self.failed += 1
+            who = f"study {r.study}" if r.study else "no study"
+            self.log(ERROR, f"failed {r.entry} ({who}, upload {r.upload}): {r.reason}"
+                            + (f"; the data is kept at {r.where}" if r.where else ""))
+        else:
+            return
+        self._sd_notify(self._status())
+        self.notifier.entry_result(r)
+        if r.outcome == "ingested" and r.study:
+            self.notifier.check_disk(r.study)
+
+    def _ingest_log(self, msg: str) -> None:
+        level = WARNING if msg.startswith("  ") else _INGEST_LEVELS.get(msg.split(" ", 1)[0], INFO)
+        if level is not None:
+            self.log(level, msg.strip())
+
+    def _log_exception(self, prefix: str, e: BaseException, suffix: str = "") -> None:
+        if isinstance(e, EideticError):
+            text = e.message
+        elif isinstance(e, OSError):
+            text = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        else:
+            text = (f"internal error: {type(e).__name__}: {e} (set EIDETIC_DEBUG=1 for the traceback, "
+                    "and please report it)")
+        self.log(ERROR, prefix + text + suffix)
+        if os.environ.get("EIDETIC_DEBUG") and not isinstance(e, EideticError):
+            self.log(DEBUG, "".join(traceback.format_exception(e)).rstrip())
+
+    # -------------------------------------------------------------- watch
+
+    def _on_entry(self, inbox: str, name: bytes) -> None:
+        """From watchdog's thread: wake the worker that owns *name*."""
+        cfg = self.cfg
+        dedicated = self._inbox_owner.get(inbox)
+        mapped = layout.parse_entry_name(name, frozenset(cfg.studies), dedicated)
+        study = mapped[0] if mapped else None
+        w = self.workers.get(study)
+        disp = layout.display(name)
+        if w is None:
+            self.log(DEBUG, f"seen {disp} in {inbox}: study {study} is not served by this daemon")
+            return
+        self.log(INFO, f"seen {disp} in {inbox} " + (f"(study {study})" if study else "(maps to no study)"))
+        w.wake()
+
+    def _start_watch(self, cfg: Config) -> None:
+        inboxes = self._watched_inboxes(cfg)
+        owner = {os.path.normpath(i): ded for i, ded in cfg.inboxes()}
+        self._inbox_owner = owner
+        watch = InboxWatch(list(inboxes), self._on_entry, polling=cfg.polling)
+        watch.start()
+        if watch.fallback_reason:
+            self.log(WARNING, watch.fallback_reason)
+        old, self._watch = self._watch, watch
+        if old is not None:
+            old.stop()
+
+    def _watched_inboxes(self, cfg: Config) -> list[str]:
+        return [os.path.normpath(i) for i, ded in cfg.inboxes()
+                if ded is None or self.only_study is None or ded == self.only_study]
+
+    # ------------------------------------------------------------- set-up
+
+    def _served(self, cfg: Config) -> list[str]:
+        return [self.only_study] if self.only_study else sorted(cfg.studies)
+
+    def _check_ready(self, cfg: Config) -> None:
+        StateDir(cfg.state).check(cfg.source)
+        if self.only_study and self.only_study not in cfg.studies:
+            raise ConfigError(f"study {self.only_study!r} is no longer configured", cfg.source)
+        for inbox in self._watched_inboxes(cfg):
+            if not os.path.isdir(inbox):
+                raise ConfigError(f"inbox {inbox} does not exist (run 'eidetic init')", cfg.source)
+
+    def _take_locks(self, studies: list[str]) -> None:
+        """Every study's daemon lock, or none (LockBusy naming who holds which)."""
+        busy: list[LockBusy] = []
+        taken: dict[str, int] = {}
+        for s in studies:
+            try:
+                taken[s] = self.state.daemon_lock(s)
+            except LockBusy as e:
+                busy.append(e)
+        if busy:
+            for fd in taken.values():
+                os.close(fd)
+            if len(busy) == 1:
+                raise busy[0]
+            pids = {s: self.state.daemon_pid(s) for s in studies if s not in taken}
+            raise LockBusy("an ingest daemon is already running for "
+                           + ", ".join(f"study {s} (pid {p})" if p else f"study {s}" for s, p in pids.items())
+                           + f"; locks in {os.path.join(self.state.root, 'daemon')}")
+        self._locks.update(taken)
+
+    def _new_ingester(self, cfg: Config) -> Ingester:
+        return _DaemonIngester(cfg, log=self._ingest_log, should_stop=self._should_stop,
+                               on_result=self._on_result)
+
+    def _new_notifier(self, cfg: Config):
+        if not cfg.notify.enabled:   # nothing to do, and nothing to say about it on every rescan
+            return _NoNotifier()
+        try:
+            from .notify import Notifier
+        except ImportError as e:   # pragma: no cover - notify ships with eidetic
+            self.log(WARNING, f"notifications unavailable: {e}")
+            return _NoNotifier()
+
+        def mail_log(msg: str) -> None:
+            self.log(ERROR if msg.startswith("MAIL NOT DELIVERED") else WARNING, msg)
+        return Notifier(cfg, mail_log, debug=lambda m: self.log(DEBUG, m))
+
+    def _start_workers(self, studies: list[str], with_unknown: bool) -> None:
+        workers = dict(self.workers)
+        new = [_Worker(self, s) for s in studies]
+        if with_unknown and None not in workers:
+            new.append(_Worker(self, None))
+        for w in new:
+            workers[w.study] = w
+        self.workers = workers
+        for w in new:
+            w.start()
+
+    def _close_on_exit(self, w: _Worker) -> bool:
+        # A retired worker closes its store for its successor; at shutdown the
+        # Ingester is closed as a whole once every worker has ended.
+        return w in self._retiring
+
+    def _describe_start(self, served: list[str]) -> str:
+        inboxes = ", ".join(f"{i} ({ded or 'shared'})" for i, ded in self.cfg.inboxes()
+                            if os.path.normpath(i) in self._watched_inboxes(self.cfg))
+        mode = self._watch.mode if self._watch else "?"
+        return (f"started (pid {os.getpid()}): studies {', '.join(served)}; inboxes {inboxes}; "
+                f"mode {mode}, rescan every {self.cfg.rescan_seconds:g} s, settle {self.settle():g} s, "
+                f"mail {'on' if self.cfg.notify.enabled else 'off (no notify.sender)'}; "
+                f"config {self.cfg.source or '(built-in default layout)'}")
+
+    # ------------------------------------------------------------- reload
+
+    def _reload(self) -> None:
+        self._sd_notify("RELOADING=1", "STATUS=reloading the configuration")
+        try:
+            new = _config.load(self.config_path)
+            if new.state != self.cfg.state:
+                raise ConfigError(f"key 'state' changed ({self.cfg.state} -> {new.state}); "
+                                  "that needs a restart", new.source)
+            self._check_ready(new)
+        except EideticError as e:
+            self.log(ERROR, f"reload failed, keeping the running configuration: {e.message}")
+            self._sd_notify("READY=1", self._status())
+            return
+        old = self.cfg
+        served_old = set(self._served(old))
+        served_new = set(self._served(new))
+        removed = served_old - served_new
+        added = served_new - served_old
+        changed = {s for s in served_old & served_new
+                   if _ingest_view(old.studies[s]) != _ingest_view(new.studies[s])}
+        # Studies whose worker must go: removed ones, and changed ones (their
+        # store may have moved); an entry in progress is abandoned, redone later.
+        leaving = [self.workers[s] for s in sorted(removed | changed) if s in self.workers]
+        for w in leaving:
+            self._retiring.add(w)
+            w.stop()
+        workers = {k: w for k, w in self.workers.items() if w not in leaving}
+        self.workers = workers
+        stuck = self._join(leaving, STOP_TIMEOUT)
+        for w in stuck:
+            self.log(WARNING, f"{w.label}: still busy after {STOP_TIMEOUT:.0f} s; it stops on its own")
+        self._retiring.difference_update(w for w in leaving if w not in stuck)
+        for s in removed:
+            fd = self._locks.pop(s, None)
+            if fd is not None:
+                os.close(fd)
+        starting = []
+        for s in sorted(added):
+            try:
+                self._locks[s] = self.state.daemon_lock(s)
+                starting.append(s)
+            except LockBusy as e:
+                self.log(ERROR, f"reload: study {s} is not served here: {e.message}")
+            except OSError as e:
+                self.log(ERROR, f"reload: study {s} is not served here: cannot take its lock: {e.strerror}")
+        starting += sorted(s for s in changed if s not in {w.study for w in stuck})
+        self.cfg = new
+        self.ingester = self._new_ingester(new)
+        old_notifier, self.notifier = self.notifier, self._new_notifier(new)
+        old_notifier.stop()
+        self.notifier.start()
+        try:
+            self._start_watch(new)
+        except OSError as e:
+            self.log(ERROR, f"reload: cannot watch the inboxes ({e.strerror or e}); relying on the "
+                            f"rescan every {new.rescan_seconds:g} s")
+        self._start_workers(starting, with_unknown=self.only_study is None)
+        for w in list(self.workers.values()):
+            w.wake(rescan=True)
+        parts = [f"{what} {', '.join(sorted(ss))}" for what, ss in
+                 (("added", added), ("removed", removed), ("changed", changed)) if ss]
+        self.log(INFO, f"reloaded {new.source or '(built-in default layout)'}: "
+                       + ("; ".join(parts) if parts else "no study added, removed or changed")
+                       + f"; serving {', '.join(sorted(s for s in self.workers if s)) or 'nothing'}")
+        self._sd_notify("READY=1", self._status())
+
+    # ------------------------------------------------------------ systemd
+
+    def _sd_notify(self, *lines: str) -> None:
+        with self._sd_lock:
+            self._sd.notify("\n".join(lines))
+
+    def _status(self) -> str:
+        studies = sorted(s for s in self.workers if s)
+        return (f"STATUS=serving {', '.join(studies) or 'nothing'}: {self.ingested} ingested, "
+                f"{self.failed} failed since start")
+
+    @staticmethod
+    def _watchdog_interval() -> float | None:
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if not usec.isdigit() or int(usec) <= 0 or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2e6
+
+
+def _ingest_view(s: StudyConfig) -> StudyConfig:
+    """The settings that matter to ingest (who gets mail does not)."""
+    return dataclasses.replace(s, notify=(), notify_uploads="none")
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
