@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import logging
 import os
 import socket
 import stat
@@ -28,6 +29,10 @@ import paramiko
 from paramiko.sftp import CMD_EXTENDED
 
 from .errors import HostKeyError, TransportError, UsageError
+
+# paramiko logs the errors we report ourselves ("Socket exception: ...");
+# without a handler, logging's last resort would print them to stderr.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 CONNECT_TIMEOUT = 30.0
 IO_TIMEOUT = 120.0          # a silent network for this long fails the send (re-run resumes)
@@ -548,8 +553,9 @@ class SFTPTransport:
         where = f"{self.display}" + (f" ({rel.decode('utf-8', 'replace')})" if rel else "")
         if isinstance(e, (socket.timeout, EOFError, paramiko.SSHException)) or \
                 (isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT)):
-            return TransportError(f"the connection to {self.dest.host} was lost while {what} "
-                                  f"({e or type(e).__name__}); run the same command again to resume")
+            detail = f" ({e})" if str(e) else ""
+            return TransportError(f"the connection to {self.dest.host} was lost while {what}{detail}; "
+                                  "run the same command again to resume")
         if isinstance(e, OSError) and e.errno == errno.EACCES:
             return TransportError(f"permission denied on the server while {what} in {where}")
         if isinstance(e, OSError) and e.errno == errno.ENOENT:

@@ -133,8 +133,7 @@ def test_send_arrives_as_one_complete_entry_that_ingest_takes(tmp_path, layout, 
     check_description(entry, expected)
     [r] = layout.ingest()
     assert r.outcome == "ingested", r.reason
-    tree = {k: v for k, v in plain_files(layout.tree("s1")).items() if k != DESCRIPTION_NAME}
-    assert tree == expected
+    assert plain_files(layout.tree("s1")) == expected
 
 
 def test_a_single_file_can_be_sent(tmp_path, layout, client):
@@ -211,21 +210,9 @@ def test_upload_killed_midway_leaves_only_a_dot_entry_and_the_same_command_resum
     expected = make_source(tmp_path / "src", files)
     argv = eidetic_argv() + ["send", str(tmp_path / "src"), "--study", "s1", "--to", dest.url,
                              "--location", "labA", *dest.args()]
-    proc = subprocess.Popen(argv, env=client, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            assert proc.poll() is None, "the send finished before it could be killed"
-            assert time.monotonic() < deadline
-            dots = [n for n in os.listdir(layout.inbox) if n.startswith(".")]
-            big = layout.inbox / dots[0] / "big.bin" if dots else None
-            if big is not None and big.exists() and big.stat().st_size > (1 << 20):
-                break
-            time.sleep(0.002)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = start_and_wait_for(argv, client, layout.inbox, "big.bin")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     names = entries(layout.inbox)
     assert len(names) == 1 and names[0].startswith("."), names
     assert (layout.inbox / names[0] / "big.bin").stat().st_size < len(files["big.bin"])
@@ -240,9 +227,87 @@ def test_upload_killed_midway_leaves_only_a_dot_entry_and_the_same_command_resum
     check_description(entry, expected)
     [r] = layout.ingest()
     assert r.outcome == "ingested", r.reason
-    tree = {k: v for k, v in plain_files(layout.tree("s1")).items() if k != DESCRIPTION_NAME}
-    assert tree == expected
+    assert plain_files(layout.tree("s1")) == expected
     assert len(layout.manifests("s1")) == 1
+
+
+def start_and_wait_for(argv: list[str], client: dict, inbox: Path, name: str) -> subprocess.Popen:
+    """Start a send and return once *name* is partly written into its dot-entry."""
+    proc = subprocess.Popen(argv, env=client, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            assert proc.poll() is None, "the send finished before it could be interrupted"
+            assert time.monotonic() < deadline
+            dots = [n for n in os.listdir(inbox) if n.startswith(".")]
+            p = inbox / dots[0] / name if dots else None
+            if p is not None and p.exists() and p.stat().st_size > (1 << 20):
+                return proc
+            time.sleep(0.002)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def big_source(root: Path) -> dict[bytes, bytes]:
+    files = {f"a/f{i:03d}.txt": f"file {i}\n".encode() * 50 for i in range(10)}
+    files["big.bin"] = os.urandom(1 << 20) * 48
+    return make_source(root, files)
+
+
+def test_ctrl_c_stops_the_send_with_status_130_and_the_next_run_resumes(tmp_path, layout, client):
+    expected = big_source(tmp_path / "src")
+    argv = eidetic_argv() + ["send", str(tmp_path / "src"), "--study", "s1", "--to", str(layout.inbox),
+                             "--location", "labA"]
+    proc = start_and_wait_for(argv, client, layout.inbox, "big.bin")
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "run the same command again to resume" in err
+    assert all(n.startswith(".") for n in entries(layout.inbox))
+    res = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert res.returncode == 0 and "resuming interrupted upload" in res.stdout, res.stderr
+    check_description(only_entry(layout.inbox), expected)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is *pid* (this kernel has no /proc/PID/task/*/children)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat_line = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat_line.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def test_a_dropped_connection_fails_clearly_and_the_next_run_resumes(tmp_path, layout, client):
+    need_sshd()
+    server = SSHServer(tmp_path / "sshd").start()
+    try:
+        expected = big_source(tmp_path / "src")
+        argv = eidetic_argv() + ["send", str(tmp_path / "src"), "--study", "s1", "--to", server.url(layout.inbox),
+                                 "--location", "labA", "--identity", str(server.user_key),
+                                 "--accept-host-key", server.host_fingerprint]
+        proc = start_and_wait_for(argv, client, layout.inbox, "big.bin")
+        assert server.proc is not None
+        for pid in _children(server.proc.pid):      # the session's sshd: the line goes dead
+            os.kill(pid, signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3, err
+        assert "connection" in one_line_error(subprocess.CompletedProcess(argv, 3, "", err))
+        assert all(n.startswith(".") for n in entries(layout.inbox))
+        res = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             timeout=120)
+        assert res.returncode == 0 and "resuming interrupted upload" in res.stdout, res.stderr
+        check_description(only_entry(layout.inbox), expected)
+    finally:
+        server.stop()
 
 
 def test_an_interrupted_upload_whose_dot_entry_is_gone_starts_afresh(tmp_path, layout, client):
@@ -394,3 +459,40 @@ def test_location_comes_from_the_client_settings_and_is_sanitized(tmp_path, layo
     entry = only_entry(layout.inbox)
     assert entry.name.startswith("s1-lab_B_2-")
     check_description(entry, {b"a.txt": b"a"}, location="lab_B_2")
+
+
+# ------------------------------------------------- verified at ingest (with provenance)
+
+def test_an_sftp_upload_is_verified_at_ingest_and_log_shows_where_it_came_from(tmp_path, layout, client, sshd):
+    import json
+    import socket
+
+    make_source(tmp_path / "src")
+    res = send_cli(client, tmp_path / "src", sshd.url(layout.inbox), "--location", "labA",
+                   "--identity", str(sshd.user_key), "--accept-host-key", sshd.host_fingerprint)
+    assert res.returncode == 0, res.stderr
+    [r] = layout.ingest()
+    assert r.outcome == "ingested" and r.verified, r.reason
+    assert DESCRIPTION_NAME not in plain_files(layout.tree("s1"))      # stored, but not a path of the upload
+    log = layout.cli("log", "--json", "s1:eprime/s01.txt")
+    assert log.returncode == 0, log.stderr
+    [entry] = json.loads(log.stdout)
+    prov = entry["provenance"]
+    assert prov["verified"] is True
+    assert (prov["location"], prov["user"], prov["host"]) == ("labA", "root", socket.gethostname())
+    assert prov["client"].startswith("eidetic ") and prov["folder"] == str(tmp_path / "src")
+    text = layout.cli("log", "s1:eprime/s01.txt")
+    assert f"from labA by root@{socket.gethostname()} (eidetic " in text.stdout
+
+
+def test_a_file_changed_in_the_inbox_after_the_send_fails_verification(tmp_path, layout, client, sshd):
+    make_source(tmp_path / "src")
+    res = send_cli(client, tmp_path / "src", sshd.url(layout.inbox), "--location", "labA",
+                   "--identity", str(sshd.user_key), "--accept-host-key", sshd.host_fingerprint)
+    assert res.returncode == 0, res.stderr
+    entry = only_entry(layout.inbox)
+    (entry / "eprime" / "s01.txt").write_bytes(b"trial,rt\n1,999\n")      # same size, other bytes
+    [r] = layout.ingest()
+    assert r.outcome == "failed"
+    assert "does not match its upload description" in r.reason and "eprime/s01.txt" in r.reason
+    assert layout.manifests("s1") == []
