@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from . import layout
+from .fsutil import open_regular_nofollow
 from .manifest import decode_bytes, dumps, encode_bytes
 
 DESCRIPTION_NAME = b".eidetic-description.jsonl"
@@ -123,6 +124,8 @@ class DescriptionWriter:
 
     def add(self, rec: DescribedFile) -> None:
         layout.check_relpath(rec.path)
+        if rec.path == DESCRIPTION_NAME:
+            raise ValueError("the description cannot describe itself")
         key = walk_key(rec.path)
         if self._last is not None and key <= self._last:
             raise ValueError(f"{layout.display(rec.path)} is out of walk order or repeated")
@@ -184,7 +187,8 @@ class DescriptionReader:
                     layout.parse_utc_iso(ended)
                 except (ValueError, TypeError):
                     raise DescriptionError(f"{where}: bad end time {ended!r}") from None
-                if (files, nbytes) != (count, total):
+                if any(isinstance(n, bool) or not isinstance(n, int) for n in (files, nbytes)) \
+                        or (files, nbytes) != (count, total):
                     raise DescriptionError(f"{where}: end line counts ({files} files, {nbytes} bytes) "
                                            f"do not match its lines ({count} files, {total} bytes)")
                 if self._f.read(1):
@@ -206,6 +210,12 @@ class DescriptionReader:
 
 
 def open_description(path: str | bytes) -> DescriptionReader:
-    """Open a description file (not following a final symlink)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    return DescriptionReader(os.fdopen(fd, "rb"), os.path.basename(os.fsdecode(path)))
+    """Open a description file: never through a final symlink, never blocking
+    on a FIFO; anything but a regular file is ``OSError`` (ELOOP/EINVAL)."""
+    fd, _ = open_regular_nofollow(path)
+    f = os.fdopen(fd, "rb")
+    try:
+        return DescriptionReader(f, os.path.basename(os.fsdecode(path)))
+    except BaseException:
+        f.close()
+        raise
