@@ -360,7 +360,8 @@ class Ingester:
             raise EntryRejected(f"its upload description {name} could not be read ({e.strerror})") from None
         finally:
             os.close(fd)
-        if not (res.size == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns):
+        if not (res.size == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
+                and before.st_ctime_ns == after.st_ctime_ns):
             raise EntryChanged(f"its upload description {name} changed while it was read; "
                                "is the upload still being written?")
         f = os.fdopen(store.objects.open(res.oid), "rb", buffering=1 << 16)
@@ -373,11 +374,11 @@ class Ingester:
             h = reader.header
             disp = layout.display(cl.original)
             if h.study != store.name:
-                raise EntryRejected(f"its upload description is for study {h.study!r} but the entry name "
+                raise EntryRejected(f"its upload description is for study {_quoted(h.study)} but the entry name "
                                     f"{disp!r} puts it in study {store.name!r}; an entry cannot choose "
                                     "another study, so nothing was ingested")
             if h.location != cl.location:
-                raise EntryRejected(f"its upload description says location {h.location!r} but the entry name "
+                raise EntryRejected(f"its upload description says location {_quoted(h.location)} but the entry name "
                                     f"{disp!r} says {cl.location!r}")
         except BaseException:
             f.close()
@@ -535,6 +536,12 @@ def _end_time(f, size: int, name: str) -> str:
             problem = "its last line is not an end line"
     raise EntryRejected(f"its upload description {name} is incomplete ({problem}): the send did not "
                         "finish; send the folder again")
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    """The sender's string for a reason: quoted, escaped, never a whole megabyte."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
 class _Verifier:

@@ -437,3 +437,20 @@ def test_the_index_rebuilt_from_manifests_equals_the_live_one_with_descriptions(
     res = layout.cli("fsck", "--repair")
     assert res.returncode == 0, res.stdout + res.stderr
     assert list(layout.open_store().index.dump()) == live
+
+
+def test_a_verified_ingest_abandoned_on_shutdown_is_redone_and_verified(layout):
+    from eidetic.ingest import Ingester
+
+    send(layout.inbox, "s1-labA-1", FILES)
+    polls = iter(range(1000))
+    ing = Ingester(layout.cfg, should_stop=lambda: next(polls) >= 4)   # stops a few files in
+    try:
+        results = ing.run_once(settle_seconds=0)
+    finally:
+        ing.close()
+    assert [r.outcome for r in results] == ["waiting"]
+    assert layout.manifests() == [] and tree_files(layout.tree()) == {}
+    r = one_result(layout, "ingested")
+    assert r.verified and plain_files(layout.tree()) == FILES
+    check_store(layout)
