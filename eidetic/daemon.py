@@ -66,7 +66,10 @@ class _DaemonIngester(Ingester):
 
     def process(self, store: Store, cl, resumed: bool = False) -> EntryResult:
         r = super().process(store, cl, resumed)
-        self.on_result(r)
+        try:
+            self.on_result(r)
+        except Exception as e:  # noqa: BLE001 - the entry is finished; reporting it must not undo the pass
+            self.log(f"  could not report {r.entry} ({r.outcome}): {type(e).__name__}: {e}")
         return r
 
 

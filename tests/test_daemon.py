@@ -185,6 +185,23 @@ def test_a_second_daemon_names_the_running_one_and_exits_3_while_ingest_once_sti
     sigterm_ok(d)
 
 
+def test_a_worker_that_fails_logs_one_line_backs_off_and_recovers_while_others_go_on(tmp_path, daemons):
+    lay = daemon_layout(tmp_path)
+    away = tmp_path / "s1-store-away"
+    os.rename(lay.store("s1"), away)
+    drop(lay.inbox, "s1-labA-1", {"a.txt": b"a"})
+    d = daemons(lay.config_path).started()
+    line = d.wait_for(r"study s1: .*not an eidetic store.*; retrying in 1 s")
+    assert "error: " in line
+    drop(lay.inbox, "s2-labA-1", {"b.txt": b"b"})
+    wait_until(lambda: done(lay, "s2-labA-1"), 10, "the other study's entry")
+    os.rename(away, lay.store("s1"))
+    wait_until(lambda: done(lay, "s1-labA-1"), 15, "the entry after the store came back")
+    sigterm_ok(d)
+    assert "Traceback" not in d.text
+    check_store(lay, "s1")
+
+
 # ------------------------------------------------------------ a flood
 
 @pytest.mark.slow
@@ -201,6 +218,7 @@ def test_a_thousand_entries_are_ingested_in_order_with_flat_memory(tmp_path, dae
             rss_early = d.vm_kib("VmRSS")
     wait_until(lambda: len(os.listdir(lay.state / "done")) >= n, 90, "all entries", interval=0.2)
     hwm, rss_late = d.vm_kib("VmHWM"), d.vm_kib("VmRSS")
+    print(f"RSS after ~150 entries {rss_early} KiB, after {n} {rss_late} KiB, peak {hwm} KiB")
     sigterm_ok(d)
     recs = sorted(lay.records("done"), key=lambda r: r["seq"])
     assert [r["original"] for r in recs] == [f"s1-lab-{i:04d}" for i in range(n)]
@@ -209,7 +227,7 @@ def test_a_thousand_entries_are_ingested_in_order_with_flat_memory(tmp_path, dae
     assert rss_late < rss_early + 40 * 1024, (rss_early, rss_late)
     st = lay.open_store()
     assert st.index.applied()[0] == n
-    assert [v.n for v in st.index.iter_versions(b"data/trial.csv")] == list(range(1, n + 1))
+    assert [v.n for v in st.index.versions_of(b"data/trial.csv")] == list(range(1, n + 1))
     check_store(lay)
 
 
@@ -238,8 +256,19 @@ def test_sighup_serves_a_newly_configured_study_and_a_broken_config_keeps_the_ol
     drop(lay.inbox, "s3-labA-2", {"new.txt": b"again"})
     wait_until(lambda: done(lay, "s1-labA-1") and done(lay, "s3-labA-2"), 10, "entries after a bad reload")
 
+    # Changed (its own inbox now): its worker restarts and the new inbox is watched.
+    doc["studies"]["s3"]["inbox"] = str(tmp_path / "inbox-s3")
+    lay.config_path.write_text(json.dumps(doc))
+    assert run_cli("init", config=lay.config_path).returncode == 0
+    d.signal(signal.SIGHUP)
+    d.wait_for(r"reloaded .*changed s3")
+    drop(tmp_path / "inbox-s3", "labB-1", {"own.txt": b"own inbox"})
+    wait_until(lambda: done(lay, "labB-1"), 10, "the entry in the new inbox")
+    d.wait_for(r"seen labB-1 in .*inbox-s3 \(study s3\)")
+
     # Removed again: its worker ends and its daemon lock is released.
-    lay.config_path.write_text(json.dumps({**doc, "studies": {"s1": doc["studies"]["s1"]}}))
+    del doc["studies"]["s3"]
+    lay.config_path.write_text(json.dumps(doc))
     d.signal(signal.SIGHUP)
     d.wait_for(r"reloaded .*removed s3.*serving s1$")
     state = StateDir(str(lay.state))
@@ -297,7 +326,7 @@ def test_the_daemon_as_service_uid_ingests_an_uploader_uids_entry(world_tmp, non
     sigterm_ok(d)
     (kept,) = [n for n in os.listdir(lay.inbox) if n.startswith(".eidetic~done~")]
     st = os.lstat(lay.inbox / kept)
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (UPLOADER_UID, 0o755)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode) & 0o777) == (UPLOADER_UID, 0o755)   # the uploader keeps it
     assert plain_files(lay.tree()) == {b"d/f.txt": b"from the uploader"}
     assert os.lstat(lay.tree() / "d" / "f.txt").st_uid == DAEMON_UID
     assert os.lstat(lay.state / "daemon").st_uid == DAEMON_UID
@@ -359,6 +388,12 @@ def test_a_refused_entry_sends_a_failure_mail_through_a_real_smtp_server(tmp_pat
         drop(lay.inbox, "nostudy-labA-1", {"x.txt": b"x"})
         (m,) = smtp.wait_for(1, timeout=15)
         sigterm_ok(d)
+        # --once queues the same kind of mail and delivers it before it exits.
+        drop(lay.inbox, "nostudy-labB-1", {"y.txt": b"y"})
+        res = run_cli("ingest", "--once", "--settle", "0", config=lay.config_path)
+        assert res.returncode == 1 and "FAILED nostudy-labB-1" in res.stderr
+        assert len(smtp.received) == 2
+        m2 = smtp.received[1]
     assert m.rcpt_tos == ["admin@example.org"]
-    assert "nostudy-labA-1" in m.subject
-    assert "nostudy-labA-1" in m.body
+    assert "nostudy-labA-1" in m.subject and "nostudy-labA-1" in m.body
+    assert "nostudy-labB-1" in m2.subject
