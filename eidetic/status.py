@@ -222,7 +222,7 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, now: flo
     partial = inbox_mod.partial_entries(cfg, s.name, now=now)
     st.partial = len(partial)
     st.stale = [Stale(p.name, p.inbox, p.idle_seconds, p.uid, _user(p.uid)) for p in partial
-                if p.idle_seconds >= stale_after]
+                if stale_after > 0 and p.idle_seconds >= stale_after]     # stale_hours 0: never stale
     done = [r for r in _ok(records["done"]) if r.get("study") == s.name and r.get("finished")]
     if done:
         r = max(done, key=lambda r: r["finished"])

@@ -263,3 +263,10 @@ def test_setgid_inbox_lets_the_daemon_read_an_upload_other_uploaders_cannot(worl
     res = run_as(DAEMON_UID, [eidetic, "--config", str(lay.config_path), "init", "--check"])
     assert res.returncode == 0, res.stdout + res.stderr
     check_store(lay)
+
+
+def test_the_annotated_example_config_is_a_valid_config():
+    cfg = eidetic.config.load(str(Path(__file__).resolve().parent.parent / "contrib" / "eidetic.yaml.example"))
+    assert (cfg.user, cfg.group) == ("eidetic", "eidetic")
+    assert cfg.studies["foo"].group == "foo-grp" and cfg.studies["bar"].inbox == "/data-dropbox/bar/inbox"
+    assert cfg.notify.enabled
