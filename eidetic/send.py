@@ -362,8 +362,10 @@ class _Sender:
         o = self.opts
         pending = self._resolve_pending(state, t)
         res.unchanged, res.symlinks, res.special, problems = self.plan(state)
-        total, nbytes = state.plan_totals()
-        if total == 0 and not problems.count:
+        total, _nbytes = state.plan_totals()
+        if total == 0:
+            if problems.count:
+                raise SendError(problems.message("nothing was sent: these cannot be read"))
             return res
         if pending is None:
             started = _utc_now()

@@ -496,3 +496,72 @@ def test_a_file_changed_in_the_inbox_after_the_send_fails_verification(tmp_path,
     assert r.outcome == "failed"
     assert "does not match its upload description" in r.reason and "eprime/s01.txt" in r.reason
     assert layout.manifests("s1") == []
+
+
+# ------------------------------------------------------------- on a terminal
+
+def run_on_terminal(argv: list[str], env: dict, answers: dict[bytes, bytes] | None = None,
+                    timeout: float = 60) -> tuple[int, bytes]:
+    """Run *argv* on a real pseudo-terminal (100 columns); when the output
+    shows a key of *answers*, type its value.  Returns (exit status, output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:            # the child: exec at once
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    out = b""
+    pending = dict(answers or {})
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                out += data
+                for k in [k for k in pending if k in out]:
+                    os.write(fd, pending.pop(k))
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), out
+
+
+def test_a_terminal_gets_a_progress_bar_and_the_summary(tmp_path, layout, client):
+    make_source(tmp_path / "src", {"big.bin": os.urandom(1 << 20) * 64, "small.txt": b"s"})
+    code, out = run_on_terminal(eidetic_argv() + ["send", str(tmp_path / "src"), "--study", "s1", "--to",
+                                                  str(layout.inbox), "--location", "labA"], client)
+    assert code == 0, out
+    text = out.decode("utf-8", "replace")
+    assert re.search(r"\d+%\|.*\| [\d.]+M?/64\.0M \[", text), text      # bytes done / total
+    assert "/2 files" in text and "B/s" in text
+    assert "sent 2 files (64.0 MiB)" in text
+    only_entry(layout.inbox)
+
+
+def test_on_a_terminal_the_first_contact_asks_and_a_yes_saves_the_key(tmp_path, layout, client, sshd):
+    make_source(tmp_path / "src", {"a.txt": b"a"})
+    argv = eidetic_argv() + ["send", str(tmp_path / "src"), "--study", "s1", "--to", sshd.url(layout.inbox),
+                             "--identity", str(sshd.user_key)]
+    code, out = run_on_terminal(argv, client, {b"continue connecting? [y/N]": b"n\n"})
+    text = out.decode("utf-8", "replace")
+    assert code == 3 and f"ED25519 key fingerprint is {sshd.host_fingerprint}." in text, text
+    assert entries(layout.inbox) == []
+    code, out = run_on_terminal(argv, client, {b"continue connecting? [y/N]": b"y\n"})
+    assert code == 0, out
+    assert (Path(client["EIDETIC_CLIENT_HOME"]) / "known_hosts").read_text() == sshd.known_hosts_line()
+    only_entry(layout.inbox)

@@ -115,13 +115,16 @@ class _Bar:
 
         if p.phase in ("scanning", "checking"):
             return
+        files = f"{p.files_done}/{p.files_total} files"
         if self.bar is None:
             self.bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, unit_divisor=1024,
-                            disable=None, file=sys.stderr, dynamic_ncols=True, leave=False)
+                            disable=None, file=sys.stderr, dynamic_ncols=True, leave=False, postfix=files)
         if self.bar.total != p.bytes_total:
             self.bar.total = p.bytes_total
+        self.bar.set_postfix_str(files, refresh=False)
         self.bar.update(p.bytes_done - self.bar.n)
-        self.bar.set_postfix_str(f"{p.files_done}/{p.files_total} files", refresh=False)
+        if p.phase == "finishing":
+            self.bar.refresh()      # the final state, however fast the send was
 
     def write(self, msg: str) -> None:
         if self.bar is not None:
