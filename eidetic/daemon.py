@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import select
 import signal
 import threading
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import sdnotify
 
@@ -50,6 +51,8 @@ MIN_SETTLE_RECHECK = 0.2
 # event itself from the EntryResult (with more detail, e.g. where the data lies).
 _INGEST_LEVELS = {"waiting": DEBUG, "claimed": INFO, "resuming": INFO, "abandoned": WARNING,
                   "ingested": None, "failed": None, "incomplete": None}
+
+_SETTLES_IN = re.compile(r"settles in (\d+(?:\.\d+)?) s")
 
 _tls = threading.local()
 
@@ -87,7 +90,7 @@ class _Worker:
     """A thread that runs passes over one study (or, with study None, over
     the entries that map to no study) whenever it is woken."""
 
-    def __init__(self, daemon: "Daemon", study: str | None) -> None:
+    def __init__(self, daemon: Daemon, study: str | None) -> None:
         self.daemon = daemon
         self.study = study
         self.wake_event = threading.Event()
@@ -121,13 +124,10 @@ class _Worker:
         ingester: Ingester | None = None
         try:
             while not self.stop_event.is_set():
-                retry_in: float | None = None
                 try:
                     ingester = d.ingester
-                    waiting = d._pass(self, ingester, rescan)
+                    retry_in = d._pass(self, ingester, rescan)
                     failures = 0
-                    if waiting:    # come back when it may have settled, not before
-                        retry_in = max(MIN_SETTLE_RECHECK, min(d.settle(), d.cfg.rescan_seconds))
                 except Exception as e:  # noqa: BLE001 - a worker must survive anything
                     failures += 1
                     retry_in = min(MAX_BACKOFF, 2.0 ** (failures - 1))
@@ -292,8 +292,9 @@ class Daemon:
         w = getattr(_tls, "worker", None)
         return self._stopping.is_set() or (w is not None and w.stop_event.is_set())
 
-    def _pass(self, w: _Worker, ingester: Ingester, rescan: bool) -> bool:
-        """One pass; True when some entry is still settling."""
+    def _pass(self, w: _Worker, ingester: Ingester, rescan: bool) -> float | None:
+        """One pass; returns when to look again for an entry still settling
+        (None: only when woken)."""
         settle = self.settle()
         if w.study is None:
             results = ingester.reject_unknown(settle)
@@ -304,11 +305,18 @@ class Daemon:
                 self.notifier.tick()
         else:
             if not self._await_store(w, ingester.store(w.study)):
-                return False
+                return None
             results = ingester.run_study(w.study, settle)
             if rescan:
                 self.notifier.check_disk(w.study)
-        return any(r.outcome == "waiting" for r in results) and not w.stop_event.is_set()
+        waiting = [r for r in results if r.outcome == "waiting"]
+        if not waiting or w.stop_event.is_set():
+            return None
+        # Come back when the first one may have settled, not before (no busy
+        # loop); without a figure in the reason, after a whole settle period.
+        longest = min(settle, self.cfg.rescan_seconds)
+        lefts = [float(m.group(1)) + 0.5 for r in waiting if (m := _SETTLES_IN.search(r.reason or ""))]
+        return max(MIN_SETTLE_RECHECK, min(lefts + [longest]) if lefts else longest)
 
     def _await_store(self, w: _Worker, store: Store) -> bool:
         """Wait until no other process (``ingest --once``, ``fsck --repair``)

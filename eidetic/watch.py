@@ -11,7 +11,7 @@ overflow, so the daemon also rescans every inbox periodically and at start.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer

@@ -84,7 +84,7 @@ class DaemonProc:
         with self._cv:
             return next(i for i, line in enumerate(self.lines) if rx.search(line))
 
-    def started(self, timeout: float = 15.0) -> "DaemonProc":
+    def started(self, timeout: float = 15.0) -> DaemonProc:
         self.wait_for(r"started \(pid", timeout)
         return self
 
@@ -160,7 +160,7 @@ class NotifySocket:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
