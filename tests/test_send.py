@@ -217,6 +217,7 @@ def test_upload_killed_midway_leaves_only_a_dot_entry_and_the_same_command_resum
     assert len(names) == 1 and names[0].startswith("."), names
     assert (layout.inbox / names[0] / "big.bin").stat().st_size < len(files["big.bin"])
     assert layout.ingest() == []            # the daemon leaves a dot-entry alone
+    first = (layout.inbox / names[0] / "a" / "f000.txt").stat()
 
     res = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                          timeout=120)
@@ -224,6 +225,8 @@ def test_upload_killed_midway_leaves_only_a_dot_entry_and_the_same_command_resum
     assert f"resuming interrupted upload {names[0]} (40 of 41 files already sent)" in res.stdout
     entry = only_entry(layout.inbox)
     assert entry.name == names[0][1:]       # the same entry, renamed
+    again = (entry / "a" / "f000.txt").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)     # not sent twice
     check_description(entry, expected)
     [r] = layout.ingest()
     assert r.outcome == "ingested", r.reason
@@ -438,6 +441,28 @@ def test_a_file_that_keeps_changing_fails_the_send_and_leaves_the_entry_hidden(t
         stop()
     assert "growing.log" in e.value.message and "run the same command again" in e.value.message
     assert all(n.startswith(".") for n in entries(layout.inbox))
+
+
+def test_an_unreadable_file_fails_the_send_naming_it_and_a_fixed_rerun_resumes(tmp_path, layout, client):
+    import shutil
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (to drop the capability that lets root read anything)")
+    src = tmp_path / "src"
+    expected = make_source(src, {"a.txt": b"a", "secret.txt": b"s", "z/ok.txt": b"ok"})
+    (src / "secret.txt").chmod(0)
+    argv = eidetic_argv() + ["send", str(src), "--study", "s1", "--to", str(layout.inbox), "--location", "labA"]
+    res = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv], env=client,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert res.returncode == 1
+    line = one_line_error(res)
+    assert "secret.txt (Permission denied)" in line and "run the same command again" in line
+    [dot] = entries(layout.inbox)
+    assert dot.startswith(".")
+    (src / "secret.txt").chmod(0o644)
+    again = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "(2 of 3 files already sent)" in again.stdout
+    check_description(only_entry(layout.inbox), expected)
 
 
 def test_a_source_holding_the_reserved_description_name_is_refused(tmp_path, layout, client):
