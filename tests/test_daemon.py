@@ -3,6 +3,7 @@ with real inotify, signals, a systemd notify socket and an SMTP server."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -200,6 +201,18 @@ def test_a_worker_that_fails_logs_one_line_backs_off_and_recovers_while_others_g
     sigterm_ok(d)
     assert "Traceback" not in d.text
     check_store(lay, "s1")
+
+
+def test_sigterm_while_another_process_holds_a_store_lock_still_stops_at_once(tmp_path, daemons):
+    lay = daemon_layout(tmp_path, studies=("s1",))
+    fd = os.open(lay.store() / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # as `eidetic ingest --once` would while it writes
+        d = daemons(lay.config_path).started()
+        d.wait_for(r"study s1: another eidetic process is writing to the store; waiting")
+        assert sigterm_ok(d, timeout=5) < 3
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------ a flood
