@@ -376,6 +376,7 @@ class _Sender:
             t.mkdir(dot)
         else:
             dot = b"." + pending.entry.encode()
+            state.set_phase(pending, "sending")     # a rename that failed is retried at the end
             for rel in state.files_not_planned(pending):
                 t.remove(dot + b"/" + rel)      # sent earlier, no longer part of this upload
                 state.file_forget(pending, rel)

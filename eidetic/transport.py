@@ -69,18 +69,26 @@ class Destination:
     port: int = 22
 
     @property
+    def _url_parts(self) -> tuple[str, str]:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        path = self.path if self.path.startswith("/") else "/~/" + self.path
+        return host, path
+
+    @property
     def key(self) -> str:
         """Identifies the destination in the client's state and ledger."""
         if self.kind == "local":
             return os.path.normcase(os.path.abspath(self.path))
-        return f"sftp://{self.user}@{self.host}:{self.port}{self.path}"
+        host, path = self._url_parts
+        return f"sftp://{self.user}@{host}:{self.port}{path}"
 
     @property
     def display(self) -> str:
         if self.kind == "local":
             return self.path
+        host, path = self._url_parts
         port = f":{self.port}" if self.port != 22 else ""
-        return f"sftp://{self.user}@{self.host}{port}{self.path}"
+        return f"sftp://{self.user}@{host}{port}{path}"
 
 
 def parse_destination(text: str) -> Destination:
@@ -93,10 +101,7 @@ def parse_destination(text: str) -> Destination:
     u = urllib.parse.urlsplit(text)
     if u.query or u.fragment:
         raise UsageError(f"--to {text}: an sftp:// address takes no '?' or '#' part")
-    netloc = u.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if not at:
-        hostport, userinfo = netloc, ""
+    userinfo = u.netloc.rpartition("@")[0]
     if ":" in userinfo:
         raise UsageError(f"--to {text}: do not put a password in the address; you will be asked for it")
     user = urllib.parse.unquote(userinfo) or _local_user()
