@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
-from ..common import Ctx, human_bytes, say
+from ..common import Ctx, human_bytes, say, warn
 
 
 @click.command("purge")
@@ -44,6 +45,8 @@ def command(ctx: Ctx, days: float, dry_run: bool, study: str | None, as_json: bo
         elif ctx.verbose:
             say(f"gone {display(r.where)} (upload {r.upload}): no longer in the inbox")
 
+    if os.geteuid() != 0 and not dry_run:
+        warn("eidetic: note: purge normally runs as root (entries belong to their uploaders)")
     results = purge(ctx.cfg, days, dry_run=dry_run, study=study, log=show)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=1))
