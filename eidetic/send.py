@@ -435,6 +435,9 @@ class _Sender:
             return False
         if t.size(dot + b"/" + rel) != done.size:
             return False
+        digest = t.digest(dot + b"/" + rel)
+        if digest is not None and digest != done.blake3:
+            return False
         self.p.bytes_done += done.size
         return True
 

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -55,7 +56,8 @@ class Transport(Protocol):
     def mkdir(self, rel: bytes) -> None: ...            # an existing directory is fine
     def open_write(self, rel: bytes) -> Writer: ...     # create or truncate
     def remove(self, rel: bytes) -> None: ...           # a missing file is fine
-    def sync_tree(self, rel: bytes) -> None: ...        # make the entry's directories durable
+    def sync_tree(self, rel: bytes) -> None: ...        # make the whole entry durable
+    def digest(self, rel: bytes) -> str | None: ...     # BLAKE3 of a written file, if cheap to get
     def rename(self, old: bytes, new: bytes) -> None: ...   # never onto an existing name
     def close(self) -> None: ...
 
@@ -142,10 +144,10 @@ class _LocalWriter:
             mv = mv[n:]
 
     def finish(self) -> None:
-        try:
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
+        # No fsync per file: LocalTransport.sync_tree makes the whole entry
+        # durable at once before the rename (an fsync per file made sending
+        # 20,000 small files twice as slow).
+        os.close(self.fd)
 
     def abort(self) -> None:
         try:
@@ -259,11 +261,34 @@ class LocalTransport:
 
     @_guard_local('flushing the upload')
     def sync_tree(self, rel: bytes) -> None:
-        # Windows cannot fsync a directory (NTFS journals its metadata itself).
-        if os.name != "posix":
+        """Every file and directory of the entry durable (before its rename)."""
+        top = self._p(rel)
+        if sys.platform.startswith("linux"):
+            from .fsutil import syncfs
+            syncfs(top)     # one call for the whole file system (local, NFS or CIFS mount)
             return
-        for dirpath, _dirs, _files in os.walk(self._p(rel)):
-            _fsync_dir(dirpath)
+        for dirpath, _dirs, files in os.walk(top):
+            for f in files:
+                fd = os.open(os.path.join(dirpath, f), os.O_RDWR | getattr(os, "O_BINARY", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if os.name == "posix":      # Windows cannot fsync a directory (NTFS journals it)
+                _fsync_dir(dirpath)
+
+    @_guard_local('checking a file sent before')
+    def digest(self, rel: bytes) -> str | None:
+        """The BLAKE3 of a file in the inbox: a resumed send re-checks what an
+        earlier run wrote, since that was not yet durable when it was recorded."""
+        from .objects import new_hasher
+        h = new_hasher()
+        with open(self._p(rel), "rb") as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    return h.hexdigest()
+                h.update(b)
 
     @_guard_local('renaming the finished upload')
     def rename(self, old: bytes, new: bytes) -> None:
@@ -645,6 +670,9 @@ class SFTPTransport:
 
     def sync_tree(self, rel: bytes) -> None:
         pass    # SFTP has no directory fsync; the files themselves were fsynced
+
+    def digest(self, rel: bytes) -> str | None:
+        return None     # each file was fsynced before it was recorded as sent
 
     def rename(self, old: bytes, new: bytes) -> None:
         assert self.sftp is not None
