@@ -57,25 +57,6 @@ _SETTLES_IN = re.compile(r"settles in (\d+(?:\.\d+)?) s")
 _tls = threading.local()
 
 
-class _DaemonIngester(Ingester):
-    """An Ingester that hands over each entry's result as soon as it exists
-    (run_study returns them only at the end of a pass, which may be a
-    backlog of thousands)."""
-
-    def __init__(self, cfg: Config, log: Callable[[str], None], should_stop: Callable[[], bool],
-                 on_result: Callable[[EntryResult], None]) -> None:
-        super().__init__(cfg, log=log, should_stop=should_stop)
-        self.on_result = on_result
-
-    def process(self, store: Store, cl, resumed: bool = False) -> EntryResult:
-        r = super().process(store, cl, resumed)
-        try:
-            self.on_result(r)
-        except Exception as e:  # noqa: BLE001 - the entry is finished; reporting it must not undo the pass
-            self.log(f"  could not report {r.entry} ({r.outcome}): {type(e).__name__}: {e}")
-        return r
-
-
 class _NoNotifier:
     """Stands in when no notifier can be built; every call does nothing."""
 
@@ -297,10 +278,7 @@ class Daemon:
         (None: only when woken)."""
         settle = self.settle()
         if w.study is None:
-            results = ingester.reject_unknown(settle)
-            for r in results:
-                if r.outcome == "failed":
-                    self._on_result(r)
+            results = ingester.reject_unknown(settle)   # each failure reaches _on_result
             if rescan:
                 self.notifier.tick()
         else:
@@ -440,8 +418,8 @@ class Daemon:
         self._locks.update(taken)
 
     def _new_ingester(self, cfg: Config) -> Ingester:
-        return _DaemonIngester(cfg, log=self._ingest_log, should_stop=self._should_stop,
-                               on_result=self._on_result)
+        return Ingester(cfg, log=self._ingest_log, should_stop=self._should_stop,
+                        on_result=self._on_result)
 
     def _new_notifier(self, cfg: Config):
         if not cfg.notify.enabled:   # nothing to do, and nothing to say about it on every rescan

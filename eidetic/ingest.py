@@ -80,15 +80,19 @@ def _quiet(_: str) -> None:
 class Ingester:
     def __init__(self, cfg: Config, log: Log = _quiet,
                  progress: Callable[[int, int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None,
+                 on_result: Callable[["EntryResult"], None] | None = None) -> None:
         """*progress(files, bytes)* is called as files are stored (for a UI).
         *should_stop()* is polled between entries and between files: when it
         turns true, no new entry is taken and an entry not yet committed is
-        abandoned (its claim stays; the next run redoes it from the entry)."""
+        abandoned (its claim stays; the next run redoes it from the entry).
+        *on_result(r)* hears each finished or failed entry as soon as it is
+        (a pass over a backlog returns its list only at the end)."""
         self.cfg = cfg
         self.log = log
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
+        self.on_result = on_result
         self.state = StateDir(cfg.state)
         self._stores: dict[str, Store] = {}
         raise_nofile_limit()
@@ -157,8 +161,8 @@ class Ingester:
             return EntryResult(disp, None, "waiting", reason="vanished before it could be examined")
         self.state.finish(cl, "failed", reason)
         self.log(f"failed {disp}: {reason}")
-        return EntryResult(disp, None, "failed", upload=cl.upload, reason=reason,
-                           where=os.fsdecode(cl.path_in("failed")))
+        return self._report(EntryResult(disp, None, "failed", upload=cl.upload, reason=reason,
+                                        where=os.fsdecode(cl.path_in("failed"))))
 
     def _unsettled(self, c: Candidate, disp: str, settle: float) -> EntryResult | None:
         try:
@@ -207,6 +211,17 @@ class Ingester:
     def process(self, store: Store, cl: Claim, resumed: bool = False) -> EntryResult:
         """Ingest a claimed entry; *resumed* for a claim found after a crash
         (it may already be committed, or still carry its original name)."""
+        return self._report(self._process(store, cl, resumed))
+
+    def _report(self, r: EntryResult) -> EntryResult:
+        if self.on_result is not None and r.outcome != "waiting":
+            try:
+                self.on_result(r)
+            except Exception as e:  # noqa: BLE001 - the entry is finished; telling about it must not undo it
+                self.log(f"  could not report {r.entry} ({r.outcome}): {type(e).__name__}: {e}")
+        return r
+
+    def _process(self, store: Store, cl: Claim, resumed: bool) -> EntryResult:
         disp = layout.display(cl.original)
         t0 = time.monotonic()
         where = self.state.locate(cl)

@@ -119,10 +119,10 @@ def test_ingest_once_exits_1_when_an_entry_failed(layout):
     assert "Traceback" not in res.stderr
 
 
-def test_ingest_without_once_is_a_usage_error(layout):
-    res = layout.cli("ingest")
+def test_the_daemon_for_an_unknown_study_exits_2_in_one_line(layout):
+    res = layout.cli("ingest", "--study", "nope")
     assert res.returncode == 2
-    assert "Traceback" not in res.stderr
+    assert "nope" in one_line_error(res)
 
 
 def test_ingest_of_an_unknown_study_exits_2(layout):
