@@ -48,8 +48,9 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     for r in results:
         if r.outcome == "ingested":
             say(f"ingested {r.entry}: upload {r.upload}, {r.files} files ({human_bytes(r.bytes)}), "
-                f"{r.new_versions} new versions" + (f", {r.skipped} skipped (not regular files)"
-                                                    if r.skipped else ""))
+                f"{r.new_versions} new versions"
+                + (f", {r.skipped} skipped (not regular files)" if r.skipped else "")
+                + (", verified against the sender's description" if r.verified else ""))
         elif r.outcome == "failed":
             failed += 1
             warn(f"FAILED {r.entry}: {r.reason}")
