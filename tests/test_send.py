@@ -590,3 +590,25 @@ def test_on_a_terminal_the_first_contact_asks_and_a_yes_saves_the_key(tmp_path, 
     assert code == 0, out
     assert (Path(client["EIDETIC_CLIENT_HOME"]) / "known_hosts").read_text() == sshd.known_hosts_line()
     only_entry(layout.inbox)
+
+
+@pytest.mark.parametrize("case", ["study name", "no source", "bad address", "bad settings"])
+def test_usage_errors_exit_2_with_one_line(tmp_path, layout, client, case):
+    make_source(tmp_path / "src", {"a.txt": b"a"})
+    source, study, to = tmp_path / "src", "s1", str(layout.inbox)
+    if case == "study name":
+        study, expect = "s-1", "--study 's-1'"
+    elif case == "no source":
+        source, expect = tmp_path / "nope", "no such file or folder"
+    elif case == "bad address":
+        to, expect = "ftp://example.org/inbox", "only sftp://"
+    else:
+        cdir = Path(client["EIDETIC_CLIENT_HOME"])
+        cdir.mkdir()
+        (cdir / "eidetic-client.yaml").write_text("locaton: labA\n")
+        expect = "unknown key 'locaton'"
+    argv = eidetic_argv() + ["send", str(source), "--study", study, "--to", to]
+    res = subprocess.run(argv, capture_output=True, text=True, env=client, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2
+    assert expect in one_line_error(res)
+    assert entries(layout.inbox) == []
