@@ -18,7 +18,8 @@ from ..common import Ctx, human_bytes, is_tty, say, warn
                                  "eidetic-client.yaml, else this computer's name).")
 @click.option("--changed-only", is_flag=True,
               help="Leave out files sent before to this inbox and study and unchanged since.")
-@click.option("--dry-run", is_flag=True, help="Only show what would be sent (-v: each file); send nothing and contact no server.")
+@click.option("--dry-run", is_flag=True,
+              help="Only show what would be sent (-v: each file); send nothing and contact no server.")
 @click.option("--identity", "-i", type=click.Path(dir_okay=False), help="SSH private key file to log in with.")
 @click.option("--accept-host-key", metavar="SHA256:...",
               help="Trust the server's host key if its fingerprint is this one (first contact).")
