@@ -519,7 +519,8 @@ class SFTPTransport:
                     key = self._load_key(p, explicit=False)
                     if key is not None and try_key(f"key {p}", key):
                         return
-        if self.opts.password is not None and (allowed is None or {"password", "keyboard-interactive"} & set(allowed)):
+        passwords_allowed = allowed is None or bool({"password", "keyboard-interactive"} & set(allowed))
+        if self.opts.password is not None and passwords_allowed:
             pw = self.opts.password(f"{user}@{self.dest.host}'s password: ")
             if pw:
                 tried.append("password")
