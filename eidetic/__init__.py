@@ -3,4 +3,4 @@
 The library knows nothing of the command line (see cli/, package eidetic_cli).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
