@@ -7,6 +7,7 @@ import sys
 import click
 
 from eidetic import config as _config
+from eidetic.layout import human_bytes  # noqa: F401 - re-exported for the commands
 
 
 class Ctx:
@@ -33,12 +34,4 @@ def warn(msg: str) -> None:
 def is_tty() -> bool:
     return sys.stderr.isatty()
 
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 

@@ -265,3 +265,13 @@ def display(path: bytes) -> str:
     """For humans only, never for lookups: undecodable bytes and control
     characters (a newline in a name must not split a line of output) as \\xNN."""
     return path.decode("utf-8", "backslashreplace").translate(_CONTROL)
+
+
+def human_bytes(n: int) -> str:
+    """Sizes for people: 512 B, 1.5 KiB, 3.2 GiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

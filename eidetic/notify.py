@@ -135,7 +135,7 @@ class Notifier:
         elif r.outcome == "ingested" and study is not None and study.notify:
             if study.notify_uploads == "each":
                 self._queue(f"[eidetic] {study.name}: upload {_short(r.entry)} ingested "
-                            f"({r.files} files, {_human_bytes(r.bytes)})",
+                            f"({r.files} files, {layout.human_bytes(r.bytes)})",
                             self._success_body(r, study), study.notify)
             elif study.notify_uploads == "digest":
                 self._remember_for_digest(r, study)
@@ -234,7 +234,7 @@ class Notifier:
                     # A fixed id: a crash before the pending records are gone
                     # re-queues the same file instead of a second mail.
                     self._queue(f"[eidetic] {s.name}: {len(items)} upload{'s' if len(items) != 1 else ''} "
-                                f"since the last digest ({_human_bytes(n_bytes)})",
+                                f"since the last digest ({layout.human_bytes(n_bytes)})",
                                 self._digest_body(s, items), s.notify, mail_id=f"digest-{s.name}-{day}")
                 for i in items:
                     _unlink(os.path.join(pending_dir, i["_file"]))
@@ -565,7 +565,7 @@ class Notifier:
             f"The upload {r.entry} was ingested into study {s.name}.", "",
             f"Upload id:     {r.upload}",
             f"Files:         {r.files}" + (f" ({r.skipped} skipped: links or special files)" if r.skipped else ""),
-            f"Size:          {_human_bytes(r.bytes)} ({_human_bytes(r.new_bytes)} of it new content)",
+            f"Size:          {layout.human_bytes(r.bytes)} ({layout.human_bytes(r.new_bytes)} of it new content)",
             f"New versions:  {r.new_versions}",
             f"Took:          {r.seconds:.1f} s",
             f"Tree:          {s.tree}", "",
@@ -575,11 +575,11 @@ class Notifier:
     def _digest_body(self, s: StudyConfig, items: list[dict]) -> str:
         total = sum(int(i.get("bytes", 0)) for i in items)
         lines = [f"Uploads ingested into study {s.name} since the last digest: {len(items)}, "
-                 f"{_human_bytes(total)} in all.", ""]
+                 f"{layout.human_bytes(total)} in all.", ""]
         for i in items:
             when = _local(i.get("finished", ""))
             lines.append(f"- {when}  {i.get('entry')}  (upload {i.get('upload')}): {i.get('files')} files, "
-                         f"{_human_bytes(int(i.get('bytes', 0)))}, {i.get('new_versions')} new versions, "
+                         f"{layout.human_bytes(int(i.get('bytes', 0)))}, {i.get('new_versions')} new versions, "
                          f"{float(i.get('seconds', 0)):.1f} s")
         lines += ["", f"Tree: {s.tree}", "Failures are mailed at once and are not part of this digest.", ""]
         return "\n".join(lines)
@@ -589,7 +589,7 @@ class Notifier:
         return "\n".join([
             f"The file system holding study {s.name}'s store is {percent}% full "
             f"(warning threshold {level}%).", "",
-            f"Free:   {_human_bytes(free)} of {_human_bytes(total)}",
+            f"Free:   {layout.human_bytes(free)} of {layout.human_bytes(total)}",
             f"Store:  {s.store}",
             f"Tree:   {s.tree} (same file system)", "",
             "When it is full, new uploads fail with \"no space\" and stay untouched in the",
@@ -647,15 +647,6 @@ def _clean(text: str) -> str:
     """A str that may carry surrogate escapes (os.fsdecode of any bytes) as
     readable, mail-safe text."""
     return layout.display(os.fsencode(text))
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _describe(e: BaseException) -> str:

@@ -38,7 +38,7 @@ from .client import ClientLock, Pending, SendState, client_dir, open_state, sani
 from .config import load_client_settings
 from .description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
 from .errors import SendError, UsageError
-from .objects import new_hasher
+from .objects import hash_fd, new_hasher
 from .transport import (Destination, HostKeyInfo, SFTPOptions, Transport, open_transport,
                         parse_destination)
 
@@ -534,15 +534,8 @@ def _open_source(path: str) -> tuple[io.FileIO, os.stat_result]:
 def _hash_file(path: str) -> tuple[str, int, int]:
     f, st = _open_source(path)
     with f:
-        h = new_hasher()
-        buf = bytearray(CHUNK)
-        mv = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(mv[:n])
-    return h.hexdigest(), st.st_size, st.st_mtime_ns
+        oid, _ = hash_fd(f.fileno())
+    return oid, st.st_size, st.st_mtime_ns
 
 
 def _local_user() -> str:
