@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .layout import STUDY_NAME_RE
 
 SYSTEM_CONFIG = "/etc/eidetic/eidetic.yaml"
-DEFAULT_SETTLE_SECONDS = 30.0
+DEFAULT_SETTLE_SECONDS = 5.0   # the rename out of the dot name is the real signal; this catches hand copies
 DEFAULT_LAYOUT_SETTLE_SECONDS = 2.0
 DEFAULT_STUDY = "demo"
 

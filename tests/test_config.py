@@ -53,7 +53,7 @@ def test_paths_are_normalised(tmp_path):
 
 
 def test_settle_seconds_defaults_to_30(tmp_path):
-    assert parse(good(tmp_path), "t").settle_seconds == config.DEFAULT_SETTLE_SECONDS == 30.0
+    assert parse(good(tmp_path), "t").settle_seconds == config.DEFAULT_SETTLE_SECONDS == 5.0
 
 
 def test_study_inboxes_can_replace_the_shared_inbox(tmp_path):
