@@ -35,6 +35,8 @@ from daemon_helpers import (
     wait_until,
 )
 
+import eidetic.config
+import eidetic.deploy
 from eidetic.inbox import StateDir
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -410,3 +412,60 @@ def test_a_refused_entry_sends_a_failure_mail_through_a_real_smtp_server(tmp_pat
     assert m.rcpt_tos == ["admin@example.org"]
     assert "nostudy-labA-1" in m.subject and "nostudy-labA-1" in m.body
     assert "nostudy-labB-1" in m2.subject
+
+
+def test_a_filling_disk_mails_one_warning_per_crossing_while_the_daemon_ingests(tmp_path, daemons):
+    """The whole chain: real uploads fill the study's file system through
+    ingest; the daemon's mail goes to a real SMTP server once per crossing."""
+    import shutil
+    import subprocess
+
+    from smtp_peer import SMTPServer
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    fsdir = tmp_path / "fs"
+    fsdir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(fsdir)], check=True)
+    try:
+        with SMTPServer(tmp_path / "smtp") as smtp:
+            lay = daemon_layout(tmp_path / "srv", studies=("s1",),
+                                notify={"smtp_host": "127.0.0.1", "smtp_port": smtp.port,
+                                        "sender": "eidetic@example.org", "admin": ["admin@example.org"]})
+            doc = json.loads(lay.config_path.read_text())
+            doc["studies"]["s1"].update(tree=str(fsdir / "tree"), store=str(fsdir / "store"),
+                                        notify=["pi@example.org"])
+            lay.config_path.write_text(json.dumps(doc))
+            lay.cfg = eidetic.config.load(str(lay.config_path))
+            eidetic.deploy.init(lay.cfg)
+
+            def fill_to(percent: float) -> bytes:
+                """Random content that takes the file system to about *percent*."""
+                u = shutil.disk_usage(fsdir)
+                return os.urandom(max(0, int((u.used + u.free) * percent / 100) - u.used))
+
+            def disk_mails() -> list:
+                return [m for m in smtp.received if "disk" in m.subject]
+
+            d = daemons(lay.config_path).started()
+            drop(lay.inbox, "s1-labA-1", {"small.bin": os.urandom(1000)})
+            wait_until(lambda: done(lay, "s1-labA-1"), 10, "a first small upload")
+            drop(lay.inbox, "s1-labA-2", {"big.bin": fill_to(91.5)})
+            wait_until(lambda: done(lay, "s1-labA-2"), 15, "the upload that crosses 90%")
+            (m,) = smtp.wait_for(1, timeout=15)
+            assert "(warning at 90%)" in m.subject and sorted(m.rcpt_tos) == ["admin@example.org",
+                                                                              "pi@example.org"]
+            for n in (3, 4):     # more uploads above 90% but below 95%: silence
+                drop(lay.inbox, f"s1-labA-{n}", {"more.bin": os.urandom(20_000)})
+                wait_until(lambda n=n: done(lay, f"s1-labA-{n}"), 10, "an upload above 90%")
+            drop(lay.inbox, "s1-labA-5", {"bigger.bin": fill_to(96.5)})
+            wait_until(lambda: done(lay, "s1-labA-5"), 15, "the upload that crosses 95%")
+            smtp.wait_for(2, timeout=15)
+            time.sleep(1.0)       # a third mail, if any were wrongly sent, would have arrived
+            sigterm_ok(d)
+            subjects = [m.subject for m in disk_mails()]
+        assert len(subjects) == 2, subjects
+        assert "(warning at 95%)" in subjects[1]
+        assert not [m for m in smtp.received if "FAILED" in m.subject]
+    finally:
+        subprocess.run(["umount", str(fsdir)], check=True)
