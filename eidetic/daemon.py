@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import select
 import signal
 import threading
@@ -51,8 +50,6 @@ MIN_SETTLE_RECHECK = 0.2
 # event itself from the EntryResult (with more detail, e.g. where the data lies).
 _INGEST_LEVELS = {"waiting": DEBUG, "claimed": INFO, "resuming": INFO, "abandoned": WARNING,
                   "ingested": None, "failed": None, "incomplete": None}
-
-_SETTLES_IN = re.compile(r"settles in (\d+(?:\.\d+)?) s")
 
 _tls = threading.local()
 
@@ -291,9 +288,9 @@ class Daemon:
         if not waiting or w.stop_event.is_set():
             return None
         # Come back when the first one may have settled, not before (no busy
-        # loop); without a figure in the reason, after a whole settle period.
+        # loop); for other waits (vanished, abandoned), after a settle period.
         longest = min(settle, self.cfg.rescan_seconds)
-        lefts = [float(m.group(1)) + 0.5 for r in waiting if (m := _SETTLES_IN.search(r.reason or ""))]
+        lefts = [r.settles_in + 0.5 for r in waiting if r.settles_in is not None]
         return max(MIN_SETTLE_RECHECK, min(lefts + [longest]) if lefts else longest)
 
     def _await_store(self, w: _Worker, store: Store) -> bool:
@@ -321,6 +318,7 @@ class Daemon:
             self.log(INFO, f"ingested {r.entry} (study {r.study}) as upload {r.upload}: {r.files} files, "
                            f"{r.bytes} bytes ({r.new_bytes} new), {r.new_versions} new versions"
                            + (f", {r.skipped} skipped (not regular files)" if r.skipped else "")
+                           + (", verified against the sender's description" if r.verified else "")
                            + f", {r.seconds:.1f} s")
         elif r.outcome == "failed":
             with self._counts_lock:

@@ -61,6 +61,7 @@ class EntryResult:
     skipped: int = 0
     seconds: float = 0.0
     where: str | None = None
+    settles_in: float | None = None   # "waiting" for an entry still changing: seconds until it may be taken
     verified: bool = False     # every file was checked against the sender's upload description
 
 
@@ -172,7 +173,8 @@ class Ingester:
         if left <= 0:
             return None
         self.log(f"waiting {disp}: changed recently, settles in {left:.0f} s")
-        return EntryResult(disp, c.study, "waiting", reason=f"changed recently (settles in {left:.0f} s)")
+        return EntryResult(disp, c.study, "waiting", reason=f"changed recently (settles in {left:.0f} s)",
+                           settles_in=left)
 
     def _take(self, store: Store, c: Candidate, settle: float) -> EntryResult:
         disp = layout.display(c.name)
