@@ -5,8 +5,9 @@ the daemon only decides *when*.  One worker thread per served study runs
 ``Ingester.run_study`` whenever it is woken - by a watch event naming one of
 its entries, by the periodic rescan, or by a timer when an entry was still
 settling - so entries of one study go one at a time, oldest first, and a
-slow study never holds up another.  One more worker refuses entries whose
-name maps to no study.  The main thread only handles signals (stop,
+slow study never holds up another.  One more worker does the housekeeping:
+mail ticks (disk, unfinished uploads, digests) and refusing entries whose
+name maps to no study (only in a daemon serving every study).  The main thread only handles signals (stop,
 reload), the rescan timer and systemd's watchdog, so a hung main loop is
 noticed by systemd.
 
@@ -75,11 +76,11 @@ class _Worker:
         self.stop_event = threading.Event()
         self._rescan = False
         self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name=f"eidetic-ingest-{study}" if study else "eidetic-unknown")
+                                       name=f"eidetic-ingest-{study}" if study else "eidetic-housekeeping")
 
     @property
     def label(self) -> str:
-        return f"study {self.study}" if self.study else "entries of no study"
+        return f"study {self.study}" if self.study else "housekeeping (mail, entries of no study)"
 
     def start(self) -> None:
         self.thread.start()
@@ -182,7 +183,7 @@ class Daemon:
             self.notifier.start()
             self._start_watch(self.cfg)
             self.log(INFO, self._describe_start(served))
-            self._start_workers(served, with_unknown=self.only_study is None)
+            self._start_workers(served)
             self._sd_notify("READY=1", self._status())   # watches are in place; the backlog may follow
             self._main_loop(rfd)
             return 0
@@ -275,7 +276,9 @@ class Daemon:
         (None: only when woken)."""
         settle = self.settle()
         if w.study is None:
-            results = ingester.reject_unknown(settle)   # each failure reaches _on_result
+            # A daemon serving one study (--study) leaves entries of no study to
+            # the daemon serving all; mail housekeeping runs in either.
+            results = ingester.reject_unknown(settle) if self.only_study is None else []
             if rescan:
                 self.notifier.tick()
         else:
@@ -432,10 +435,10 @@ class Daemon:
             self.log(ERROR if msg.startswith("MAIL NOT DELIVERED") else WARNING, msg)
         return Notifier(cfg, mail_log, debug=lambda m: self.log(DEBUG, m))
 
-    def _start_workers(self, studies: list[str], with_unknown: bool) -> None:
+    def _start_workers(self, studies: list[str]) -> None:
         workers = dict(self.workers)
         new = [_Worker(self, s) for s in studies]
-        if with_unknown and None not in workers:
+        if None not in workers:   # housekeeping: mail ticks, and entries of no study
             new.append(_Worker(self, None))
         for w in new:
             workers[w.study] = w
@@ -514,7 +517,7 @@ class Daemon:
         except OSError as e:
             self.log(ERROR, f"reload: cannot watch the inboxes ({e.strerror or e}); relying on the "
                             f"rescan every {new.rescan_seconds:g} s")
-        self._start_workers(starting, with_unknown=self.only_study is None)
+        self._start_workers(starting)
         for w in list(self.workers.values()):
             w.wake(rescan=True)
         parts = [f"{what} {', '.join(sorted(ss))}" for what, ss in
