@@ -46,6 +46,7 @@ STOP_TIMEOUT = 20.0          # how long shutdown waits for workers to abandon th
 MAX_BACKOFF = 60.0           # an erring worker retries after 1, 2, 4 ... up to this many seconds
 LOCK_POLL = 0.5              # while another process holds a store lock, look again this often
 MIN_SETTLE_RECHECK = 0.2
+SETTLE_MARGIN = 0.05         # look again just after an entry should have settled
 
 # The Ingester's own log lines, by first word.  None: the daemon logs that
 # event itself from the EntryResult (with more detail, e.g. where the data lies).
@@ -293,7 +294,7 @@ class Daemon:
         # Come back when the first one may have settled, not before (no busy
         # loop); for other waits (vanished, abandoned), after a settle period.
         longest = min(settle, self.cfg.rescan_seconds)
-        lefts = [r.settles_in + 0.5 for r in waiting if r.settles_in is not None]
+        lefts = [r.settles_in + SETTLE_MARGIN for r in waiting if r.settles_in is not None]
         return max(MIN_SETTLE_RECHECK, min(lefts + [longest]) if lefts else longest)
 
     def _await_store(self, w: _Worker, store: Store) -> bool:

@@ -199,6 +199,7 @@ class _Sender:
         self.hooks = hooks
         self.home = opts.client_home or client_dir()
         self.p = SendProgress("scanning", 0, 0, 0, 0)
+        self._buf = bytearray(CHUNK)   # one buffer for every file sent
 
     def notice(self, msg: str) -> None:
         if self.hooks.notice:
@@ -455,7 +456,7 @@ class _Sender:
                 try:
                     h = new_hasher()
                     counted = 0
-                    buf = bytearray(CHUNK)
+                    buf = self._buf
                     mv = memoryview(buf)
                     while True:
                         n = f.readinto(buf)
