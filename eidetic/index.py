@@ -296,6 +296,14 @@ class Index:
                 if ver.path.startswith(dprefix):
                     yield ver
 
+    def path_count(self) -> int:
+        """How many distinct paths have a version: keys only, nothing decoded
+        (every path has exactly one version 1)."""
+        first = b"\0" + struct.pack(">I", 1)
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.versions)
+            return sum(1 for k in cur.iternext(keys=True, values=False) if k.endswith(first))
+
     def has_path(self, path: bytes) -> bool:
         prefix = path_key(path) + b"\0"
         with self.env.begin() as txn:

@@ -284,7 +284,7 @@ def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
         st.uploads = stats["uploads"]
         st.versions = stats["path_versions"]
         st.objects = stats["objects"]
-        st.paths = sum(1 for v in idx.iter_versions() if v.n == 1)
+        st.paths = idx.path_count()
         index_bytes = sum(os.lstat(os.path.join(index_dir, n)).st_size for n in os.listdir(index_dir))
         st.store_bytes = sum(size for _oid, size in idx.iter_objects()) + manifest_bytes + index_bytes
         if st.last_ingest is None and st.uploads:

@@ -514,3 +514,14 @@ def test_an_upload_with_a_very_deep_path_is_ingested(deployment):
     v1 = store.index.version(deep, 1)
     with open(tree + b"/" + layout.version_relpath(deep, 1, v1.stamp), "rb") as f:
         assert f.read() == b"A"
+
+
+def test_path_count_counts_each_path_once_whatever_its_versions_and_length(deployment):
+    cfg = deployment
+    deep = b"/".join([b"d" * 200] * 3) + b"/f.txt"          # over 400 bytes: a hashed key
+    send(cfg, "foo-labA-1", {b"a.txt": b"1", b"b/c.txt": b"1", deep: b"1"})
+    send(cfg, "foo-labA-2", {b"a.txt": b"2", deep: b"2", b"new.txt": b"x"})
+    idx = Index(os.path.join(cfg.study("foo").store, "index"))
+    assert idx.path_count() == 4
+    assert idx.path_count() == len({v.path for v in idx.iter_versions()})
+    assert idx.stats()["path_versions"] == 6
