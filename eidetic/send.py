@@ -21,6 +21,7 @@ reads any server-side config.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import io
 import os
@@ -401,6 +402,7 @@ class _Sender:
                 problems.add(f"{disp} ({e.strerror or e})")
             self.p.files_done += 1
             self.progress(path=disp)
+        t.drain()       # every file's reply: recorded as sent, or a refused file fails the send here
         if problems.count:
             raise SendError(problems.message(
                 f"not sent (the unfinished upload stays hidden as .{pending.entry}; fix these and run the "
@@ -473,8 +475,10 @@ class _Sender:
                     w.abort()
                     raise
                 if after.st_size == st.st_size == counted and after.st_mtime_ns == st.st_mtime_ns:
-                    w.finish()
-                    state.file_done(p, rel, st.st_size, st.st_mtime_ns, h.hexdigest())
+                    # Recorded as sent only once the transport has it (SFTP: its
+                    # fsync answered, which may come while later files are sent).
+                    w.finish(functools.partial(state.file_done, p, rel, st.st_size, st.st_mtime_ns,
+                                               h.hexdigest()))
                     return
                 w.abort()
                 self.p.bytes_total += st.st_size     # a re-read is more work: progress never goes back

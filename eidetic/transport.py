@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import paramiko
-from paramiko.sftp import CMD_EXTENDED
+from paramiko.sftp import (CMD_CLOSE, CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, CMD_STATUS, CMD_WRITE,
+                          SFTP_FLAG_CREATE, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_NO_SUCH_FILE, SFTP_OK,
+                          SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, int64)
+from paramiko.sftp_attr import SFTPAttributes
 
 from .errors import HostKeyError, TransportError, UsageError
 
@@ -43,7 +46,10 @@ _KEY_TYPE_NAMES = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
 
 class Writer(Protocol):
     def write(self, data: bytes | memoryview) -> None: ...
-    def finish(self) -> None: ...       # flush, make durable, close; raises on any failure
+    # Close; *done* is called once the file is as durable as the transport makes
+    # it before sync_tree (SFTP: its fsync answered, maybe only during a later
+    # call, at the latest in drain).  Raises on any failure known by then.
+    def finish(self, done: Callable[[], None] | None = None) -> None: ...
     def abort(self) -> None: ...        # close, ignoring errors
 
 
@@ -56,6 +62,7 @@ class Transport(Protocol):
     def mkdir(self, rel: bytes) -> None: ...            # an existing directory is fine
     def open_write(self, rel: bytes) -> Writer: ...     # create or truncate
     def remove(self, rel: bytes) -> None: ...           # a missing file is fine
+    def drain(self) -> None: ...                        # every finished file answered (done called)
     def sync_tree(self, rel: bytes) -> None: ...        # make the whole entry durable
     def digest(self, rel: bytes) -> str | None: ...     # BLAKE3 of a written file, if cheap to get
     def rename(self, old: bytes, new: bytes) -> None: ...   # never onto an existing name
@@ -190,11 +197,13 @@ class _GuardedLocalWriter:
         except OSError as e:
             raise _local_error(e, "writing", self.w.path) from None
 
-    def finish(self) -> None:
+    def finish(self, done: Callable[[], None] | None = None) -> None:
         try:
             self.w.finish()
         except OSError as e:
             raise _local_error(e, "finishing a file", self.w.path) from None
+        if done is not None:
+            done()      # a resumed send re-checks these with digest (not durable until sync_tree)
 
     def abort(self) -> None:
         self.w.abort()
@@ -258,6 +267,9 @@ class LocalTransport:
             os.unlink(self._p(rel))
         except FileNotFoundError:
             pass
+
+    def drain(self) -> None:
+        pass
 
     @_guard_local('flushing the upload')
     def sync_tree(self, rel: bytes) -> None:
@@ -350,22 +362,188 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
-class _SFTPWriter:
-    def __init__(self, owner: "SFTPTransport", f: paramiko.SFTPFile) -> None:
-        self.owner = owner
-        self.f = f
+# Pipelining (OpenSSH's sftp-server answers in order; a reply costs a round
+# trip): files are opened, written, fsynced and closed without waiting for the
+# replies, up to this many files and bytes awaiting one.  A file counts as
+# sent only once its fsync and close were answered OK.
+MAX_FILES_IN_FLIGHT = 64
+MAX_BYTES_IN_FLIGHT = 8 << 20
+# A file larger than this first waits for the replies about the files before
+# it (one round trip per large file): an upload interrupted during a long
+# file then never sends those small files again on resume.
+SETTLE_BEFORE = 1 << 20
+WRITE_CHUNK = 32768         # paramiko's SFTPFile.MAX_REQUEST_SIZE: some servers refuse larger writes
+
+
+class _Pipeline:
+    """The one user of paramiko's private request API (paramiko 2.x-5.x):
+    ``sftp._async_request(obj, cmd, *args)`` sends a request and returns its
+    number; whichever ``sftp._read_response()`` later reads the reply calls
+    ``obj._async_response(cmd, msg, num)`` (paramiko's own synchronous calls,
+    e.g. mkdir, do that too while waiting for theirs).  paramiko keeps *obj*
+    only in a WeakValueDictionary, so ``files`` holds each file until its
+    last reply.  The callbacks only record; ``service`` acts on them."""
+
+    def __init__(self, sftp: paramiko.SFTPClient) -> None:
+        self.sftp = sftp
+        self.files: set[_PipelinedFile] = set()     # each with a reply to come (or still being written)
+        self.bytes = 0                              # written or buffered, not yet acknowledged
+        self.fsync = True                           # until the server says fsync@openssh.com is unknown
+        self.failed: _PipelinedFile | None = None   # the first file the server refused
+        self.events: list[_PipelinedFile] = []      # files with replies not yet acted on
+
+    def request(self, f: "_PipelinedFile", kind: str, cmd: int, *args, nbytes: int = 0) -> None:
+        num = self.sftp._async_request(f, cmd, *args)
+        f.outstanding[num] = (kind, nbytes)
+
+    def service(self) -> None:
+        while self.events:
+            self.events.pop().advance()
+
+    def poll(self) -> None:
+        """Act on the replies already here, without waiting."""
+        chan = self.sftp.sock
+        while chan.recv_ready():
+            self.sftp._read_response()
+        self.service()
+
+    def wait(self, busy: Callable[[], bool]) -> None:
+        while True:
+            self.service()
+            self.check()
+            if not busy():
+                return
+            self.sftp._read_response()      # one reply; IO_TIMEOUT bounds the wait
+
+    def room(self) -> None:
+        self.wait(lambda: self.bytes > MAX_BYTES_IN_FLIGHT or len(self.files) >= MAX_FILES_IN_FLIGHT)
+
+    def drain(self) -> None:
+        """Every finished or aborted file answered (a failure raises, naming its file)."""
+        self.wait(lambda: any(f.closing for f in self.files))
+
+    def check(self) -> None:
+        f = self.failed
+        if f is not None and f.error is not None:
+            kind, e = f.error
+            what = {"open": "creating a file", "write": "writing"}.get(kind, "finishing a file")
+            raise f.owner._err(e, what, f.rel)
+
+
+class _PipelinedFile:
+    """One remote file being written: open, writes, fsync and close go out
+    as soon as they can; data written before the open's reply (the handle)
+    waits in ``buf``."""
+
+    def __init__(self, owner: "SFTPTransport", pl: _Pipeline, rel: bytes) -> None:
+        self.owner, self.pl, self.rel = owner, pl, rel
+        self.handle: bytes | None = None
+        self.outstanding: dict[int, tuple[str, int]] = {}   # request number -> (kind, bytes)
+        self.buf: list[bytes] = []
+        self.offset = 0                         # sent so far
+        self.given = 0                          # passed to write so far
+        self.finishing = False
+        self.aborted = False
+        self.tail_sent = False                  # the close went out
+        self.error: tuple[str, OSError] | None = None
+        self.done: Callable[[], None] | None = None
+
+    @property
+    def closing(self) -> bool:
+        return self.finishing or self.aborted
+
+    def open(self, path: str) -> None:
+        self.pl.files.add(self)
+        self.pl.request(self, "open", CMD_OPEN, path.encode("utf-8"),
+                        SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, SFTPAttributes())
+
+    # paramiko calls this while reading a reply (see _Pipeline): record only, never raise.
+    def _async_response(self, cmd: int, msg: paramiko.Message, num: int) -> None:
+        kind, nbytes = self.outstanding.pop(num, ("?", 0))
+        self.pl.bytes -= nbytes
+        if cmd == CMD_HANDLE and kind == "open":
+            self.handle = msg.get_binary()
+        elif cmd == CMD_STATUS:
+            code, text = msg.get_int(), msg.get_text()
+            if code == SFTP_OP_UNSUPPORTED and kind == "fsync":
+                # No fsync@openssh.com (paramiko does not show the server's
+                # extensions): stop asking; files are as durable as the
+                # server makes a closed file.
+                self.pl.fsync = False
+            elif code != SFTP_OK:
+                self._fail(kind, OSError(errno.ENOENT, text) if code == SFTP_NO_SUCH_FILE else
+                           OSError(errno.EACCES, text) if code == SFTP_PERMISSION_DENIED else OSError(text))
+        else:
+            self._fail(kind, OSError(f"unexpected reply {cmd} to {kind}"))
+        self.pl.events.append(self)
+
+    def _fail(self, kind: str, e: OSError) -> None:
+        if self.error is None:
+            self.error = (kind, e)
+        if self.pl.failed is None and not self.aborted:
+            self.pl.failed = self
+
+    def _send(self, data: bytes | memoryview) -> None:
+        for i in range(0, len(data), WRITE_CHUNK):
+            chunk = bytes(data[i:i + WRITE_CHUNK])
+            self.pl.bytes += len(chunk)
+            self.pl.request(self, "write", CMD_WRITE, self.handle, int64(self.offset), chunk,
+                            nbytes=len(chunk))
+            self.offset += len(chunk)
+
+    def advance(self) -> None:
+        """Send what can go now; once every reply is in, the file is done."""
+        if self.handle is not None and not self.tail_sent:
+            if self.buf:
+                buf, self.buf = self.buf, []
+                for b in buf:
+                    self.pl.bytes -= len(b)
+                    if self.error is None and not self.aborted:
+                        self._send(b)
+            if self.closing or self.error is not None:
+                if self.finishing and self.error is None and self.pl.fsync:
+                    self.pl.request(self, "fsync", CMD_EXTENDED, "fsync@openssh.com", self.handle)
+                self.pl.request(self, "close", CMD_CLOSE, self.handle)
+                self.tail_sent = True
+        if self.outstanding or not (self.tail_sent or self.handle is None):
+            return
+        if self.closing or self.error is not None:      # all answered (or the open failed)
+            for b in self.buf:
+                self.pl.bytes -= len(b)
+            self.buf = []
+            self.pl.files.discard(self)
+            if self.finishing and self.error is None and self.done is not None:
+                done, self.done = self.done, None
+                done()
 
     def write(self, data: bytes | memoryview) -> None:
-        self.f.write(bytes(data))
+        self.pl.check()
+        if self.given <= SETTLE_BEFORE < self.given + len(data):
+            self.pl.drain()
+        self.given += len(data)
+        if self.handle is None:
+            b = bytes(data)
+            self.buf.append(b)
+            self.pl.bytes += len(b)
+        else:
+            self._send(data)
+        self.pl.poll()
+        self.pl.room()
 
-    def finish(self) -> None:
-        self.f.flush()
-        self.owner._fsync(self.f)
-        self.f.close()          # raises any error of a pipelined write
+    def finish(self, done: Callable[[], None] | None = None) -> None:
+        self.pl.check()
+        self.done = done
+        self.finishing = True
+        self.advance()
+        self.pl.poll()
+        self.pl.check()
 
     def abort(self) -> None:
+        # The close goes out without waiting (a retry of the same file waits
+        # for it in open_write); errors of an aborted file do not matter.
+        self.aborted = True
         try:
-            self.f.close()
+            self.advance()
         except Exception:
             pass
 
@@ -376,9 +554,9 @@ class SFTPTransport:
         self.display = dest.display
         self.opts = opts
         self.root = dest.path
-        self._fsync_ok = True
         self.transport: paramiko.Transport | None = None
         self.sftp: paramiko.SFTPClient | None = None
+        self._pl: _Pipeline | None = None
         try:
             self._connect()
         except BaseException:
@@ -440,6 +618,7 @@ class SFTPTransport:
         if self.sftp is None:
             raise TransportError(f"{d.host} offers no SFTP service")
         self.sftp.get_channel().settimeout(IO_TIMEOUT)
+        self._pl = _Pipeline(self.sftp)
 
     def _check_host_key(self, key: paramiko.PKey, known_for_host) -> None:
         info = HostKeyInfo(self._hostname, key.get_name(), fingerprint(key))
@@ -635,30 +814,28 @@ class SFTPTransport:
             raise self._err(e, "creating a folder", rel) from None
 
     def open_write(self, rel: bytes) -> Writer:
-        assert self.sftp is not None
+        assert self.sftp is not None and self._pl is not None
+        path = self._r(rel)
+        pl = self._pl
+        f = _PipelinedFile(self, pl, rel)
         try:
-            f = self.sftp.open(self._r(rel), "wb")
-            f.set_pipelined(True)
+            # A file aborted for a retry must be closed before it is truncated again.
+            pl.wait(lambda: any(g.rel == rel for g in pl.files))
+            pl.room()
+            f.open(path)
         except (OSError, paramiko.SSHException, EOFError) as e:
             raise self._err(e, "creating a file", rel) from None
-        return _GuardedWriter(self, _SFTPWriter(self, f), rel)
+        return _GuardedWriter(self, f, rel)
 
-    def _fsync(self, f: paramiko.SFTPFile) -> None:
-        # paramiko has no fsync: send OpenSSH's "fsync@openssh.com" extension
-        # (OpenSSH >= 6.5) ourselves, on the file's handle.  paramiko does not
-        # expose the server's extension list, so a server without it answers
-        # "unsupported" once and we stop asking; the file is then as durable
-        # as the server makes a closed file.
-        if not self._fsync_ok:
+    def drain(self) -> None:
+        """Wait for every reply about the files written; a file the server
+        refused fails the send here at the latest, named."""
+        if self._pl is None:
             return
-        assert self.sftp is not None
         try:
-            self.sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
-        except OSError as e:
-            if e.errno is None and "unsupported" in str(e).lower():
-                self._fsync_ok = False
-                return
-            raise
+            self._pl.drain()
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise self._err(e, "finishing the upload") from None
 
     def remove(self, rel: bytes) -> None:
         assert self.sftp is not None
@@ -670,13 +847,14 @@ class SFTPTransport:
             raise self._err(e, "removing an unfinished file", rel) from None
 
     def sync_tree(self, rel: bytes) -> None:
-        pass    # SFTP has no directory fsync; the files themselves were fsynced
+        self.drain()    # SFTP has no directory fsync; the files themselves are fsynced
 
     def digest(self, rel: bytes) -> str | None:
-        return None     # each file was fsynced before it was recorded as sent
+        return None     # a file is recorded as sent only once its fsync was answered
 
     def rename(self, old: bytes, new: bytes) -> None:
         assert self.sftp is not None
+        self.drain()        # never rename while a reply about a file is outstanding
         if self.exists(new):
             raise TransportError(f"{new.decode('utf-8', 'replace')} already exists in {self.display}")
         try:
@@ -695,12 +873,13 @@ class SFTPTransport:
                     pass
         self.sftp = None
         self.transport = None
+        self._pl = None
 
 
 class _GuardedWriter:
     """Turns paramiko's exceptions on a file into TransportError."""
 
-    def __init__(self, owner: SFTPTransport, w: _SFTPWriter, rel: bytes) -> None:
+    def __init__(self, owner: SFTPTransport, w: _PipelinedFile, rel: bytes) -> None:
         self.owner, self.w, self.rel = owner, w, rel
 
     def write(self, data: bytes | memoryview) -> None:
@@ -709,9 +888,9 @@ class _GuardedWriter:
         except (OSError, paramiko.SSHException, EOFError) as e:
             raise self.owner._err(e, "writing", self.rel) from None
 
-    def finish(self) -> None:
+    def finish(self, done: Callable[[], None] | None = None) -> None:
         try:
-            self.w.finish()
+            self.w.finish(done)
         except (OSError, paramiko.SSHException, EOFError) as e:
             raise self.owner._err(e, "finishing a file", self.rel) from None
 
