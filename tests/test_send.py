@@ -612,3 +612,48 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, layout, client, case):
     assert res.returncode == 2
     assert expect in one_line_error(res)
     assert entries(layout.inbox) == []
+
+
+# ------------------------------------------------- the server refuses a file
+
+@pytest.fixture
+def tiny_inbox(tmp_path):
+    """An inbox on a 1 MiB tmpfs: the server's writes fail with 'no space'."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    inbox = tmp_path / "tiny-inbox"
+    inbox.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inbox)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield inbox
+    finally:
+        subprocess.run(["umount", "-l", str(inbox)], check=False)
+
+
+def test_a_file_the_server_cannot_store_fails_the_send_naming_it_before_the_rename_and_a_rerun_resumes(
+        tmp_path, layout, client, sshd, tiny_inbox):
+    """Pipelined replies (the send does not wait for each file's write, fsync
+    and close) are still all checked before the rename."""
+    files = {f"d/f{i:02d}.bin": os.urandom(256 << 10) for i in range(8)}     # 2 MiB into 1 MiB
+    expected = make_source(tmp_path / "src", files)
+    argv = [tmp_path / "src", sshd.url(tiny_inbox), "--location", "labA", "--identity", str(sshd.user_key),
+            "--accept-host-key", sshd.host_fingerprint]
+    res = send_cli(client, *argv)
+    assert res.returncode != 0
+    err = one_line_error(res)
+    assert re.search(r"server refused (writing|finishing a file) .*/d/f0[0-7]\.bin\).*disk full", err), err
+    [dot] = entries(tiny_inbox)
+    assert dot.startswith(".s1-labA-")                  # not renamed: the daemon never sees it
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_inbox)], check=True)
+    res = send_cli(client, *argv)
+    assert res.returncode == 0, res.stderr
+    done = int(re.search(r"resuming interrupted upload \S+ \((\d+) of 8 files already sent\)", res.stdout)[1])
+    assert 1 <= done < 8
+    entry = only_entry(tiny_inbox)
+    assert entry.name == dot[1:]
+    assert entry_files(entry) == {**expected, DESCRIPTION_NAME: (entry / os.fsdecode(DESCRIPTION_NAME)).read_bytes()}
+    check_description(entry, expected)
