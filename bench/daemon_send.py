@@ -416,7 +416,7 @@ def only_entry(inbox: str) -> str:
 
 
 def send_phase(b: Bench, eidetic: str, sshd: SSHD, src: str, summary: dict, run_dir: str,
-               reps: int) -> list[dict]:
+               reps: int, sftp_only: bool = False, baseline: str | None = None) -> list[dict]:
     """Full sends, side by side; returns per-repetition directories for the
     verification phase."""
     client = os.path.join(run_dir, "client")
@@ -436,13 +436,15 @@ def send_phase(b: Bench, eidetic: str, sshd: SSHD, src: str, summary: dict, run_
                 "sftp_inbox": sftp_inbox, "rsync_dest": os.path.join(rep, "rsync-dest")}
         reps_info.append(info)
         b.say(f"phase: send, repetition {k + 1}/{reps}")
-        _send_rep(b, eidetic, sshd, src, summary, env, fp, info, k)
+        _send_rep(b, eidetic, sshd, src, summary, env, fp, info, k, sftp_only, baseline)
     return reps_info
 
 
 def _send_rep(b: Bench, eidetic: str, sshd: SSHD, src: str, summary: dict, env: dict, fp: str,
-              info: dict, k: int) -> None:
-    """One repetition: the five sends, in an order rotated by *k*."""
+              info: dict, k: int, sftp_only: bool = False, baseline: str | None = None) -> None:
+    """One repetition: the five sends (with --sftp-only the SFTP ones; with
+    --baseline-eidetic one more SFTP send by that executable), in an order
+    rotated by *k*."""
     def eid_local():
         inbox = os.path.join(info["desc_root"], "inbox")
         r = b.timed("send local", "eidetic send (local inbox)",
@@ -455,13 +457,18 @@ def _send_rep(b: Bench, eidetic: str, sshd: SSHD, src: str, summary: dict, env: 
         r = b.timed("send local", "cp -a + sync", f"cp -a {q(src)} {q(dst)} && sync", shell=True)
         check_tree(b, r, dst, summary)
 
-    def eid_sftp():
-        r = b.timed("send sftp", "eidetic send (sftp)",
-                    [eidetic, "send", src, "--study", STUDY, "--to",
-                     f"sftp://root@127.0.0.1:{sshd.port}{info['sftp_inbox']}", "--location", "labS",
+    def eid_sftp(exe: str = eidetic, tool: str = "eidetic send (sftp)", inbox: str = info["sftp_inbox"]):
+        r = b.timed("send sftp", tool,
+                    [exe, "send", src, "--study", STUDY, "--to",
+                     f"sftp://root@127.0.0.1:{sshd.port}{inbox}", "--location", "labS",
                      "--identity", sshd.user_key, "--accept-host-key", fp], env=env)
         if r.ok:
-            check_tree(b, r, only_entry(info["sftp_inbox"]), summary)
+            check_tree(b, r, only_entry(inbox), summary)
+
+    def eid_sftp_baseline():
+        inbox = info["sftp_inbox"] + "-baseline"
+        os.makedirs(inbox)
+        eid_sftp(baseline, BASELINE_TOOL, inbox)
 
     def scp():
         dst = os.path.join(info["rep"], "scp-dest")
@@ -478,7 +485,9 @@ def _send_rep(b: Bench, eidetic: str, sshd: SSHD, src: str, summary: dict, env: 
                     shell=True)
         check_tree(b, r, dst, summary)
 
-    jobs = [eid_local, cp, eid_sftp, scp, rsync]
+    jobs = [eid_sftp, scp, rsync] if sftp_only else [eid_local, cp, eid_sftp, scp, rsync]
+    if baseline:
+        jobs.insert(1, eid_sftp_baseline)
     s = k % len(jobs)
     for job in jobs[s:] + jobs[:s]:
         job()
@@ -588,6 +597,9 @@ def _check_ingest(b: Bench, r, root: str, entry: str, summary: dict, expect_veri
 
 # ------------------------------------------------------------- reporting
 
+BASELINE_TOOL = "eidetic send (sftp), --baseline-eidetic"
+
+
 def med(results, phase: str, tool: str) -> float | None:
     xs = [r.seconds for r in results if r.phase == phase and r.tool == tool and r.ok]
     return statistics.median(xs) if xs else None
@@ -629,6 +641,8 @@ def report(results, lat: dict, flood: dict, summary: dict, meta: dict) -> tuple[
     pairs = [("send local", "eidetic send (local inbox)", "cp -a + sync", "send to a local inbox"),
              ("send sftp", "eidetic send (sftp)", "scp -r + sync", "send over SFTP"),
              ("send sftp", "eidetic send (sftp)", "rsync -a over ssh + sync", "send over SFTP"),
+             ("send sftp", BASELINE_TOOL, "scp -r + sync", "send over SFTP"),
+             ("send sftp", "eidetic send (sftp)", BASELINE_TOOL, "send over SFTP"),
              ("changed-only local", "eidetic send --changed-only (local)", "rsync -a (local) + sync",
               "--changed-only re-send, 1 file touched, local"),
              ("changed-only sftp", "eidetic send --changed-only (sftp)", "rsync -a over ssh + sync",
@@ -689,6 +703,10 @@ def main(argv=None) -> int:
                     help="1-8 MiB files added to gen_data's scale-0.1 set (64: ~500 MiB in total)")
     ap.add_argument("--skip-daemon", action="store_true", help="skip latency and flood")
     ap.add_argument("--skip-send", action="store_true", help="skip send, --changed-only and verification")
+    ap.add_argument("--sftp-only", action="store_true",
+                    help="of the send measurements, run only the full sends over SFTP (eidetic, scp, rsync)")
+    ap.add_argument("--baseline-eidetic", default=None, metavar="EXE",
+                    help="also send over SFTP with this eidetic executable (e.g. an older commit), side by side")
     ap.add_argument("--nice", type=int, default=-15 if os.geteuid() == 0 else 0,
                     help="CPU priority of every measured command and the daemon (default -15 as root)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -741,9 +759,11 @@ def main(argv=None) -> int:
             subprocess.run(["sync"], check=True)
             sshd = SSHD(os.path.join(run_dir, "sshd")).start()
             b.say(f"sshd on 127.0.0.1:{sshd.port}")
-            reps_info = send_phase(b, a.eidetic, sshd, src, summary, run_dir, a.repeat)
-            verify_phase(b, a.eidetic, reps_info, summary)
-            changed_only_phase(b, a.eidetic, sshd, src, run_dir, reps_info, a.repeat)
+            reps_info = send_phase(b, a.eidetic, sshd, src, summary, run_dir, a.repeat, a.sftp_only,
+                                   a.baseline_eidetic)
+            if not a.sftp_only:
+                verify_phase(b, a.eidetic, reps_info, summary)
+                changed_only_phase(b, a.eidetic, sshd, src, run_dir, reps_info, a.repeat)
     finally:
         if sshd is not None:
             sshd.stop()

@@ -464,7 +464,7 @@ class _PipelinedFile:
         if cmd == CMD_HANDLE and kind == "open":
             self.handle = msg.get_binary()
         elif cmd == CMD_STATUS:
-            code, text = msg.get_int(), msg.get_text()
+            code, text = msg.get_int(), msg.get_string().decode("utf-8", "replace")
             if code == SFTP_OP_UNSUPPORTED and kind == "fsync":
                 # No fsync@openssh.com (paramiko does not show the server's
                 # extensions): stop asking; files are as durable as the
