@@ -373,6 +373,9 @@ MAX_BYTES_IN_FLIGHT = 8 << 20
 # file then never sends those small files again on resume.
 SETTLE_BEFORE = 1 << 20
 WRITE_CHUNK = 32768         # paramiko's SFTPFile.MAX_REQUEST_SIZE: some servers refuse larger writes
+# SSH_FXP_WRITE: length, type, id, handle (OpenSSH's is 4 bytes; up to 256 by
+# the protocol), offset, data length.
+_WRITE_HEADER = 4 + 1 + 4 + 4 + 256 + 8 + 4
 
 
 class _Pipeline:
@@ -386,6 +389,11 @@ class _Pipeline:
 
     def __init__(self, sftp: paramiko.SFTPClient) -> None:
         self.sftp = sftp
+        # paramiko sends at most out_max_packet_size - 64 bytes of a channel in
+        # one SSH packet: a write request that fits takes one packet, not two
+        # (30 % fewer packets, each encrypted and MACed in Python).
+        room = getattr(sftp.sock, "out_max_packet_size", 0) - 64 - _WRITE_HEADER
+        self.chunk = min(WRITE_CHUNK, room) if room >= 4096 else WRITE_CHUNK
         self.files: set[_PipelinedFile] = set()     # each with a reply to come (or still being written)
         self.bytes = 0                              # written or buffered, not yet acknowledged
         self.fsync = True                           # until the server says fsync@openssh.com is unknown
@@ -484,8 +492,9 @@ class _PipelinedFile:
             self.pl.failed = self
 
     def _send(self, data: bytes | memoryview) -> None:
-        for i in range(0, len(data), WRITE_CHUNK):
-            chunk = bytes(data[i:i + WRITE_CHUNK])
+        step = self.pl.chunk
+        for i in range(0, len(data), step):
+            chunk = bytes(data[i:i + step])
             self.pl.bytes += len(chunk)
             self.pl.request(self, "write", CMD_WRITE, self.handle, int64(self.offset), chunk,
                             nbytes=len(chunk))
