@@ -434,7 +434,8 @@ class Daemon:
 
         def mail_log(msg: str) -> None:
             self.log(ERROR if msg.startswith("MAIL NOT DELIVERED") else WARNING, msg)
-        return Notifier(cfg, mail_log, debug=lambda m: self.log(DEBUG, m))
+        return Notifier(cfg, mail_log, debug=lambda m: self.log(DEBUG, m),
+                        studies=[self.only_study] if self.only_study else None)
 
     def _start_workers(self, studies: list[str]) -> None:
         workers = dict(self.workers)

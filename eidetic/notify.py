@@ -13,7 +13,7 @@ The rest of ``<state>/notify/`` remembers what was already said, so that a
 restart does not say it again::
 
     disk/<study>.json        highest warning threshold crossed (0 = none)
-    stale.json               unfinished uploads already reported
+    stale/<study>.json       unfinished uploads already reported (``-.json``: of no study)
     digest/<study>/<upload>.json   successful uploads not yet in a digest
     digest/<study>.day       the local date of the last digest
 
@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 from . import layout
 from .config import Config, StudyConfig
@@ -97,8 +97,12 @@ class Notifier:
     recipients)."""
 
     def __init__(self, cfg: Config, log: Log, *, clock: Callable[[], float] = time.time,
-                 debug: Log | None = None) -> None:
+                 debug: Log | None = None, studies: Collection[str] | None = None) -> None:
+        """*studies*: the studies whose periodic mail (disk, unfinished
+        uploads, digests) this notifier looks after; None = all of them and the
+        entries of no study (a daemon started with --study passes its one)."""
         self.cfg = cfg
+        self.studies = None if studies is None else frozenset(studies)
         self.n = cfg.notify
         self.log = log
         self._debug = debug or _quiet
@@ -181,11 +185,18 @@ class Notifier:
             return
         now = self._clock() if now is None else now
         with self._lock:
-            path = os.path.join(self.root, "stale.json")
-            old = _read_json(path, {}).get("reported", [])
-            reported = [k for k in old if _same_inode(k)]
-            known = {(k["inbox"], k["name_hex"], k["ino"]) for k in reported}
+            # One record per study: daemons serving different studies (--study)
+            # never rewrite each other's.
+            old: dict[str | None, list] = {}
+            reported: dict[str | None, list] = {}
+            known: set[tuple] = set()
+            for key_study in self._served_keys():
+                old[key_study] = _read_json(self._stale_path(key_study), {}).get("reported", [])
+                reported[key_study] = [k for k in old[key_study] if _same_inode(k)]
+                known |= {(k["inbox"], k["name_hex"], k["ino"]) for k in reported[key_study]}
             for p in partial_entries(self.cfg, idle_at_least=self.cfg.stale_hours * 3600, now=now):
+                if p.study not in reported:
+                    continue   # another daemon's study
                 try:
                     st = os.lstat(p.path)
                 except FileNotFoundError:
@@ -201,11 +212,21 @@ class Notifier:
                             + self.n.admin)
                 self.log(f"mail: unfinished upload {layout.display(p.path)} idle for {hours} h reported")
                 known.add(key)
-                reported.append({"inbox": p.inbox, "name_hex": p.name.hex(), "ino": st.st_ino,
-                                 "reported": _utc(now)})
-            if reported != old:
-                self._ensure_dir()
-                write_atomic(path, _dump({"reported": reported}), mode=0o600)
+                reported[p.study].append({"inbox": p.inbox, "name_hex": p.name.hex(), "ino": st.st_ino,
+                                          "reported": _utc(now)})
+            for key_study, now_reported in reported.items():
+                if now_reported != old[key_study]:
+                    self._ensure_dir("stale")
+                    write_atomic(self._stale_path(key_study), _dump({"reported": now_reported}), mode=0o600)
+
+    def _served_keys(self) -> list[str | None]:
+        """Studies whose periodic mail is ours; None stands for entries of no study."""
+        if self.studies is None:
+            return [None, *sorted(self.cfg.studies)]
+        return sorted(s for s in self.studies if s in self.cfg.studies)
+
+    def _stale_path(self, study: str | None) -> str:
+        return os.path.join(self.root, "stale", (study or "-") + ".json")
 
     @_never_raises
     def digests(self, now: datetime | None = None) -> None:
@@ -222,7 +243,7 @@ class Notifier:
         day = now.date().isoformat()
         with self._lock:
             for s in self.cfg.studies.values():
-                if s.notify_uploads != "digest":
+                if s.notify_uploads != "digest" or s.name not in self._served_keys():
                     continue
                 marker = os.path.join(self.root, "digest", s.name + ".day")
                 if _read_json(marker, {}).get("day") == day:
@@ -247,8 +268,9 @@ class Notifier:
         if not self.enabled:
             self._debug("mail disabled: tick does nothing")
             return
-        for study in sorted(self.cfg.studies):
-            self.check_disk(study)
+        for study in self._served_keys():
+            if study is not None:
+                self.check_disk(study)
         now = self._clock()
         # partial_entries walks every file of every unfinished upload: not every few seconds
         if self._last_stale_check is None or now - self._last_stale_check >= STALE_CHECK_SECONDS:

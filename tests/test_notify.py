@@ -225,6 +225,27 @@ def test_an_idle_dot_entry_is_reported_once_and_not_before_stale_hours(tmp_path,
     assert smtp.wait_for(3)[-1].subject.startswith("[eidetic] s1: unfinished upload .s1-labA-7")
 
 
+def test_daemons_serving_one_study_each_report_only_their_own_unfinished_uploads(tmp_path, smtp):
+    lay = notify_layout(tmp_path / "l", smtp.port, stale_hours=1)
+    for name in (".s1-labA-1", ".s2-labB-1", ".nostudy-1"):
+        (lay.inbox / name).mkdir()
+    later = time.time() + 26 * 3600
+    only_s1 = Notifier(lay.cfg, lambda _: None, studies=["s1"])
+    only_s2 = Notifier(lay.cfg, lambda _: None, studies=["s2"])
+    for _ in range(2):                      # a second look by either says nothing new
+        only_s1.check_stale(now=later)
+        only_s2.check_stale(now=later)
+    assert only_s1.deliver() + only_s2.deliver() == 2
+    subjects = sorted(m.subject for m in smtp.wait_for(2))
+    assert subjects == ["[eidetic] s1: unfinished upload .s1-labA-1 idle for 26 h",
+                        "[eidetic] s2: unfinished upload .s2-labB-1 idle for 26 h"]
+    # The daemon serving every study adds only what is nobody else's.
+    everything = Notifier(lay.cfg, lambda _: None)
+    everything.check_stale(now=later)
+    assert everything.deliver() == 1
+    assert smtp.wait_for(3)[-1].subject == "[eidetic] unfinished upload .nostudy-1 idle for 26 h"
+
+
 # ---------------------------------------------------- delivery and retries
 
 def test_smtp_down_does_not_block_ingest_and_the_mail_goes_out_when_it_is_back(tmp_path):
