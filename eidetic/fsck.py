@@ -158,10 +158,6 @@ class Findings(list):
     def errors(self) -> list[Finding]:
         return [f for f in self if f.is_error]
 
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self if not f.is_error]
-
 
 def finding(code: str, path: bytes | str, detail: str = "", data: Any = None) -> Finding:
     if code not in CODES:
@@ -248,7 +244,7 @@ class _Checker:
         self.head_digest: str | None = None
         self.head_ok = True
         self.head_readable = True
-        self.hasher: _Rehasher | None = None
+        self.hasher: _Rehasher | _LocalRehasher | None = None     # None: --quick (sizes only)
         self.compare_deferred = False
         self.stop = 0
         self.index_missing = False
@@ -268,30 +264,29 @@ class _Checker:
             if not os.path.isdir(p):
                 self.add("E003", p, "'fsck --repair' re-creates it" if d == "tmp" else
                          "'fsck --repair' re-creates it empty; what it held must come from a backup")
-        hasher = None
         self.big = _many_objects(self.objects)
         if not self.quick and os.path.isdir(os.path.join(self.store.root, "objects")):
-            hasher = None
             if self.big:
                 try:
-                    hasher = _Rehasher(self.objects)
+                    self.hasher = _Rehasher(self.objects)
                 except OSError:        # no interpreter to start (embedded Python): do it here
                     self.big = False
-            self.hasher = hasher = hasher or _LocalRehasher(self.objects)
+            if self.hasher is None:
+                self.hasher = _LocalRehasher(self.objects)
         try:
             self._open_indexes()
             self._check_chain_and_tree()
-            if hasher is None:
+            if self.hasher is None:
                 count, need = _merge_objects(self.objects, self.fresh, True, self._object_finding)
                 self.out.stats["objects"], self.out.stats["object_bytes"] = count, need
             else:
-                self._finish_rehash(hasher)
+                self._finish_rehash()
             self._finish_tree()
             self._check_temps()
             self.out.sort(key=lambda f: (f.code, f.path))
         finally:
-            if hasher is not None:
-                hasher.close()
+            if self.hasher is not None:
+                self.hasher.close()
             if self.tree_child is not None:
                 self.tree_child.close()
             if self.fresh is not None:
@@ -305,10 +300,12 @@ class _Checker:
             live = os.path.join(self.store.root, "index") if self.compare_deferred else None
             self.hasher.request(self.fresh.path, live)
 
-    def _finish_rehash(self, hasher: "_Rehasher | _LocalRehasher") -> None:
+    def _finish_rehash(self) -> None:
         """Collect the re-hash.  A child process is handed the fresh index
         (it merges objects/ with it and, when asked, compares the live
         index); for a thread this thread does both."""
+        hasher = self.hasher
+        assert hasher is not None
         child = isinstance(hasher, _Rehasher)
         if child:
             self._fresh_ready()
@@ -1459,10 +1456,6 @@ class RepairReport:
     notes: list[str] = field(default_factory=list)      # what was deliberately left as it is
     lost_and_found: str | None = None                   # where moved-aside tree files went
 
-    @property
-    def clean(self) -> bool:
-        return not self.cannot
-
 
 def repair(store: Store, findings: list[Finding], lock: bool = True) -> RepairReport:
     """Repair what *findings* (from :func:`check`) show, as far as it can be
@@ -1740,8 +1733,8 @@ class _Repairer:
             try:
                 if tree.place_version(v):
                     made += 1
-                if is_latest and tree.place_plain(v):
-                    pass
+                if is_latest:
+                    tree.place_plain(v)
             except TreeConflict as e:
                 self.rep.cannot.append(f"{e.message} (it could not be moved aside)")
             except OSError as e:
