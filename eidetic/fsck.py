@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from . import layout
 from .errors import EideticError, IntegrityError, StoreFormatError
 from .fsutil import TEMP_PREFIX, fsync_dir, is_temp_name, makedirs, open_regular_nofollow
-from .objects import SMALL_FILE, ObjectStore, hash_bytes
+from .objects import SMALL_FILE, ObjectStore, hash_bytes, hash_fd
 if TYPE_CHECKING:   # the re-hashing child imports this module: keep its start-up light
     from .store import Store
 
@@ -1655,9 +1655,8 @@ class _Repairer:
                     fd, _ = open_regular_nofollow(src)
                 except OSError:
                     continue
-                os.close(fd)
                 try:
-                    if _hash_file(src) != oid:
+                    if hash_fd(fd)[0] != oid:
                         continue
                     dest = objects.path(oid)
                     makedirs(os.path.dirname(dest), 0o700, 0o700)
@@ -1667,6 +1666,8 @@ class _Repairer:
                     return True
                 except OSError:
                     continue
+                finally:
+                    os.close(fd)
         return False
 
     # ---------------------------------------------------------------- index
@@ -1689,7 +1690,7 @@ class _Repairer:
             new.close()
         live = os.path.join(store.root, "index")
         # Close the live environment (shared per path in this process) before swapping.
-        store._index = None
+        store.close()
         if os.path.exists(os.path.join(live, "data.mdb")):
             try:
                 Index(live).close()
@@ -1743,17 +1744,6 @@ class _Repairer:
         store.sync()
         self.rep.done.append(f"re-created {made} missing version name(s); every plain name shows its "
                              "latest version")
-
-
-def _hash_file(path: bytes) -> str:
-    """BLAKE3 of any file (for checking a tree file before it becomes an object again)."""
-    from .objects import hash_fd
-
-    fd, _ = open_regular_nofollow(path)
-    try:
-        return hash_fd(fd)[0]
-    finally:
-        os.close(fd)
 
 
 def _affected_text(data: dict | None) -> str:
