@@ -48,7 +48,7 @@ import stat
 import struct
 import tempfile
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import zip_longest
@@ -198,18 +198,13 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None,
 @contextmanager
 def _lock_if_possible(store: Store) -> Iterator[None]:
     """The store lock; a user who may only read the store (an auditor) checks without it."""
-    try:
-        cm = store.lock()
-        cm.__enter__()
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(store.lock())
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
         yield
-        return
-    try:
-        yield
-    finally:
-        cm.__exit__(None, None, None)
 
 
 def _check_marker(store: Store) -> Finding | None:
@@ -599,9 +594,7 @@ class _Checker:
             versions, total = _affected(self.fresh, oid)
             data = {"oid": oid, "versions": versions, "total": total}
             if versions:
-                shown = ", ".join(f"{layout.display(p)} v{n}" for p, n, _ in versions[:_SHOWN])
-                more = f" and {total - _SHOWN} more" if total > _SHOWN else ""
-                used = f"used by {shown}{more}"
+                used = "used by " + _name_versions(versions, total, _SHOWN)
                 detail = f"{detail}; {used}" if detail else used
             else:
                 described = _description_of(self.fresh, oid)
@@ -1278,9 +1271,10 @@ def _emitter():
 class _TreeSink:
     """What :class:`_TreeScan` needs of a checker, in the tree child: findings go to stdout."""
 
-    def __init__(self, objects: ObjectStore, idx, emit: Callable[[str], None]) -> None:
+    def __init__(self, objects: ObjectStore, idx, tree_root: bytes, emit: Callable[[str], None]) -> None:
         self.objects = objects
         self.fresh = idx
+        self.tree_root = tree_root
         self.emit = emit
         self._shown = 0
 
@@ -1306,9 +1300,8 @@ def _tree_main() -> None:
 
     emit = _emitter()
     objects = ObjectStore(sys.argv[1], sys.argv[2])
-    sink = _TreeSink(objects, Index(sys.argv[4], durable=False), emit)
     root = os.fsencode(sys.argv[3])
-    sink.tree_root = root
+    sink = _TreeSink(objects, Index(sys.argv[4], durable=False), root, emit)
     scan = _TreeScan(sink, root, os.lstat(root))
     scan.run()
     emit(f"D {scan.entries}")
@@ -1403,8 +1396,9 @@ class _Hasher:
                 self.bad("E020", oid, path, f"unreadable: {e.strerror}")
             return
         try:
-            if st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-                self.bad("E022", oid, path, f"mode {stat.S_IMODE(st.st_mode):04o}")
+            bad = _object_stat_problem(st)     # open_regular_nofollow made sure it is a regular file
+            if bad is not None:
+                self.bad(bad[0], oid, path, bad[1])
             if st.st_size > SMALL_FILE:
                 self._queue_big((oid, twin, path))
                 return
@@ -1752,10 +1746,13 @@ def _affected_text(data: dict | None) -> str:
     if not data or not data.get("versions"):
         return "no version uses it"
     vs = data["versions"]
-    total = data.get("total", len(vs))
-    shown = ", ".join(f"{layout.display(p)} v{n}" for p, n, _ in vs[:20])
-    more = f" and {total - 20} more" if total > 20 else ""
-    return f"affected: {shown}{more}"
+    return "affected: " + _name_versions(vs, data.get("total", len(vs)), 20)
+
+
+def _name_versions(vs: list[tuple[bytes, int, str]], total: int, limit: int) -> str:
+    """``a/b v1, c v2 and 7 more``: the first *limit* of *total* versions."""
+    shown = ", ".join(f"{layout.display(p)} v{n}" for p, n, _ in vs[:limit])
+    return shown + (f" and {total - limit} more" if total > limit else "")
 
 
 __all__ = ["CODES", "FATAL", "CHAIN_BROKEN", "Finding", "Findings", "RepairReport", "check", "repair", "finding"]
