@@ -34,6 +34,7 @@ from .config import Config, StudyConfig
 from .errors import ConfigError, EideticError, LockBusy
 from .inbox import StateDir
 from .ingest import EntryResult, Ingester
+from .notify import Notifier
 from .store import Store
 from .watch import InboxWatch
 
@@ -54,16 +55,6 @@ _INGEST_LEVELS = {"waiting": DEBUG, "claimed": INFO, "resuming": INFO, "abandone
                   "ingested": None, "failed": None, "incomplete": None}
 
 _tls = threading.local()
-
-
-class _NoNotifier:
-    """Stands in when no notifier can be built; every call does nothing."""
-
-    def entry_result(self, r: EntryResult) -> None: ...
-    def check_disk(self, study: str) -> None: ...
-    def tick(self) -> None: ...
-    def start(self) -> None: ...
-    def stop(self, timeout: float = 5.0) -> None: ...
 
 
 class _Worker:
@@ -144,7 +135,7 @@ class Daemon:
         self.settle_override = settle
         self.state = StateDir(cfg.state)
         self.ingester: Ingester = None  # type: ignore[assignment]  # built in run()
-        self.notifier = _NoNotifier()
+        self.notifier = self._new_notifier(cfg)   # does nothing with mail off
         self.workers: dict[str | None, _Worker] = {}
         self._retiring: set[_Worker] = set()
         self._locks: dict[str, int] = {}
@@ -180,7 +171,6 @@ class Daemon:
                                                                        signal.SIGHUP)}
         try:
             self.ingester = self._new_ingester(self.cfg)
-            self.notifier = self._new_notifier(self.cfg)
             self.notifier.start()
             self._start_watch(self.cfg)
             self.log(INFO, self._describe_start(served))
@@ -423,15 +413,7 @@ class Daemon:
         return Ingester(cfg, log=self._ingest_log, should_stop=self._should_stop,
                         on_result=self._on_result)
 
-    def _new_notifier(self, cfg: Config):
-        if not cfg.notify.enabled:   # nothing to do, and nothing to say about it on every rescan
-            return _NoNotifier()
-        try:
-            from .notify import Notifier
-        except ImportError as e:   # pragma: no cover - notify ships with eidetic
-            self.log(WARNING, f"notifications unavailable: {e}")
-            return _NoNotifier()
-
+    def _new_notifier(self, cfg: Config) -> Notifier:
         def mail_log(msg: str) -> None:
             self.log(ERROR if msg.startswith("MAIL NOT DELIVERED") else WARNING, msg)
         return Notifier(cfg, mail_log, debug=lambda m: self.log(DEBUG, m),

@@ -62,17 +62,22 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _never_raises(method):
-    """Mail is a side channel: a bug or an I/O error here is logged, never raised
-    into the ingest loop that called us."""
-    @functools.wraps(method)
-    def wrapper(self: "Notifier", *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - see docstring
-            self.log(f"mail: {method.__name__} failed: {type(e).__name__}: {e}")
-            return 0 if method.__name__ == "deliver" else None
-    return wrapper
+def _side_channel(method=None, *, default=None):
+    """Mail is a side channel: with mail off (no notify.sender) a public method
+    does nothing, and a bug or an I/O error in it is logged, never raised into
+    the ingest loop that called us; either way it returns *default*."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self: "Notifier", *args, **kwargs):
+            if not self.enabled:
+                return default
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - see docstring
+                self.log(f"mail: {method.__name__} failed: {type(e).__name__}: {e}")
+                return default
+        return wrapper
+    return decorate(method) if method is not None else decorate
 
 
 @dataclass
@@ -93,8 +98,9 @@ class Notifier:
 
     *clock* (seconds since the epoch) is injectable so tests can reach a
     retry time or an idle threshold without waiting; *debug* receives the
-    messages that are only worth seeing with ``-v`` (mail disabled, no
-    recipients)."""
+    messages that are only worth seeing with ``-v`` (a mail queued, nobody
+    to tell, a disk that cannot be checked).  With mail off every public
+    method does nothing, so a caller need not check ``enabled``."""
 
     def __init__(self, cfg: Config, log: Log, *, clock: Callable[[], float] = time.time,
                  debug: Log | None = None, studies: Collection[str] | None = None) -> None:
@@ -125,13 +131,10 @@ class Notifier:
 
     # ------------------------------------------------------------ events
 
-    @_never_raises
+    @_side_channel
     def entry_result(self, r: EntryResult) -> None:
         """Queue the mails an ingest outcome calls for: a failure always (to the
         study's people and the admin), a success per the study's notify_uploads."""
-        if not self.enabled:
-            self._debug(f"mail disabled (no notify.sender): nothing sent for {r.entry} ({r.outcome})")
-            return
         study = self.cfg.studies.get(r.study) if r.study else None
         if r.outcome == "failed":
             people = (study.notify if study else ()) + self.n.admin
@@ -144,13 +147,10 @@ class Notifier:
             elif study.notify_uploads == "digest":
                 self._remember_for_digest(r, study)
 
-    @_never_raises
+    @_side_channel
     def check_disk(self, study: str) -> None:
         """One warning mail each time the store's file system climbs past a
         threshold; falling back below re-arms it."""
-        if not self.enabled:
-            self._debug(f"mail disabled: disk of study {study} not checked")
-            return
         s = self.cfg.studies.get(study)
         if s is None:
             return
@@ -174,13 +174,10 @@ class Notifier:
             write_atomic(path, _dump({"level": level, "percent": percent,
                                       "at": _utc(self._clock())}), mode=0o600)
 
-    @_never_raises
+    @_side_channel
     def check_stale(self, now: float | None = None) -> None:
         """Report each dot-entry idle for more than stale_hours once (by inbox,
         name and inode); forget the ones that are gone."""
-        if not self.enabled:
-            self._debug("mail disabled: unfinished uploads not checked")
-            return
         if self.cfg.stale_hours <= 0:
             return
         now = self._clock() if now is None else now
@@ -228,13 +225,10 @@ class Notifier:
     def _stale_path(self, study: str | None) -> str:
         return os.path.join(self.root, "stale", (study or "-") + ".json")
 
-    @_never_raises
+    @_side_channel
     def digests(self, now: datetime | None = None) -> None:
         """Queue each digest study's daily summary once a day, after
         notify.digest_hour local time, when it had uploads."""
-        if not self.enabled:
-            self._debug("mail disabled: no digests")
-            return
         now = datetime.fromtimestamp(self._clock()).astimezone() if now is None else now
         if now.tzinfo is not None:
             now = now.astimezone()      # the digest hour is local time
@@ -262,12 +256,9 @@ class Notifier:
                 self._ensure_dir("digest")
                 write_atomic(marker, _dump({"day": day}), mode=0o600)
 
-    @_never_raises
+    @_side_channel
     def tick(self) -> None:
         """Periodic checks (call every rescan interval) and a delivery wake-up."""
-        if not self.enabled:
-            self._debug("mail disabled: tick does nothing")
-            return
         for study in self._served_keys():
             if study is not None:
                 self.check_disk(study)
@@ -281,12 +272,10 @@ class Notifier:
 
     # ---------------------------------------------------------- delivery
 
-    @_never_raises
+    @_side_channel(default=0)
     def deliver(self, now: float | None = None) -> int:
         """One synchronous pass: send every mail whose time has come; returns
         how many the server accepted.  Never raises."""
-        if not self.enabled:
-            return 0
         with self._deliver_lock:
             return self._deliver(self._clock() if now is None else now)
 
@@ -465,10 +454,7 @@ class Notifier:
     def start(self) -> None:
         """Deliver in a background thread: when woken (a mail was queued) and
         at least every retry_seconds."""
-        if not self.enabled:
-            self._debug("mail disabled: no delivery thread")
-            return
-        if self._thread is not None and self._thread.is_alive():
+        if not self.enabled or (self._thread is not None and self._thread.is_alive()):
             return
         self._stopping.clear()
         self._wake.set()      # deliver what a previous run left in the outbox
