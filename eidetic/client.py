@@ -16,6 +16,7 @@ its few small files itself; sqlite3 makes the state atomic on every platform.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
 import re
@@ -45,6 +46,15 @@ def client_dir() -> str:
         return os.path.join(os.path.expanduser("~"), "Library", "Application Support", "eidetic")
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "eidetic")
+
+
+def local_user(fallback: str) -> str:
+    """The login name on this computer, or *fallback* when the OS knows none
+    (a container, an odd Windows setup)."""
+    try:
+        return getpass.getuser()
+    except Exception:       # KeyError (no passwd entry) up to 3.12, OSError since 3.13
+        return fallback
 
 
 def sanitize_location(text: str) -> str:

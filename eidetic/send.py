@@ -22,7 +22,6 @@ reads any server-side config.
 from __future__ import annotations
 
 import functools
-import getpass
 import io
 import os
 import platform
@@ -35,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from . import __version__, layout
-from .client import ClientLock, Pending, SendState, client_dir, open_state, sanitize_location
+from .client import ClientLock, Pending, SendState, client_dir, local_user, open_state, sanitize_location
 from .config import load_client_settings
 from .description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
 from .errors import SendError, UsageError
@@ -486,7 +485,7 @@ class _Sender:
 
     def _write_description(self, state: SendState, t: Transport, p: Pending, dot: bytes) -> tuple[int, int]:
         header = DescriptionHeader(
-            client=f"eidetic {__version__}", study=p.study, location=p.location, user=_local_user(),
+            client=f"eidetic {__version__}", study=p.study, location=p.location, user=local_user("unknown"),
             host=socket.gethostname(), platform=platform.platform(), started=p.started, source=self.source)
         w = t.open_write(dot + b"/" + DESCRIPTION_NAME)
         try:
@@ -541,13 +540,6 @@ def _hash_file(path: str) -> tuple[str, int, int]:
     with f:
         oid, _ = hash_fd(f.fileno())
     return oid, st.st_size, st.st_mtime_ns
-
-
-def _local_user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:       # no user name known to the OS (a container, an odd Windows setup)
-        return "unknown"
 
 
 def send(opts: SendOptions, hooks: SendHooks | None = None) -> SendResult:

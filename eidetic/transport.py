@@ -32,6 +32,7 @@ from paramiko.sftp import (CMD_CLOSE, CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, CMD_ST
                           SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, int64)
 from paramiko.sftp_attr import SFTPAttributes
 
+from .client import local_user
 from .errors import HostKeyError, TransportError, UsageError
 
 # paramiko logs the errors we report ourselves ("Socket exception: ...");
@@ -113,7 +114,7 @@ def parse_destination(text: str) -> Destination:
     userinfo = u.netloc.rpartition("@")[0]
     if ":" in userinfo:
         raise UsageError(f"--to {text}: do not put a password in the address; you will be asked for it")
-    user = urllib.parse.unquote(userinfo) or _local_user()
+    user = urllib.parse.unquote(userinfo) or local_user("user")     # unknown: let the server refuse
     try:
         host, port = u.hostname or "", u.port or 22
     except ValueError:
@@ -126,14 +127,6 @@ def parse_destination(text: str) -> Destination:
     if path.startswith("/~/"):
         path = path[3:]
     return Destination("sftp", path.rstrip("/") or "/", user, host, port)
-
-
-def _local_user() -> str:
-    import getpass
-    try:
-        return getpass.getuser()
-    except Exception:       # no user name known to the OS: let the server refuse
-        return "user"
 
 
 # -------------------------------------------------------------------- local
