@@ -27,6 +27,7 @@ import pwd
 import secrets
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -102,28 +103,42 @@ def new_upload_id(now: datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
-def scan(cfg: Config, study: str | None = None) -> list[Candidate]:
-    """Complete-looking entries (no leading '.'), oldest first, across every inbox."""
-    out: list[Candidate] = []
+def _entries(cfg: Config, study: str | None,
+             partial: bool) -> Iterator[tuple[str, bytes, tuple[str, str] | None]]:
+    """(inbox, name, (study, location) or None) of every complete entry (no
+    leading '.') or, with *partial*, every upload in progress ('.name', not one
+    of our reserved names); only *study*'s when given."""
+    studies = frozenset(cfg.studies)
     for inbox, dedicated in cfg.inboxes():
         if study is not None and dedicated is not None and dedicated != study:
             continue
         try:
             names = os.listdir(os.fsencode(inbox))
         except FileNotFoundError:
+            if partial:
+                continue   # the daemon's periodic stale check must not die of it; scan reports it
             raise ConfigError(f"inbox {inbox} does not exist (run 'eidetic init')", cfg.source) from None
         for name in names:
-            if name.startswith(b"."):
+            if name.startswith(b".") != partial:
                 continue
-            mapped = layout.parse_entry_name(name, frozenset(cfg.studies), dedicated)
+            if partial and (name.startswith(layout.INBOX_RESERVED_PREFIX) or is_temp_name(name)):
+                continue
+            mapped = layout.parse_entry_name(name[1:] if partial else name, studies, dedicated)
             if study is not None and (mapped is None or mapped[0] != study):
                 continue
-            try:
-                st = os.lstat(os.fsencode(inbox) + b"/" + name)
-            except FileNotFoundError:
-                continue
-            out.append(Candidate(inbox, name, mapped[0] if mapped else None,
-                                 mapped[1] if mapped else "", st.st_ctime_ns))
+            yield inbox, name, mapped
+
+
+def scan(cfg: Config, study: str | None = None) -> list[Candidate]:
+    """Complete-looking entries (no leading '.'), oldest first, across every inbox."""
+    out: list[Candidate] = []
+    for inbox, name, mapped in _entries(cfg, study, partial=False):
+        try:
+            st = os.lstat(os.fsencode(inbox) + b"/" + name)
+        except FileNotFoundError:
+            continue
+        out.append(Candidate(inbox, name, mapped[0] if mapped else None,
+                             mapped[1] if mapped else "", st.st_ctime_ns))
     out.sort(key=lambda c: (c.ctime_ns, c.name))
     return out
 
@@ -131,7 +146,10 @@ def scan(cfg: Config, study: str | None = None) -> list[Candidate]:
 def last_change(path: bytes) -> float:
     """Newest mtime/ctime anywhere in an entry (not following symlinks), in seconds.
     ctime catches the final rename and any chmod; mtime catches writes."""
-    st = os.lstat(path)
+    return _newest_change(path, os.lstat(path))
+
+
+def _newest_change(path: bytes, st: os.stat_result) -> float:
     newest = max(st.st_mtime, st.st_ctime)
     if not stat.S_ISDIR(st.st_mode):
         return newest
@@ -174,28 +192,15 @@ def partial_entries(cfg: Config, study: str | None = None, idle_at_least: float 
     least *idle_at_least* seconds; the study is read from the name without the dot."""
     now = time.time() if now is None else now
     out: list[PartialEntry] = []
-    for inbox, dedicated in cfg.inboxes():
-        if study is not None and dedicated is not None and dedicated != study:
-            continue
+    for inbox, name, mapped in _entries(cfg, study, partial=True):
+        path = os.fsencode(inbox) + b"/" + name
         try:
-            names = os.listdir(os.fsencode(inbox))
+            st = os.lstat(path)
+            idle = now - _newest_change(path, st)
         except FileNotFoundError:
             continue
-        for name in names:
-            if (not name.startswith(b".") or name in (b".", b"..")
-                    or name.startswith(layout.INBOX_RESERVED_PREFIX) or is_temp_name(name)):
-                continue
-            mapped = layout.parse_entry_name(name[1:], frozenset(cfg.studies), dedicated)
-            if study is not None and (mapped is None or mapped[0] != study):
-                continue
-            path = os.fsencode(inbox) + b"/" + name
-            try:
-                uid = os.lstat(path).st_uid
-                idle = now - last_change(path)
-            except FileNotFoundError:
-                continue
-            if idle >= idle_at_least:
-                out.append(PartialEntry(inbox, name, mapped[0] if mapped else None, idle, uid))
+        if idle >= idle_at_least:
+            out.append(PartialEntry(inbox, name, mapped[0] if mapped else None, idle, st.st_uid))
     out.sort(key=lambda p: (-p.idle_seconds, p.name))
     return out
 
