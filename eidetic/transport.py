@@ -34,6 +34,8 @@ from paramiko.sftp_attr import SFTPAttributes
 
 from .client import local_user
 from .errors import HostKeyError, TransportError, UsageError
+from .fsutil import fsync_dir, syncfs
+from .objects import hash_fd
 
 # paramiko logs the errors we report ourselves ("Socket exception: ...");
 # without a handler, logging's last resort would print them to stderr.
@@ -131,31 +133,6 @@ def parse_destination(text: str) -> Destination:
 
 # -------------------------------------------------------------------- local
 
-class _LocalWriter:
-    def __init__(self, path: str) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-        self.path = path
-        self.fd = os.open(path, flags, 0o644)
-
-    def write(self, data: bytes | memoryview) -> None:
-        mv = memoryview(data)
-        while mv:
-            n = os.write(self.fd, mv)
-            mv = mv[n:]
-
-    def finish(self) -> None:
-        # No fsync per file: LocalTransport.sync_tree makes the whole entry
-        # durable at once before the rename (an fsync per file made sending
-        # 20,000 small files twice as slow).
-        os.close(self.fd)
-
-    def abort(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-
-
 def _local_error(e: OSError, what: str, where: str) -> TransportError:
     if e.errno in (errno.EACCES, errno.EPERM):
         return TransportError(f"permission denied on the inbox while {what} ({where})")
@@ -180,26 +157,39 @@ def _guard_local(what: str):
     return wrap
 
 
-class _GuardedLocalWriter:
-    def __init__(self, w: _LocalWriter) -> None:
-        self.w = w
+class _LocalWriter:
+    """A file in a local inbox; its OSErrors become TransportError (see _guard_local)."""
+
+    def __init__(self, path: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        self.path = path
+        self.fd = os.open(path, flags, 0o644)
 
     def write(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data)
         try:
-            self.w.write(data)
+            while mv:
+                n = os.write(self.fd, mv)
+                mv = mv[n:]
         except OSError as e:
-            raise _local_error(e, "writing", self.w.path) from None
+            raise _local_error(e, "writing", self.path) from None
 
     def finish(self, done: Callable[[], None] | None = None) -> None:
+        # No fsync per file: LocalTransport.sync_tree makes the whole entry
+        # durable at once before the rename (an fsync per file made sending
+        # 20,000 small files twice as slow).
         try:
-            self.w.finish()
+            os.close(self.fd)
         except OSError as e:
-            raise _local_error(e, "finishing a file", self.w.path) from None
+            raise _local_error(e, "finishing a file", self.path) from None
         if done is not None:
             done()      # a resumed send re-checks these with digest (not durable until sync_tree)
 
     def abort(self) -> None:
-        self.w.abort()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 class LocalTransport:
@@ -252,7 +242,7 @@ class LocalTransport:
 
     @_guard_local("creating a file")
     def open_write(self, rel: bytes) -> Writer:
-        return _GuardedLocalWriter(_LocalWriter(self._p(rel)))
+        return _LocalWriter(self._p(rel))
 
     @_guard_local('removing an unfinished file')
     def remove(self, rel: bytes) -> None:
@@ -269,7 +259,6 @@ class LocalTransport:
         """Every file and directory of the entry durable (before its rename)."""
         top = self._p(rel)
         if sys.platform.startswith("linux"):
-            from .fsutil import syncfs
             syncfs(top)     # one call for the whole file system (local, NFS or CIFS mount)
             return
         for dirpath, _dirs, files in os.walk(top):
@@ -286,14 +275,11 @@ class LocalTransport:
     def digest(self, rel: bytes) -> str | None:
         """The BLAKE3 of a file in the inbox: a resumed send re-checks what an
         earlier run wrote, since that was not yet durable when it was recorded."""
-        from .objects import new_hasher
-        h = new_hasher()
-        with open(self._p(rel), "rb") as f:
-            while True:
-                b = f.read(1 << 20)
-                if not b:
-                    return h.hexdigest()
-                h.update(b)
+        fd = os.open(self._p(rel), os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            return hash_fd(fd)[0]
+        finally:
+            os.close(fd)
 
     @_guard_local('renaming the finished upload')
     def rename(self, old: bytes, new: bytes) -> None:
@@ -309,7 +295,6 @@ class LocalTransport:
 
 
 def _fsync_dir(path: str) -> None:
-    from .fsutil import fsync_dir
     try:
         fsync_dir(path)
     except OSError as e:
