@@ -323,9 +323,7 @@ class Daemon:
         else:
             return
         self._sd_notify(self._status())
-        self.notifier.entry_result(r)
-        if r.outcome == "ingested" and r.study:
-            self.notifier.check_disk(r.study)
+        self.notifier.report(r)
 
     def _ingest_log(self, msg: str) -> None:
         level = WARNING if msg.startswith("  ") else _INGEST_LEVELS.get(msg.split(" ", 1)[0], INFO)

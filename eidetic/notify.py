@@ -131,6 +131,14 @@ class Notifier:
 
     # ------------------------------------------------------------ events
 
+    def report(self, r: EntryResult) -> None:
+        """Everything a finished or failed entry calls for, as an Ingester's
+        on_result would hear it (the daemon and ``ingest --once``): its mail,
+        and after an ingest a look at the study's disk, which it may have filled."""
+        self.entry_result(r)
+        if r.outcome == "ingested" and r.study:
+            self.check_disk(r.study)
+
     @_side_channel
     def entry_result(self, r: EntryResult) -> None:
         """Queue the mails an ingest outcome calls for: a failure always (to the

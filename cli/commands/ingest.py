@@ -40,10 +40,14 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     if not once:
         sys.exit(_daemon(ctx, study, settle))
     from eidetic.ingest import Ingester
+    from eidetic.notify import Notifier
 
     cfg = ctx.cfg
     log = (lambda m: warn(f"{time.strftime('%H:%M:%S')} {m}")) if ctx.verbose else (lambda m: None)
-    results = Ingester(cfg, log=log).run_once(study=study, settle_seconds=settle)
+    # Mails are queued as each entry finishes, as in the daemon; one delivery
+    # attempt at the end, and what is not delivered waits in the outbox.
+    notifier = Notifier(cfg, warn, debug=warn if ctx.verbose else None)
+    results = Ingester(cfg, log=log, on_result=notifier.report).run_once(study=study, settle_seconds=settle)
     failed = 0
     for r in results:
         if r.outcome == "ingested":
@@ -60,23 +64,8 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
             say(f"waiting {r.entry}: {r.reason}")
     if not results:
         say("nothing to ingest")
-    if cfg.notify.enabled:
-        _notify_once(ctx, results)
-    sys.exit(1 if failed else 0)
-
-
-def _notify_once(ctx: Ctx, results) -> None:
-    """Queue the mails this run calls for and make one delivery attempt
-    (whatever is not delivered stays in the outbox for the next run)."""
-    from eidetic.notify import Notifier
-
-    notifier = Notifier(ctx.cfg, warn, debug=warn if ctx.verbose else None)
-    for r in results:
-        if r.outcome in ("ingested", "failed"):
-            notifier.entry_result(r)
-    for s in sorted({r.study for r in results if r.outcome == "ingested" and r.study}):
-        notifier.check_disk(s)
     notifier.deliver()
+    sys.exit(1 if failed else 0)
 
 
 def _daemon(ctx: Ctx, study: str | None, settle: float | None) -> int:
