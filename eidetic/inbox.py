@@ -28,7 +28,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 
 from . import layout
@@ -78,10 +78,7 @@ class Claim:
 
     @property
     def uploader_name(self) -> str | None:
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return None
+        return user_name(self.uid)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -91,12 +88,27 @@ class Claim:
 
     @classmethod
     def from_json(cls, d: dict) -> "Claim":
-        d = dict(d)
-        original = decode_bytes(d, "original")
-        d.pop("original", None)
-        d.pop("original_b64", None)
-        d.pop("where", None)
-        return cls(original=original, **d)
+        """The claim part of a claims, done or failed record (those add keys of their own)."""
+        return cls(original=decode_bytes(d, "original"),
+                   **{k: v for k, v in d.items() if k in _CLAIM_FIELDS and k != "original"})
+
+    @classmethod
+    def from_record(cls, d: dict) -> "Claim | None":
+        """Like from_json, but None for a record that is not a valid claim."""
+        try:
+            return cls.from_json(d)
+        except (TypeError, ValueError, KeyError):
+            return None
+
+
+_CLAIM_FIELDS = frozenset(f.name for f in fields(Claim))
+
+
+def user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 def new_upload_id(now: datetime) -> str:

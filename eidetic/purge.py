@@ -27,7 +27,7 @@ import json
 import os
 import stat
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -43,7 +43,6 @@ from .store import Store
 
 MAX_REASONS = 5
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CLAIM_KEYS = frozenset(f.name for f in fields(Claim)) | {"original_b64"}
 
 
 @dataclass
@@ -111,15 +110,8 @@ def purge(cfg: Config, older_than_days: float, dry_run: bool = False, study: str
     return out
 
 
-def _claim(rec: dict) -> Claim | None:
-    try:
-        return Claim.from_json({k: v for k, v in rec.items() if k in _CLAIM_KEYS})
-    except (TypeError, ValueError, KeyError):
-        return None
-
-
 def _one(cfg: Config, state: StateDir, rec: dict, busy: set, dry_run: bool, now: float) -> PurgeResult | None:
-    cl = _claim(rec)
+    cl = Claim.from_record(rec)
     if cl is None:
         return None
     where = cl.path_in("done")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from . import inbox as inbox_mod
 from .config import Config, StudyConfig
 from .errors import EideticError
 from .fsutil import disk_percent_used
-from .inbox import Claim, StateDir
+from .inbox import Claim, StateDir, user_name
 from .manifest import encode_bytes
 from .store import Store
 
@@ -193,7 +193,7 @@ def _records(state: StateDir, kind: str) -> list[dict] | OSError:
 
 def _present(state_dir: StateDir, rec: dict, state: str) -> Claim | None:
     """The record's entry, if it is still in the inbox under its *state* name (checked by inode)."""
-    cl = _claim(rec)
+    cl = Claim.from_record(rec)
     if cl is None:
         return None
     where = state_dir.locate(cl)
@@ -208,7 +208,7 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, now: flo
             st.errors.append(f"cannot read {os.path.join(cfg.state, kind)}: {records[kind].strerror}")
     claims = [r for r in _ok(records["claims"]) if r.get("study") == s.name]
     for r in claims:
-        cl = _claim(r)
+        cl = Claim.from_record(r)
         if cl is not None:
             st.processing.append(Processing(cl.original, cl.upload, cl.received))
     for r in _ok(records["failed"]):
@@ -221,12 +221,12 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, now: flo
     stale_after = cfg.stale_hours * 3600
     partial = inbox_mod.partial_entries(cfg, s.name, now=now)
     st.partial = len(partial)
-    st.stale = [Stale(p.name, p.inbox, p.idle_seconds, p.uid, _user(p.uid)) for p in partial
+    st.stale = [Stale(p.name, p.inbox, p.idle_seconds, p.uid, user_name(p.uid)) for p in partial
                 if stale_after > 0 and p.idle_seconds >= stale_after]     # stale_hours 0: never stale
     done = [r for r in _ok(records["done"]) if r.get("study") == s.name and r.get("finished")]
     if done:
         r = max(done, key=lambda r: r["finished"])
-        cl = _claim(r)
+        cl = Claim.from_record(r)
         if cl is not None:
             st.last_ingest = LastIngest(r["finished"], cl.upload, cl.original, int(r.get("files", 0)),
                                         int(r.get("bytes", 0)), r.get("seq"))
@@ -243,26 +243,6 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, now: flo
 
 def _ok(records: list[dict] | OSError) -> list[dict]:
     return [] if isinstance(records, OSError) else records
-
-
-_CLAIM_KEYS = frozenset(f.name for f in fields(Claim)) | {"original_b64"}
-
-
-def _claim(rec: dict) -> Claim | None:
-    """The claim part of a claims/done/failed record (those add their own keys)."""
-    try:
-        return Claim.from_json({k: v for k, v in rec.items() if k in _CLAIM_KEYS})
-    except (TypeError, ValueError, KeyError):
-        return None
-
-
-def _user(uid: int) -> str | None:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
 
 
 def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
