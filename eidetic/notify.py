@@ -164,7 +164,6 @@ class Notifier:
             return
         try:
             percent = disk_percent_used(s.store)
-            usage = shutil.disk_usage(s.store)
         except OSError as e:
             self._debug(f"mail: cannot check the disk of study {study} ({s.store}): {e.strerror}")
             return
@@ -175,6 +174,7 @@ class Notifier:
             if level == before:
                 return
             if level > before:   # mail first: a crash in between repeats a mail rather than losing it
+                usage = shutil.disk_usage(s.store)     # only for the mail's text
                 self._queue(f"[eidetic] {study}: disk {percent}% full (warning at {level}%)",
                             self._disk_body(s, percent, level, usage.free, usage.total), s.notify + self.n.admin)
                 self.log(f"mail: study {study}: disk {percent}% full, crossed {level}%")
@@ -243,9 +243,10 @@ class Notifier:
         if now.hour < self.n.digest_hour:
             return
         day = now.date().isoformat()
+        served = self._served_keys()
         with self._lock:
             for s in self.cfg.studies.values():
-                if s.notify_uploads != "digest" or s.name not in self._served_keys():
+                if s.notify_uploads != "digest" or s.name not in served:
                     continue
                 marker = os.path.join(self.root, "digest", s.name + ".day")
                 if _read_json(marker, {}).get("day") == day:
@@ -258,7 +259,7 @@ class Notifier:
                     # re-queues the same file instead of a second mail.
                     self._queue(f"[eidetic] {s.name}: {len(items)} upload{'s' if len(items) != 1 else ''} "
                                 f"since the last digest ({layout.human_bytes(n_bytes)})",
-                                self._digest_body(s, items), s.notify, mail_id=f"digest-{s.name}-{day}")
+                                self._digest_body(s, items, n_bytes), s.notify, mail_id=f"digest-{s.name}-{day}")
                 for i in items:
                     _unlink(os.path.join(pending_dir, i["_file"]))
                 self._ensure_dir("digest")
@@ -588,8 +589,7 @@ class Notifier:
             "Nothing needs doing; this is a confirmation. Change studies."
             f"{s.name}.notify_uploads to 'digest' or 'none' for fewer mails.", ""])
 
-    def _digest_body(self, s: StudyConfig, items: list[dict]) -> str:
-        total = sum(int(i.get("bytes", 0)) for i in items)
+    def _digest_body(self, s: StudyConfig, items: list[dict], total: int) -> str:
         lines = [f"Uploads ingested into study {s.name} since the last digest: {len(items)}, "
                  f"{layout.human_bytes(total)} in all.", ""]
         for i in items:
