@@ -209,9 +209,13 @@ def _lock_if_possible(store: Store) -> Iterator[None]:
 
 def _check_marker(store: Store) -> Finding | None:
     marker = os.path.join(store.root, layout.STORE_MARKER)
-    if not os.path.lexists(marker):
+    try:
+        os.lstat(marker)
+    except FileNotFoundError:
         what = "no such directory" if not os.path.isdir(store.root) else "no eidetic-store marker"
         return finding("E001", marker, f"{what}: run 'eidetic init' if this is a new store")
+    except OSError as e:     # not "missing": init would not help; the store is the service user's
+        return finding("E002", marker, f"{e.strerror}: run fsck as the service user (or root)")
     try:
         store.check_format()
     except StoreFormatError as e:

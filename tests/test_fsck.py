@@ -15,6 +15,8 @@ import subprocess
 import sys
 
 import pytest
+import yaml
+from conftest import DAEMON_UID, run_as
 
 from eidetic import config, deploy, fsck, layout
 from eidetic.index import Index
@@ -87,6 +89,15 @@ class Env:
 
     def manifest(self, seq: int) -> str:
         return self.s(layout.manifest_relpath(seq))
+
+    def config_file(self) -> str:
+        """The config as a file (for the CLI), readable by any uid."""
+        cfg = os.path.join(self.root, "eidetic.yaml")
+        if not os.path.exists(cfg):
+            with open(cfg, "w") as f:
+                yaml.safe_dump(self.cfg_doc, f)
+            os.chmod(cfg, 0o644)
+        return cfg
 
     def dump(self) -> list:
         idx = Index(self.s("index"))
@@ -662,13 +673,7 @@ def test_library_does_not_import_the_cli():
 # --------------------------------------------------------------------- CLI
 
 def run_cli(env: Env, *args: str) -> subprocess.CompletedProcess:
-    cfg = os.path.join(env.root, "eidetic.yaml")
-    if not os.path.exists(cfg):
-        import yaml
-
-        with open(cfg, "w") as f:
-            yaml.safe_dump(env.cfg_doc, f)
-    return subprocess.run([sys.executable, "-m", "eidetic_cli.main", "--config", cfg, "fsck", *args],
+    return subprocess.run([sys.executable, "-m", "eidetic_cli.main", "--config", env.config_file(), "fsck", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -899,3 +904,16 @@ def test_tree_is_checked_against_the_rebuild_when_the_live_index_differs(two, re
         cur.delete()
     for quick in (False, True):
         assert codes_of(two.check(quick=quick)) == ["E030", "E040"]
+
+
+# ------------------------------------------------------ as another user
+
+def test_fsck_by_a_user_who_cannot_read_the_store_says_so_not_that_it_is_missing(world_tmp, nonroot_venv):
+    env = Env(world_tmp)
+    env.send({"a.txt": b"one\n"})
+    assert stat.S_IMODE(os.stat(env.store_dir).st_mode) == 0o700     # the service user's alone
+    r = run_as(DAEMON_UID + 7, [str(nonroot_venv / "bin" / "eidetic"), "--config", env.config_file(), "fsck"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("E002 ") and "Permission denied" in first and "service user" in first
+    assert "init" not in r.stdout
