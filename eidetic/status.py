@@ -17,7 +17,7 @@ from . import inbox as inbox_mod
 from .config import Config, StudyConfig
 from .errors import EideticError
 from .fsutil import disk_percent_used
-from .inbox import Claim, StateDir, user_name
+from .inbox import RECORD_KINDS, Candidate, Claim, PartialEntry, StateDir, user_name
 from .manifest import encode_bytes
 from .store import Store
 
@@ -175,12 +175,16 @@ class Status:
 def status(cfg: Config, study: str | None = None, now: float | None = None) -> Status:
     names = [cfg.study(study).name] if study else sorted(cfg.studies)
     state = StateDir(cfg.state)
-    records = {kind: _records(state, kind) for kind in ("claims", "done", "failed")}
+    records = {kind: _records(state, kind) for kind in RECORD_KINDS}
+    # One look at the inboxes for every study, not one per study.
+    waiting = inbox_mod.scan(cfg, study)
+    partial = inbox_mod.partial_entries(cfg, study, now=now)
     out = Status({}, [])
     for name in names:
-        out.studies[name] = _study(cfg, cfg.study(name), state, records, now)
+        out.studies[name] = _study(cfg, cfg.study(name), state, records,
+                                   [c for c in waiting if c.study == name], [p for p in partial if p.study == name])
     if study is None:
-        out.unknown = _unknown(cfg, state, records)
+        out.unknown = _unknown(state, records, [c for c in waiting if c.study is None])
     return out
 
 
@@ -200,10 +204,11 @@ def _present(state_dir: StateDir, rec: dict, state: str) -> Claim | None:
     return cl if where is not None and where[0] == state else None
 
 
-def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, now: float | None) -> StudyStatus:
+def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting: list[Candidate],
+           partial: list[PartialEntry]) -> StudyStatus:
     st = StudyStatus(s.name)
-    st.waiting = [Waiting(c.name, c.inbox) for c in inbox_mod.scan(cfg, s.name)]
-    for kind in ("claims", "done", "failed"):
+    st.waiting = [Waiting(c.name, c.inbox) for c in waiting]
+    for kind in RECORD_KINDS:
         if isinstance(records[kind], OSError):
             st.errors.append(f"cannot read {os.path.join(cfg.state, kind)}: {records[kind].strerror}")
     claims = [r for r in _ok(records["claims"]) if r.get("study") == s.name]
@@ -219,7 +224,6 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, now: flo
             st.failed.append(Failed(cl.original, cl.upload, str(r.get("reason") or cl.reason or ""),
                                     cl.path_in("failed"), str(r.get("finished", ""))))
     stale_after = cfg.stale_hours * 3600
-    partial = inbox_mod.partial_entries(cfg, s.name, now=now)
     st.partial = len(partial)
     st.stale = [Stale(p.name, p.inbox, p.idle_seconds, p.uid, user_name(p.uid)) for p in partial
                 if stale_after > 0 and p.idle_seconds >= stale_after]     # stale_hours 0: never stale
@@ -280,8 +284,8 @@ def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
     # The index stays open: LMDB environments are shared per process (index.py).
 
 
-def _unknown(cfg: Config, state: StateDir, records: dict) -> list[Unknown]:
-    out = [Unknown(c.name, c.inbox, "waiting") for c in inbox_mod.scan(cfg) if c.study is None]
+def _unknown(state: StateDir, records: dict, waiting: list[Candidate]) -> list[Unknown]:
+    out = [Unknown(c.name, c.inbox, "waiting") for c in waiting]
     for r in _ok(records["failed"]):
         if r.get("study") is not None:
             continue
