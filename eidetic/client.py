@@ -204,10 +204,6 @@ class SendState:
         # A second cursor: the caller writes to other tables while iterating.
         yield from self.db.cursor().execute("SELECT relpath, local, size, mtime_ns FROM plan ORDER BY ord")
 
-    def plan_totals(self) -> tuple[int, int]:
-        n, b = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM plan").fetchone()
-        return n, b
-
     def begin_batch(self) -> None:
         self.db.execute("BEGIN")
 

@@ -335,7 +335,7 @@ class _Sender:
         res.unchanged, res.symlinks, res.special, problems = self.plan(state)
         for rel, _local, _size, _mtime in state.plan():
             self.listed("send", rel)
-        res.files, res.bytes = state.plan_totals()
+        res.files, res.bytes = self.p.files_total, self.p.bytes_total
         if pending is not None:
             self.notice(f"an interrupted upload .{pending.entry} would be resumed")
         if problems.count:
@@ -363,11 +363,12 @@ class _Sender:
         o = self.opts
         pending = self._resolve_pending(state, t)
         res.unchanged, res.symlinks, res.special, problems = self.plan(state)
-        total, _nbytes = state.plan_totals()
+        total = self.p.files_total
         if total == 0:
             if problems.count:
                 raise SendError(problems.message("nothing was sent: these cannot be read"))
             return res
+        sent_before = 0         # files an interrupted run finished (none: no lookup per file)
         if pending is None:
             started = _utc_now()
             pending = state.begin(self.dest.key, o.study, self.source,
@@ -381,16 +382,17 @@ class _Sender:
             for rel in state.files_not_planned(pending):
                 t.remove(dot + b"/" + rel)      # sent earlier, no longer part of this upload
                 state.file_forget(pending, rel)
+            sent_before = state.count_done(pending)
             self.notice(f"resuming interrupted upload .{pending.entry} "
-                        f"({state.count_done(pending)} of {total} files already sent)")
+                        f"({sent_before} of {total} files already sent)")
         res.location = pending.location
         made: list[bytes] = []          # the directories of the current path, created
         self.progress("sending")
-        for rel, local, _size, _mtime in state.plan():
+        for rel, local, size, mtime_ns in state.plan():
             self._make_parents(t, dot, rel, made)
             disp = layout.display(rel)
             try:
-                if self._already_sent(state, t, pending, dot, rel, local):
+                if sent_before and self._already_sent(state, t, pending, dot, rel, size, mtime_ns):
                     res.resumed_files += 1
                 else:
                     self._send_file(state, t, pending, dot, rel, local, disp, problems)
@@ -428,12 +430,11 @@ class _Sender:
             t.mkdir(dot + b"/" + b"/".join(made))
 
     def _already_sent(self, state: SendState, t: Transport, p: Pending, dot: bytes, rel: bytes,
-                      local: str) -> bool:
+                      size: int, mtime_ns: int) -> bool:
+        """Sent by an interrupted run and unchanged since, by the walk's lstat
+        (this run's plan): no second stat of the source."""
         done = state.done_file(p, rel)
-        if done is None or done.blake3 is None:
-            return False
-        st = os.stat(local, follow_symlinks=False)
-        if (st.st_size, st.st_mtime_ns) != (done.size, done.mtime_ns) or not stat.S_ISREG(st.st_mode):
+        if done is None or done.blake3 is None or (size, mtime_ns) != (done.size, done.mtime_ns):
             return False
         if t.size(dot + b"/" + rel) != done.size:
             return False
