@@ -184,7 +184,7 @@ def status(cfg: Config, study: str | None = None, now: float | None = None) -> S
         out.studies[name] = _study(cfg, cfg.study(name), state, records,
                                    [c for c in waiting if c.study == name], [p for p in partial if p.study == name])
     if study is None:
-        out.unknown = _unknown(state, records, [c for c in waiting if c.study is None])
+        out.unknown = _unknown(records, [c for c in waiting if c.study is None])
     return out
 
 
@@ -195,13 +195,18 @@ def _records(state: StateDir, kind: str) -> list[dict] | OSError:
         return e
 
 
-def _present(state_dir: StateDir, rec: dict, state: str) -> Claim | None:
-    """The record's entry, if it is still in the inbox under its *state* name (checked by inode)."""
+def _still_failed(rec: dict) -> Claim | None:
+    """The failed record's entry, if it is still in the inbox under its failed name
+    (checked by inode).  One lstat: a directory has one name, so the other names
+    StateDir.locate tries cannot hold it too."""
     cl = Claim.from_record(rec)
     if cl is None:
         return None
-    where = state_dir.locate(cl)
-    return cl if where is not None and where[0] == state else None
+    try:
+        st = os.lstat(cl.path_in("failed"))
+    except FileNotFoundError:
+        return None
+    return cl if (st.st_dev, st.st_ino) == (cl.dev, cl.ino) else None
 
 
 def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting: list[Candidate],
@@ -219,7 +224,7 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting:
     for r in _ok(records["failed"]):
         if r.get("study") != s.name:
             continue
-        cl = _present(state, r, "failed")
+        cl = _still_failed(r)
         if cl is not None:
             st.failed.append(Failed(cl.original, cl.upload, str(r.get("reason") or cl.reason or ""),
                                     cl.path_in("failed"), str(r.get("finished", ""))))
@@ -284,12 +289,12 @@ def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
     # The index stays open: LMDB environments are shared per process (index.py).
 
 
-def _unknown(state: StateDir, records: dict, waiting: list[Candidate]) -> list[Unknown]:
+def _unknown(records: dict, waiting: list[Candidate]) -> list[Unknown]:
     out = [Unknown(c.name, c.inbox, "waiting") for c in waiting]
     for r in _ok(records["failed"]):
         if r.get("study") is not None:
             continue
-        cl = _present(state, r, "failed")
+        cl = _still_failed(r)
         if cl is not None:
             out.append(Unknown(cl.original, cl.inbox, "failed", cl.upload, str(r.get("reason") or ""),
                                cl.path_in("failed")))
