@@ -456,30 +456,30 @@ class Daemon:
             self.log(ERROR, f"reload failed, keeping the running configuration: {e.message}")
             self._sd_notify("READY=1", self._status())
             return
-        old = self.cfg
-        served_old = set(self._served(old))
-        served_new = set(self._served(new))
-        removed = served_old - served_new
-        added = served_new - served_old
-        changed = {s for s in served_old & served_new
-                   if _ingest_view(old.studies[s]) != _ingest_view(new.studies[s])}
+        # What is served is what this daemon holds the locks of, not what the
+        # old config named: a study whose lock was busy at an earlier reload
+        # is tried again, and none is ever served without its lock.
+        held = set(self._locks)
+        wanted = set(self._served(new))
+        removed = held - wanted
+        added = wanted - held
+        changed = {s for s in held & wanted
+                   if _ingest_view(self.cfg.studies[s]) != _ingest_view(new.studies[s])}
         # Studies whose worker must go: removed ones, and changed ones (their
         # store may have moved); an entry in progress is abandoned, redone later.
         leaving = [self.workers[s] for s in sorted(removed | changed) if s in self.workers]
         for w in leaving:
             self._retiring.add(w)
             w.stop()
-        workers = {k: w for k, w in self.workers.items() if w not in leaving}
-        self.workers = workers
-        stuck = self._join(leaving, STOP_TIMEOUT)
-        for w in stuck:
+        self.workers = {k: w for k, w in self.workers.items() if w not in leaving}
+        for w in self._join(leaving, STOP_TIMEOUT):
             self.log(WARNING, f"{w.label}: still busy after {STOP_TIMEOUT:.0f} s; it stops on its own")
-        self._retiring.difference_update(w for w in leaving if w not in stuck)
+        self._retiring = {w for w in self._retiring if w.thread.is_alive()}
         for s in removed:
-            fd = self._locks.pop(s, None)
-            if fd is not None:
-                os.close(fd)
-        starting = []
+            os.close(self._locks.pop(s))
+        # A held study gets a worker unless its old one still runs (never two).
+        running = {w.study for w in self._retiring}
+        starting = [s for s in sorted(held & wanted) if s not in self.workers and s not in running]
         for s in sorted(added):
             try:
                 self._locks[s] = self.state.daemon_lock(s)
@@ -488,7 +488,6 @@ class Daemon:
                 self.log(ERROR, f"reload: study {s} is not served here: {e.message}")
             except OSError as e:
                 self.log(ERROR, f"reload: study {s} is not served here: cannot take its lock: {e.strerror}")
-        starting += sorted(s for s in changed if s not in {w.study for w in stuck})
         self.cfg = new
         self.ingester = self._new_ingester(new)
         old_notifier, self.notifier = self.notifier, self._new_notifier(new)

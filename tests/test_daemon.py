@@ -63,6 +63,10 @@ def daemon_layout(tmp_path, studies=("s1", "s2"), settle=0.5, rescan=30, **keys)
     return set_config(lay, rescan_seconds=rescan, **keys)
 
 
+def reloads(d: DaemonProc) -> list[str]:
+    return [ln for ln in d.lines if " reloaded " in ln]
+
+
 def done(lay, name: str):
     return daemon_records(lay).get(name)
 
@@ -291,6 +295,46 @@ def test_sighup_serves_a_newly_configured_study_and_a_broken_config_keeps_the_ol
     sigterm_ok(d)
     assert "Traceback" not in d.text
     check_store(lay, "s1")
+
+
+def test_a_study_another_daemon_serves_at_reload_is_never_served_without_its_lock_and_taken_up_later(
+        tmp_path, daemons):
+    lay = daemon_layout(tmp_path, studies=("s1",))
+    a = daemons(lay.config_path).started()
+    doc = json.loads(lay.config_path.read_text())
+    doc["studies"]["s3"] = {"tree": str(tmp_path / "trees" / "s3"), "store": str(tmp_path / "stores" / "s3")}
+    lay.config_path.write_text(json.dumps(doc))
+    assert run_cli("init", config=lay.config_path).returncode == 0
+    b = daemons(lay.config_path, "--study", "s3").started()
+    a.signal(signal.SIGHUP)
+    assert f"(pid {b.pid})" in a.wait_for(r"reload: study s3 is not served here")
+    a.wait_for(r"reloaded .*serving s1$")
+
+    # s3's settings change while b still serves it: a must not start a worker for it.
+    doc["studies"]["s3"]["require_description"] = True
+    lay.config_path.write_text(json.dumps(doc))
+    a.signal(signal.SIGHUP)
+    b.signal(signal.SIGHUP)
+    b.wait_for(r"reloaded .*changed s3")
+    second = wait_until(lambda: reloads(a)[1:], 10, "a's second reload")[0]
+    assert second.endswith("serving s1"), a.text
+    state = StateDir(str(lay.state))
+    assert state.daemon_pid("s3") == b.pid
+
+    # Once b has gone, the next reload takes s3 up.
+    sigterm_ok(b)
+    a.signal(signal.SIGHUP)
+    assert wait_until(lambda: reloads(a)[2:], 10, "a's third reload")[0].endswith("serving s1, s3"), a.text
+    assert state.daemon_pid("s3") == a.pid
+    doc["studies"]["s3"]["require_description"] = False
+    lay.config_path.write_text(json.dumps(doc))
+    a.signal(signal.SIGHUP)
+    assert re.search(r"changed s3.*serving s1, s3$",
+                     wait_until(lambda: reloads(a)[3:], 10, "a's fourth reload")[0]), a.text
+    drop(lay.inbox, "s3-labA-1", {"a.txt": b"taken up"})
+    wait_until(lambda: done(lay, "s3-labA-1"), 10, "the entry of the study taken up")
+    sigterm_ok(a)
+    assert "Traceback" not in a.text + b.text
 
 
 def test_polling_mode_ingests_too(tmp_path, daemons):
