@@ -347,7 +347,10 @@ class _Checker:
         except Exception as e:   # lmdb raises its own classes; any failure means unreadable
             self.real = None
             msg = e.message if isinstance(e, EideticError) else f"{type(e).__name__}: {e}"
-            self.add("E041", ipath, f"{msg}; 'fsck --repair' rebuilds it from the manifests")
+            # LMDB opens need write access (lock.mdb): a reader who lacks it has a sound index
+            fix = "'fsck --repair' rebuilds it from the manifests" if os.access(ipath, os.W_OK) else \
+                "run fsck as the service user (or root) to check it"
+            self.add("E041", ipath, f"{msg}; {fix}")
             return
         # A healthy store: let a child check the tree against the live index while this
         # process rebuilds the index from the manifests (its findings count if both agree).

@@ -917,3 +917,13 @@ def test_fsck_by_a_user_who_cannot_read_the_store_says_so_not_that_it_is_missing
     first = r.stdout.splitlines()[0]
     assert first.startswith("E002 ") and "Permission denied" in first and "service user" in first
     assert "init" not in r.stdout
+
+
+def test_fsck_by_a_user_who_may_only_read_the_store_is_not_told_to_rebuild_the_index(world_tmp, nonroot_venv):
+    env = Env(world_tmp)
+    env.send({"a.txt": b"one\n"})
+    subprocess.run(["chmod", "-R", "a+rX", env.store_dir], check=True)      # an auditor's view
+    r = run_as(DAEMON_UID + 7, [str(nonroot_venv / "bin" / "eidetic"), "--config", env.config_file(), "fsck"])
+    assert "Traceback" not in r.stderr
+    index_line = next(line for line in r.stdout.splitlines() if line.startswith("E041 "))
+    assert "service user" in index_line and "repair" not in index_line
