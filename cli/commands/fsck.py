@@ -40,6 +40,18 @@ class _Bars:
             self.bar = None
 
 
+def _check(store, name: str, quick: bool):
+    """fsck.check with progress bars on a terminal (tqdm(disable=None) would be silent anyway)."""
+    from eidetic import fsck
+
+    bars = _Bars(name) if is_tty() else None
+    try:
+        return fsck.check(store, quick=quick, progress=bars, lock=True)
+    finally:
+        if bars is not None:
+            bars.close()
+
+
 @click.command("fsck")
 @click.option("--study", help="Only this study.")
 @click.option("--quick", is_flag=True, help="Do not re-hash object contents (sizes are still compared).")
@@ -64,12 +76,7 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
     out = warn if as_json else say
     for name in names:
         store = Store(cfg.study(name))
-        bars = _Bars(name) if is_tty() else None      # tqdm(disable=None) would be silent anyway
-        try:
-            findings = fsck.check(store, quick=quick, progress=bars, lock=True)
-        finally:
-            if bars is not None:
-                bars.close()
+        findings = _check(store, name, quick)
         if repair and findings:
             rep = fsck.repair(store, findings)
             for line in rep.done:
@@ -80,12 +87,7 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
                 out(f"{name}: note: {line}")
             if rep.lost_and_found:
                 out(f"{name}: files moved aside are in {rep.lost_and_found}")
-            bars = _Bars(name) if is_tty() else None
-            try:
-                findings = fsck.check(store, quick=quick, progress=bars, lock=True)
-            finally:
-                if bars is not None:
-                    bars.close()
+            findings = _check(store, name, quick)
         hashed += findings.stats["hashed_bytes"]
         objects += findings.stats["objects"]
         for f in findings:
