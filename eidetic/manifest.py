@@ -53,6 +53,20 @@ def decode_bytes(obj: dict, key: str) -> bytes:
     raise ValueError(f"{key}_b64 holds valid UTF-8; it must be written as {key}")
 
 
+def parse_json_line(line: bytes) -> dict:
+    """One line of a JSON Lines file (manifests, upload descriptions) as a
+    dict; ValueError saying what is wrong with it."""
+    if not line.endswith(b"\n"):
+        raise ValueError("truncated")
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):   # RecursionError: nesting deeper than the parser's stack
+        raise ValueError("not JSON") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
+
+
 def dumps(obj: dict) -> bytes:
     # ensure_ascii keeps every manifest pure ASCII, so its bytes (and hash)
     # do not depend on an encoder's choices.
@@ -289,15 +303,10 @@ class ManifestReader:
             return None
         self._lineno += 1
         self._h.update(line)
-        if not line.endswith(b"\n"):
-            raise IntegrityError(f"manifest {self.path} line {self._lineno}: truncated")
         try:
-            obj = json.loads(line)
-        except ValueError:
-            raise IntegrityError(f"manifest {self.path} line {self._lineno}: not JSON") from None
-        if not isinstance(obj, dict):
-            raise IntegrityError(f"manifest {self.path} line {self._lineno}: not a JSON object")
-        return obj
+            return parse_json_line(line)
+        except ValueError as e:
+            raise IntegrityError(f"manifest {self.path} line {self._lineno}: {e}") from None
 
     def records(self) -> Iterator[FileRecord | SkipRecord]:
         files = nbytes = skipped = 0

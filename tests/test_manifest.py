@@ -310,6 +310,13 @@ def test_a_record_made_invalid_json_is_rejected_naming_its_line(sample):
     _expect_integrity(write_bytes(b"\n".join(lines)), 4)
 
 
+def test_a_record_nested_deeper_than_the_parser_allows_is_rejected_naming_its_line():
+    # json.loads raises RecursionError, not ValueError, for deep nesting: it must
+    # still be one IntegrityError (fsck reports it), never an internal error.
+    err = _expect_integrity(_manifest_with_line(b"[" * 100_000), 2)
+    assert "not JSON" in str(err)
+
+
 def test_data_after_the_trailer_is_rejected(sample):
     raw, _ = sample
     n = raw.count(b"\n")
