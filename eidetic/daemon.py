@@ -67,6 +67,7 @@ class _Worker:
         self.wake_event = threading.Event()
         self.stop_event = threading.Event()
         self._rescan = False
+        self.store: Store | None = None    # the last store a pass used (None: none opened)
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"eidetic-ingest-{study}" if study else "eidetic-housekeeping")
 
@@ -92,12 +93,10 @@ class _Worker:
         d = self.daemon
         failures = 0
         rescan = True          # the first pass is the start-up scan (and recovery)
-        ingester: Ingester | None = None
         try:
             while not self.stop_event.is_set():
                 try:
-                    ingester = d.ingester
-                    retry_in = d._pass(self, ingester, rescan)
+                    retry_in = d._pass(self, d.ingester, rescan)
                     failures = 0
                 except Exception as e:  # noqa: BLE001 - a worker must survive anything
                     failures += 1
@@ -111,11 +110,12 @@ class _Worker:
                 self.wake_event.clear()    # before the pass: an event during it wakes us again
                 rescan, self._rescan = self._rescan, False
         finally:
-            # The LMDB environment is per process: close it before a successor
-            # (a study whose settings changed) opens the store again.
-            if self.study is not None and ingester is not None and d._close_on_exit(self):
+            # A retired worker closes its store for its successor (a study whose
+            # settings changed: the store may have moved); at shutdown the
+            # Ingester is closed as a whole once every worker has ended.
+            if self.store is not None and self in d._retiring:
                 try:
-                    ingester.store(self.study).close()
+                    self.store.close()
                 except Exception as e:  # noqa: BLE001
                     d._log_exception(f"{self.label}: closing the store: ", e)
 
@@ -273,7 +273,8 @@ class Daemon:
             if rescan:
                 self.notifier.tick()
         else:
-            if not self._await_store(w, ingester.store(w.study)):
+            w.store = ingester.store(w.study)
+            if not self._await_store(w, w.store):
                 return None
             results = ingester.run_study(w.study, settle)
             if rescan:
@@ -427,11 +428,6 @@ class Daemon:
         self.workers = workers
         for w in new:
             w.start()
-
-    def _close_on_exit(self, w: _Worker) -> bool:
-        # A retired worker closes its store for its successor; at shutdown the
-        # Ingester is closed as a whole once every worker has ended.
-        return w in self._retiring
 
     def _describe_start(self, served: list[str]) -> str:
         inboxes = ", ".join(f"{i} ({ded or 'shared'})" for i, ded in self.cfg.inboxes()

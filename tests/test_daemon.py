@@ -209,6 +209,20 @@ def test_a_worker_that_fails_logs_one_line_backs_off_and_recovers_while_others_g
     check_store(lay, "s1")
 
 
+def test_a_worker_retired_at_reload_before_it_opened_its_store_does_not_open_it_to_close_it(tmp_path, daemons):
+    lay = daemon_layout(tmp_path, studies=("s1",))
+    os.rename(lay.store("s1"), tmp_path / "s1-store-away")
+    d = daemons(lay.config_path).started()
+    d.wait_for(r"study s1: .*not an eidetic store.*; retrying in 1 s")
+    doc = json.loads(lay.config_path.read_text())
+    doc["studies"]["s1"]["require_description"] = True
+    lay.config_path.write_text(json.dumps(doc))
+    d.signal(signal.SIGHUP)
+    d.wait_for(r"reloaded .*changed s1")
+    sigterm_ok(d)
+    assert "closing the store" not in d.text, d.text
+
+
 def test_sigterm_while_another_process_holds_a_store_lock_still_stops_at_once(tmp_path, daemons):
     lay = daemon_layout(tmp_path, studies=("s1",))
     fd = os.open(lay.store() / "lock", os.O_RDWR | os.O_CREAT, 0o600)
