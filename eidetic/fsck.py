@@ -245,7 +245,7 @@ class _Checker:
         self.head_readable = True
         self.hasher: _Rehasher | _LocalRehasher | None = None     # None: --quick (sizes only)
         self.compare_deferred = False
-        self.stop = 0
+        self.stop = 0                           # the last manifest of the chain HEAD names
         self.index_missing = False
         self.index_equal: bool | None = None    # the live index equals the rebuild (None: not compared)
         self.tree_child: _TreeChild | None = None
@@ -312,7 +312,7 @@ class _Checker:
             self.out.stats["objects"], self.out.stats["object_bytes"] = \
                 _merge_objects(self.objects, self.fresh, False, self._object_finding)
             if self.compare_deferred:
-                self._compare_index(self.stop)
+                self._compare_index()
         total = None if self.progress is _no_progress else sum(size for _, size in self.fresh.iter_objects())
         while hasher.is_alive():
             hasher.join(0.1)
@@ -326,7 +326,7 @@ class _Checker:
         if child:
             self.out.stats["objects"], self.out.stats["object_bytes"] = hasher.counts
             if self.compare_deferred and not self.broken:
-                self._index_verdict(hasher.index_diff, self.stop)
+                self._index_verdict(hasher.index_diff)
 
     def _open_indexes(self) -> None:
         from .index import Index   # lmdb only when needed
@@ -435,7 +435,7 @@ class _Checker:
                 break
             if not index_compared and state.applied == self.real_applied:
                 index_compared = True
-                self._compare_index(stop)
+                self._compare_index()
             self._replay(seq, state, len(seqs))
         if head_known and self.head_seq == stop and state.digests.get(stop) is not None \
                 and state.digests[stop] != self.head_digest:
@@ -448,7 +448,7 @@ class _Checker:
                 if self.hasher is not None and not beyond and self.real is not None and not self.broken:
                     self.compare_deferred = True    # the re-hasher compares while this thread walks the tree
                 else:
-                    self._compare_index(stop)
+                    self._compare_index()
             elif self.real is not None and not self.broken:
                 self.add("E040", os.path.join(self.store.root, "index"),
                          f"the index has applied {self.real_applied} manifest(s) but HEAD names {stop}; "
@@ -538,12 +538,13 @@ class _Checker:
         state.valid[seq] = ok
         self.progress("manifests", seq, total)
 
-    def _compare_index(self, stop: int) -> None:
+    def _compare_index(self) -> None:
         if self.real is None or self.broken:
             return
-        self._index_verdict(_first_difference(self.real, self.fresh), stop)
+        self._index_verdict(_first_difference(self.real, self.fresh))
 
-    def _index_verdict(self, diff: str | None, stop: int) -> None:
+    def _index_verdict(self, diff: str | None) -> None:
+        stop = self.stop
         ipath = os.path.join(self.store.root, "index")
         self.index_equal = diff is None
         if diff is not None:
