@@ -169,6 +169,16 @@ def init(cfg: Config) -> list[Action]:
     """Create every configured directory with the design's mode (and owner
     when configured); fix what differs.  Idempotent."""
     wants = design(cfg)
+    try:
+        return _init(cfg, wants)
+    except PermissionError as e:
+        # EACCES (a parent we may not write) or EPERM (chown/chmod of what is not ours): one line
+        # naming the path, with what to do about it.
+        raise PermissionError(e.errno, f"{e.strerror} (run 'eidetic init' as root, or as the owner of the "
+                              "directories)", os.fsdecode(e.filename) if e.filename else None) from None
+
+
+def _init(cfg: Config, wants: list[Want]) -> list[Action]:
     existed = {w.path: os.path.isdir(w.path) for w in wants}
     for w in wants:
         if w.role == "inbox":
