@@ -272,8 +272,14 @@ class StateDir:
             os.close(fd)
 
     def check(self, source: str) -> None:
+        """ConfigError unless initialised; a PermissionError (one line, exit 3) for
+        a caller who may not look, rather than claiming it was never initialised."""
         for k in RECORD_KINDS:
-            if not os.path.isdir(os.path.join(self.root, k)):
+            try:
+                is_dir = stat.S_ISDIR(os.stat(os.path.join(self.root, k)).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                is_dir = False
+            if not is_dir:
                 raise ConfigError(f"state directory {self.root} is not initialised (run 'eidetic init')", source)
 
     def _path(self, kind: str, upload: str) -> str:

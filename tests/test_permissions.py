@@ -21,6 +21,7 @@ from conftest import (
     check_store,
     chown_tree,
     make_layout,
+    one_line_error,
     plain_files,
     run_as,
     tree_files,
@@ -215,3 +216,19 @@ def test_uploader_changing_its_entry_after_ingest_does_not_change_the_archive(tw
     assert target.read_text() == "original tampered"
     assert plain_files(lay.tree()) == {b"d/f.txt": b"original"}
     check_store(lay)
+
+
+def test_a_user_without_access_to_the_daemons_directories_gets_one_line_naming_the_path(two_uids):
+    """The uploader runs the admin's commands: each stops with one line and exit
+    status 3, naming what it may not read (not "not initialised", not bytes)."""
+    t = two_uids
+    eidetic = [str(t.venv / "bin" / "eidetic"), "--config", str(t.lay.config_path)]
+    claims = str(t.lay.state / "claims")
+    for args in (["purge", "--older-than", "0", "--dry-run"], ["ingest", "--once", "--settle", "0"], ["init"]):
+        res = run_as(UPLOADER_UID, eidetic + args, cwd=t.base)
+        assert res.returncode == 3, (args, res.stdout, res.stderr)
+        line = one_line_error(res)
+        assert line.startswith("eidetic: Permission denied") and line.endswith(": " + claims), (args, line)
+        if args == ["init"]:
+            assert "as root" in line
+    assert t.daemon("init", "--check").returncode == 0     # nothing was changed
