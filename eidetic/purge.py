@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from . import layout
-from .config import Config
+from .config import Config, StudyConfig
 from .description import DESCRIPTION_NAME
 from .errors import EideticError, UsageError
 from .fsutil import AtomicFile, open_regular_nofollow
@@ -161,7 +161,7 @@ def _one(cfg: Config, state: StateDir, rec: dict, busy: set, dry_run: bool, now:
     return res
 
 
-def _expected(s, seq: int, upload: str) -> tuple[dict[bytes, tuple[str, int]], tuple[str, int] | None, Store]:
+def _expected(s: StudyConfig, seq: int, upload: str) -> tuple[dict[bytes, tuple[str, int]], tuple[str, int] | None, Store]:
     """path -> (blake3, size) of the upload's manifest, and its description's (blake3, size)."""
     store = Store.open(s)
     r = ManifestReader(store.manifest_path(seq))
@@ -169,11 +169,8 @@ def _expected(s, seq: int, upload: str) -> tuple[dict[bytes, tuple[str, int]], t
         r.close()
         raise UsageError(f"manifest {seq} of study {s.name} is upload {r.header.upload}, not {upload}")
     expected = {rec.path: (rec.blake3, rec.size) for rec in r.records() if isinstance(rec, FileRecord)}
-    d = getattr(r.header, "description", None) or r.header.extra.get("description")
-    desc = None
-    if isinstance(d, dict) and isinstance(d.get("blake3"), str) and isinstance(d.get("size"), int):
-        desc = (d["blake3"], d["size"])
-    return expected, desc, store
+    d = r.header.description      # validated by the manifest reader
+    return expected, (d["blake3"], d["size"]) if d else None, store
 
 
 def _object_ok(store: Store, oid: str, size: int) -> bool:
@@ -311,7 +308,8 @@ def _remove(cl: Claim, where: bytes, proof: _Proof) -> list[str]:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
                     sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                    if (os.fstat(sub).st_dev, os.fstat(sub).st_ino) != (st.st_dev, st.st_ino):
+                    sst = os.fstat(sub)
+                    if (sst.st_dev, sst.st_ino) != (st.st_dev, st.st_ino):
                         os.close(sub)
                         problems.append(f"{layout.display(relpath)}/ changed during the purge")
                         continue
