@@ -136,6 +136,55 @@ def writable(path: str):
     os.chmod(path, 0o644)
 
 
+def overwrite(path: str, data: bytes, offset: int = 0) -> None:
+    """Edit a read-only file in place (through a hardlink, as a person or a disk
+    would), then make it read-only again."""
+    writable(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    os.chmod(path, 0o444)
+
+
+def edit_manifest(path: str, old: bytes, new: bytes) -> None:
+    os.chmod(path, 0o644)
+    with open(path, "rb") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        f.write(text.replace(old, new, 1))
+
+
+def plant_orphan(env: Env, data: bytes) -> str:
+    """An object no manifest refers to (what a failed upload leaves)."""
+    p = env.obj(data)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "wb") as f:
+        f.write(data)
+    os.chmod(p, 0o444)
+    return p
+
+
+def crash_second_upload(env: Env, monkeypatch, cls: type, method: str) -> None:
+    """Upload 1 lands; upload 2 is killed when ingest calls cls.method."""
+    env.send({"a.txt": b"one\n"})
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **kw):
+        raise Killed()
+
+    monkeypatch.setattr(cls, method, killed)
+    part = os.path.join(env.inbox, ".s-labA-9")
+    os.makedirs(part)
+    with open(os.path.join(part, "b.txt"), "wb") as f:
+        f.write(b"two\n")
+    os.rename(part, os.path.join(env.inbox, "s-labA-9"))
+    with pytest.raises(Killed):
+        Ingester(env.cfg).run_once(settle_seconds=0)
+    monkeypatch.undo()
+
+
 def codes_of(findings) -> list[str]:
     return sorted(f.code for f in findings)
 
@@ -229,12 +278,7 @@ def test_truncated_manifest_is_unreadable(two):
 
 
 def test_edited_manifest_breaks_the_chain(two):
-    p = two.manifest(1)
-    os.chmod(p, 0o644)
-    with open(p, "rb") as f:
-        text = f.read()
-    with open(p, "wb") as f:
-        f.write(text.replace(b'"mode":420', b'"mode":384', 1))
+    edit_manifest(two.manifest(1), b'"mode":420', b'"mode":384')
     codes = two.codes()
     assert "E011" in codes
     assert "W060" in codes          # the tree is not compared against an untrustworthy chain
@@ -276,35 +320,13 @@ def test_removed_last_manifest_leaves_head_pointing_past_the_end(two):
 
 
 def test_edited_last_manifest_does_not_match_head(two):
-    p = two.manifest(2)
-    os.chmod(p, 0o644)
-    with open(p, "rb") as f:
-        text = f.read()
-    with open(p, "wb") as f:
-        f.write(text.replace(b'"mode":420', b'"mode":384', 1))
+    edit_manifest(two.manifest(2), b'"mode":420', b'"mode":384')
     assert "E015" in two.codes()
 
 
 def _crash_at_the_commit_point(env, monkeypatch):
-    """Upload 1 lands; upload 2 is killed right after its manifest is linked,
-    before HEAD moves."""
-    env.send({"a.txt": b"one\n"})
-
-    class Killed(BaseException):
-        pass
-
-    def killed(self, seq, digest):
-        raise Killed()
-
-    monkeypatch.setattr(Store, "set_head", killed)
-    part = os.path.join(env.inbox, ".s-labA-9")
-    os.makedirs(part)
-    with open(os.path.join(part, "b.txt"), "wb") as f:
-        f.write(b"two\n")
-    os.rename(part, os.path.join(env.inbox, "s-labA-9"))
-    with pytest.raises(Killed):
-        Ingester(env.cfg).run_once(settle_seconds=0)
-    monkeypatch.undo()
+    """Upload 2 is killed right after its manifest is linked, before HEAD moves."""
+    crash_second_upload(env, monkeypatch, Store, "set_head")
 
 
 def test_crash_at_the_commit_point_is_a_warning_that_ingest_finishes(env, monkeypatch):
@@ -328,23 +350,14 @@ def test_missing_head_is_rewritten_by_repair(two):
 
 
 def test_manifest_of_another_study_is_reported(two):
-    p = two.manifest(2)
-    os.chmod(p, 0o644)
-    with open(p, "rb") as f:
-        text = f.read()
-    with open(p, "wb") as f:
-        f.write(text.replace(b'"study":"s"', b'"study":"t"', 1))
+    edit_manifest(two.manifest(2), b'"study":"s"', b'"study":"t"')
     assert "E018" in two.codes()
 
 
 # ----------------------------------------------------------------- objects
 
 def test_object_edited_through_hardlink_is_reported_as_corrupt(two):
-    name = two.t("d/b.bin")
-    writable(name)
-    with open(name, "r+b") as f:
-        f.write(b"\xff")
-    os.chmod(name, 0o444)
+    overwrite(two.t("d/b.bin"), b"\xff")
     findings = two.check()
     assert codes_of(findings) == ["E020"]
     assert "d/b.bin v1" in findings[0].detail
@@ -352,19 +365,12 @@ def test_object_edited_through_hardlink_is_reported_as_corrupt(two):
 
 def test_quick_check_catches_a_size_change(two):
     name = two.t("d/b.bin")
-    writable(name)
-    with open(name, "ab") as f:
-        f.write(b"more")
-    os.chmod(name, 0o444)
+    overwrite(name, b"more", offset=os.path.getsize(name))
     assert two.codes(quick=True) == {"E020"}
 
 
 def test_repair_says_it_cannot_fix_a_corrupt_object(two):
-    name = two.t("top.txt")
-    writable(name)
-    with open(name, "r+b") as f:
-        f.write(b"T")
-    os.chmod(name, 0o444)
+    overwrite(two.t("top.txt"), b"T")
     rep = two.repair()
     assert any("corrupt" in line and "top.txt v1" in line for line in rep.cannot)
     assert codes_of(two.check()) == ["E020"]      # still there, and nothing else
@@ -430,12 +436,7 @@ def test_symlink_with_an_object_name_is_foreign(two):
 
 
 def test_orphan_object_left_by_a_failed_upload_is_a_warning(two):
-    data = b"half an upload\n"
-    p = two.obj(data)
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    with open(p, "wb") as f:
-        f.write(data)
-    os.chmod(p, 0o444)
+    plant_orphan(two, b"half an upload\n")
     findings = two.check()
     assert codes_of(findings) == ["W024"]
     assert not findings[0].is_error
@@ -559,23 +560,7 @@ def test_missing_tree_is_reported_and_recreated(two):
 
 
 def test_interrupted_ingest_before_the_index_leaves_warnings_only(env, monkeypatch):
-    env.send({"a.txt": b"one\n"})
-
-    class Killed(BaseException):
-        pass
-
-    def killed(self, *a, **kw):
-        raise Killed()
-
-    monkeypatch.setattr(Index, "apply_manifest", killed)
-    part = os.path.join(env.inbox, ".s-labA-9")
-    os.makedirs(part)
-    with open(os.path.join(part, "b.txt"), "wb") as f:
-        f.write(b"two\n")
-    os.rename(part, os.path.join(env.inbox, "s-labA-9"))
-    with pytest.raises(Killed):
-        Ingester(env.cfg).run_once(settle_seconds=0)
-    monkeypatch.undo()
+    crash_second_upload(env, monkeypatch, Index, "apply_manifest")
     findings = env.check()
     assert set(codes_of(findings)) == {"W042", "W036"}
     assert not findings.errors
@@ -721,11 +706,7 @@ def test_cli_repair_fixes_what_it_can_and_exits_0(two):
 
 
 def test_cli_repair_exits_1_when_something_cannot_be_repaired(two):
-    name = two.t("top.txt")
-    writable(name)
-    with open(name, "r+b") as f:
-        f.write(b"T")
-    os.chmod(name, 0o444)
+    overwrite(two.t("top.txt"), b"T")
     r = run_cli(two, "--repair")
     assert r.returncode == 1
     assert "NOT REPAIRED" in r.stdout and "E020 object corrupt" in r.stdout
@@ -753,16 +734,10 @@ def rehash_in(request, monkeypatch):
 def test_rehash_finds_the_same_damage_in_a_thread_or_a_child(two, rehash_in):
     assert list(two.check()) == []
     name = two.t("d/b.bin")
-    writable(name)
-    with open(name, "r+b") as f:
-        f.write(b"\xff")                       # corrupt, and left writable
+    overwrite(name, b"\xff")                  # corrupt,
+    writable(name)                            # and left writable
     os.unlink(two.obj(b"gamma\n"))             # missing
-    orphan = b"orphan\n"
-    p = two.obj(orphan)
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    with open(p, "wb") as f:
-        f.write(orphan)
-    os.chmod(p, 0o444)
+    plant_orphan(two, b"orphan\n")
     os.makedirs(two.s("objects/ee"), exist_ok=True)
     os.mkfifo(two.s("objects/ee/" + "0" * 62))   # an object name that is not a regular file
     findings = two.check()
@@ -782,12 +757,7 @@ def test_index_difference_is_found_in_a_thread_or_a_child(two, rehash_in):
 def test_large_object_corruption_is_found_in_a_thread_or_a_child(env, rehash_in):
     data = os.urandom(2 << 20)
     env.send({"big.bin": data})
-    p = env.t("big.bin")
-    writable(p)
-    with open(p, "r+b") as f:
-        f.seek(1 << 20)
-        f.write(b"\0")
-    os.chmod(p, 0o444)
+    overwrite(env.t("big.bin"), b"\0", offset=1 << 20)
     assert codes_of(env.check()) == ["E020"]
 
 
@@ -846,12 +816,7 @@ def test_repair_after_a_crash_at_the_commit_point_advances_head(env, monkeypatch
 
 
 def test_repair_notes_orphans_it_leaves_in_place(two):
-    data = b"half an upload\n"
-    p = two.obj(data)
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    with open(p, "wb") as f:
-        f.write(data)
-    os.chmod(p, 0o444)
+    p = plant_orphan(two, b"half an upload\n")
     rep = two.repair()
     assert rep.cannot == [] and any("orphan" in n for n in rep.notes)
     assert os.path.exists(p)
