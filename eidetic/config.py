@@ -136,9 +136,14 @@ def load(explicit: str | None = None) -> Config:
     path = find_config_path(explicit)
     if path is None:
         return default_layout()
+    return parse(_read_yaml(path), path)
+
+
+def _read_yaml(path: str) -> object:
+    """The YAML document at *path*; any problem is one ConfigError (with line and column)."""
     try:
         with open(path, "rb") as f:
-            doc = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+            return yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", path) from None
     except yaml.MarkedYAMLError as e:
@@ -147,7 +152,6 @@ def load(explicit: str | None = None) -> Config:
         raise ConfigError(f"{where}{e.problem or e}", path) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {e}", path) from None
-    return parse(doc, path)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -158,6 +162,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen: dict = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:   # "? [a, b]": a list or mapping as a key
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value, not a list or mapping", key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -369,15 +378,9 @@ def _check_same_filesystem(s: StudyConfig, source: str) -> None:
 
 def load_client_settings(path: str) -> dict:
     """The lab PC's ``eidetic-client.yaml`` (only key: ``location``); {} when absent."""
-    try:
-        with open(path, "rb") as f:
-            doc = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
-    except FileNotFoundError:
+    if not os.path.exists(path):
         return {}
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", path) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}", path) from None
+    doc = _read_yaml(path)
     if doc is None:
         return {}
     if not isinstance(doc, dict):

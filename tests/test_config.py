@@ -4,6 +4,7 @@ naming the key; the lookup order; the default layout."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -261,6 +262,20 @@ def test_load_rejects_duplicate_keys_with_line_and_column(tmp_path, clean_env, t
     msg = str(ei.value)
     assert f"line {line}, column {col}" in msg and "duplicate" in msg and repr(key) in msg, msg
     assert p in msg
+
+
+def test_load_rejects_a_list_as_a_key_with_line_and_column(tmp_path, clean_env):
+    p = write(tmp_path / "listkey.yaml", "state: /s\n? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 3: a key must be a plain value"):
+        config.load(p)
+
+
+def test_a_bad_client_settings_file_is_one_line_with_line_and_column(tmp_path):
+    p = write(tmp_path / "eidetic-client.yaml", "location: [labA\n")
+    with pytest.raises(ConfigError) as ei:
+        config.load_client_settings(p)
+    assert "\n" not in str(ei.value) and re.search(r"line \d+, column \d+", str(ei.value)), str(ei.value)
+    assert config.load_client_settings(str(tmp_path / "absent.yaml")) == {}
 
 
 def test_load_reports_yaml_syntax_errors_with_line(tmp_path, clean_env):
