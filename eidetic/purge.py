@@ -174,8 +174,6 @@ def _expected(s: StudyConfig, seq: int, upload: str) -> tuple[dict[bytes, tuple[
 
 
 def _object_ok(store: Store, oid: str, size: int) -> bool:
-    if not layout.valid_object_id(oid):
-        return False
     try:
         st = os.lstat(store.objects.path(oid))
     except OSError:
@@ -192,40 +190,38 @@ def _prove(cl: Claim, where: bytes, expected: dict, desc: tuple[str, int] | None
         if (top_st.st_dev, top_st.st_ino) != (cl.dev, cl.ino):
             proof.problem("the entry was replaced")
             return proof
-        stack.append((top, b"", iter(_names(top))))
+        stack.append((top, b"", iter(_listing(top))))
         while stack:
             dfd, rel, it = stack[-1]
-            name = next(it, None)
-            if name is None:
+            item = next(it, None)
+            if item is None:
                 stack.pop()
                 if dfd != top:
                     os.close(dfd)
                 continue
+            name, kind = item
             relpath = rel + b"/" + name if rel else name
             shown = layout.display(relpath)
-            try:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
+            if kind == "dir":
                 try:
                     sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue
                 except OSError as e:
                     proof.problem(f"{shown}/: {e.strerror}")
                     continue
-                sst = os.fstat(sub)
-                if (sst.st_dev, sst.st_ino) != (st.st_dev, st.st_ino) or sst.st_dev != top_st.st_dev:
+                if os.fstat(sub).st_dev != top_st.st_dev:
                     os.close(sub)
-                    proof.problem(f"{shown}/ changed while being read")
+                    proof.problem(f"{shown}/ is another file system mounted into the entry")
                     continue
                 try:
-                    names = _names(sub)
+                    listing = _listing(sub)
                 except OSError as e:
                     os.close(sub)
                     proof.problem(f"{shown}/: {e.strerror}")
                     continue
-                stack.append((sub, relpath, iter(names)))
-            elif stat.S_ISREG(st.st_mode):
+                stack.append((sub, relpath, iter(listing)))
+            elif kind == "file":
                 _prove_file(proof, store, dfd, name, relpath, shown, expected, desc)
             # anything else (symlink, FIFO, socket, device) was a skip record: removable
     finally:
@@ -246,6 +242,8 @@ def _prove_file(proof: _Proof, store: Store, dfd: int, name: bytes, relpath: byt
         return
     try:
         fd, before = open_regular_nofollow(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return      # gone since the listing: nothing of it to remove
     except OSError as e:
         proof.problem(f"{shown}: {e.strerror}")
         return
@@ -274,6 +272,20 @@ def _prove_file(proof: _Proof, store: Store, dfd: int, name: bytes, relpath: byt
 
 def _names(dfd: int) -> list[bytes]:
     return sorted(os.fsencode(n) for n in os.listdir(dfd))
+
+
+def _listing(dfd: int) -> list[tuple[bytes, str]]:
+    """Sorted (name, "dir" | "file" | "other") of a directory fd, the type
+    from the directory entry: no stat per file before it is opened (opening checks
+    the type again, without following a symlink)."""
+    out = []
+    with os.scandir(dfd) as it:
+        for e in it:
+            kind = ("dir" if e.is_dir(follow_symlinks=False) else
+                    "file" if e.is_file(follow_symlinks=False) else "other")
+            out.append((os.fsencode(e.name), kind))
+    out.sort()
+    return out
 
 
 def _remove(cl: Claim, where: bytes, proof: _Proof) -> list[str]:
