@@ -55,6 +55,9 @@ class Ids:
     def text(self) -> str:
         return f"{_user_name(self.uid)}:{_group_name(self.gid)}"
 
+    def differ_from(self, st: os.stat_result) -> bool:
+        return (self.uid is not None and st.st_uid != self.uid) or (self.gid is not None and st.st_gid != self.gid)
+
 
 @dataclass(frozen=True)
 class Want:
@@ -63,7 +66,6 @@ class Want:
     role: str             # "inbox" | "state" | "store" | "tree"
     mode: int
     ids: Ids
-    study: str | None = None
 
 
 @dataclass
@@ -132,13 +134,12 @@ def design(cfg: Config) -> list[Want]:
     if gid is None:
         gid = primary if cfg.user is not None else None
     service = Ids(uid, gid)
-    wants = [Want(inbox, "inbox", INBOX_MODE, service, dedicated) for inbox, dedicated in cfg.inboxes()]
+    wants = [Want(inbox, "inbox", INBOX_MODE, service) for inbox, _ in cfg.inboxes()]
     wants.append(Want(cfg.state, "state", STATE_MODE, service))
     for s in cfg.studies.values():
         tree_gid = _resolve_group(s.group, f"studies.{s.name}.group", cfg.source)
-        wants.append(Want(s.store, "store", STORE_MODE, service, s.name))
-        wants.append(Want(s.tree, "tree", TREE_MODE, Ids(uid, tree_gid if tree_gid is not None else gid),
-                          s.name))
+        wants.append(Want(s.store, "store", STORE_MODE, service))
+        wants.append(Want(s.tree, "tree", TREE_MODE, Ids(uid, tree_gid if tree_gid is not None else gid)))
     return wants
 
 
@@ -184,9 +185,10 @@ def _init(cfg: Config, wants: list[Want]) -> list[Action]:
         if w.role == "inbox":
             makedirs(os.fsencode(w.path), 0o700)       # the real mode comes with chmod below
     StateDir(cfg.state).init()
+    chowning = _service_ids(wants).uid is not None
     for s in cfg.studies.values():
         Store.init(s)
-        if _service_ids(wants).uid is not None:
+        if chowning:
             _precreate(s)
     actions: list[Action] = []
     for w in wants:
@@ -307,17 +309,14 @@ def _check_dir(w: Want) -> list[Finding]:
     if mode != w.mode:
         out.append(Finding("mode", w.path, f"{w.role} has mode {mode:04o}, the design says {w.mode:04o}",
                            data={"mode": mode, "want": w.mode}))
-    for p, ids, st_ in [(w.path, w.ids, st)] + [(q, w.ids, None) for q in _inner_paths(w)]:
-        if st_ is None:
-            try:
-                st_ = os.lstat(p)
-            except OSError:
-                continue
-        bad_uid = w.ids.uid is not None and st_.st_uid != ids.uid
-        bad_gid = w.ids.gid is not None and st_.st_gid != ids.gid
-        if bad_uid or bad_gid:
-            out.append(Finding("owner", p, f"owned by {_user_name(st_.st_uid)}:{_group_name(st_.st_gid)}, the "
-                               f"design says {ids.text()}"))
+    for p in [w.path, *_inner_paths(w)]:
+        try:
+            pst = st if p == w.path else os.lstat(p)
+        except OSError:
+            continue
+        if w.ids.differ_from(pst):
+            out.append(Finding("owner", p, f"owned by {_user_name(pst.st_uid)}:{_group_name(pst.st_gid)}, the "
+                               f"design says {w.ids.text()}"))
     return out
 
 
