@@ -50,8 +50,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import gen_data  # noqa: E402
-from run import (EIDETIC, MiB, Bench, count_files, machine_info, place_entry,  # noqa: E402
-                 priority_preexec, setup_eidetic_env, tool_versions)
+from run import (EIDETIC, MiB, Bench, count_files, eidetic_config, machine_info,  # noqa: E402
+                 place_entry, priority_preexec, setup_eidetic_env, tool_versions)
 
 SSHD_BIN = "/usr/sbin/sshd"
 STUDY = "bench"
@@ -101,23 +101,8 @@ def ensure_data(b: Bench, work: str, medium: int) -> tuple[str, dict]:
     return data, s
 
 
-def write_config(root: str, settle: float, rescan: float = 60.0) -> str:
-    cfg = os.path.join(root, "eidetic.yaml")
-    os.makedirs(root, exist_ok=True)
-    with open(cfg, "w") as f:
-        f.write(f"inbox: {root}/inbox\n"
-                f"state: {root}/state\n"
-                f"settle_seconds: {settle:g}\n"
-                f"rescan_seconds: {rescan:g}\n"
-                f"studies:\n"
-                f"  {STUDY}:\n"
-                f"    tree: {root}/tree\n"
-                f"    store: {root}/store\n")
-    return cfg
-
-
 def init_layout(eidetic: str, root: str, settle: float) -> str:
-    cfg = write_config(root, settle)
+    cfg = eidetic_config(root, STUDY, settle, rescan=60)
     subprocess.run([eidetic, "--config", cfg, "init"], check=True, stdout=subprocess.DEVNULL,
                    env=EIDETIC["env"])
     return cfg
@@ -142,6 +127,17 @@ def small_files(rng: random.Random, tag: str, n: int) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------- daemon
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within *timeout* seconds."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
 
 class DaemonProc:
     """``eidetic --config CFG ingest`` (the daemon) with its stderr lines
@@ -198,13 +194,7 @@ class DaemonProc:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        terminate(self.proc, timeout)
         self._reader.join(5)
         return self.proc.returncode
 
@@ -332,6 +322,11 @@ class SSHD:
                              check=True, capture_output=True, text=True).stdout
         return out.split()[1]
 
+    def send_opts(self, inbox: str, fp: str) -> list[str]:
+        """``eidetic send`` options for sending to *inbox* on this server (host key fingerprint *fp*)."""
+        return ["--to", f"sftp://root@127.0.0.1:{self.port}{inbox}", "--identity", self.user_key,
+                "--accept-host-key", fp]
+
     def start(self) -> SSHD:
         os.makedirs("/run/sshd", exist_ok=True)
         with socket.socket() as s:
@@ -364,23 +359,21 @@ class SSHD:
         self.stop()
         raise RuntimeError("sshd did not start")
 
-    def ssh_cmd(self) -> str:
-        """The ssh command line scp/rsync use: the same key, strict host key check."""
-        return (f"ssh -p {self.port} -i {shlex.quote(self.user_key)} -o IdentitiesOnly=yes -o BatchMode=yes "
+    def _key_opts(self) -> str:
+        """The same key and a strict host key check for ssh, scp and rsync."""
+        return (f"-i {shlex.quote(self.user_key)} -o IdentitiesOnly=yes -o BatchMode=yes "
                 f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={shlex.quote(self.known_hosts)}")
+
+    def ssh_cmd(self) -> str:
+        """The ssh command line rsync uses."""
+        return f"ssh -p {self.port} {self._key_opts()}"
 
     def scp_opts(self) -> str:
-        return (f"-P {self.port} -i {shlex.quote(self.user_key)} -o IdentitiesOnly=yes -o BatchMode=yes "
-                f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={shlex.quote(self.known_hosts)}")
+        return f"-P {self.port} {self._key_opts()}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc, 10)
         self.proc = None
 
 
@@ -408,6 +401,11 @@ def check_tree(b: Bench, r, top: str, summary: dict) -> None:
         b.say(f"  !! {r.tool}: {r.note}")
 
 
+def client_env(run_dir: str) -> dict:
+    """The environment of every ``eidetic send``: one client home (its --changed-only records) per run."""
+    return dict(EIDETIC["env"], EIDETIC_CLIENT_HOME=os.path.join(run_dir, "client"))
+
+
 def only_entry(inbox: str) -> str:
     names = [x for x in os.listdir(inbox) if not x.startswith(".")]
     if len(names) != 1:
@@ -419,8 +417,7 @@ def send_phase(b: Bench, eidetic: str, sshd: SSHD, src: str, summary: dict, run_
                reps: int, sftp_only: bool = False, baseline: str | None = None) -> list[dict]:
     """Full sends, side by side; returns per-repetition directories for the
     verification phase."""
-    client = os.path.join(run_dir, "client")
-    env = dict(EIDETIC["env"], EIDETIC_CLIENT_HOME=client)
+    env = client_env(run_dir)
     fp = sshd.fingerprint()
     reps_info = []
     for k in range(reps):
@@ -459,9 +456,7 @@ def _send_rep(b: Bench, eidetic: str, sshd: SSHD, src: str, summary: dict, env: 
 
     def eid_sftp(exe: str = eidetic, tool: str = "eidetic send (sftp)", inbox: str = info["sftp_inbox"]):
         r = b.timed("send sftp", tool,
-                    [exe, "send", src, "--study", STUDY, "--to",
-                     f"sftp://root@127.0.0.1:{sshd.port}{inbox}", "--location", "labS",
-                     "--identity", sshd.user_key, "--accept-host-key", fp], env=env)
+                    [exe, "send", src, "--study", STUDY, "--location", "labS", *sshd.send_opts(inbox, fp)], env=env)
         if r.ok:
             check_tree(b, r, only_entry(inbox), summary)
 
@@ -498,8 +493,7 @@ def changed_only_phase(b: Bench, eidetic: str, sshd: SSHD, src: str, run_dir: st
     """Touch one file, then re-send with --changed-only (local and SFTP) to
     the destinations of repetition 1, next to rsync -a / -ac into copies that
     rsync made earlier.  Each round touches a different file."""
-    client = os.path.join(run_dir, "client")
-    env = dict(EIDETIC["env"], EIDETIC_CLIENT_HOME=client)
+    env = client_env(run_dir)
     fp = sshd.fingerprint()
     r1 = reps_info[0]
     local_inbox = os.path.join(r1["desc_root"], "inbox")
@@ -519,9 +513,8 @@ def changed_only_phase(b: Bench, eidetic: str, sshd: SSHD, src: str, run_dir: st
 
         def eid_sftp():
             r = b.timed("changed-only sftp", "eidetic send --changed-only (sftp)",
-                        [eidetic, "send", src, "--study", STUDY, "--to",
-                         f"sftp://root@127.0.0.1:{sshd.port}{r1['sftp_inbox']}", "--location", "labS",
-                         "--identity", sshd.user_key, "--accept-host-key", fp, "--changed-only"], env=env)
+                        [eidetic, "send", src, "--study", STUDY, "--location", "labS",
+                         *sshd.send_opts(r1["sftp_inbox"], fp), "--changed-only"], env=env)
             r.extra["stdout_tail"] = _tail(r.extra.get("log"))
 
         def rs_local():

@@ -247,15 +247,16 @@ class Bench:
 
 # ------------------------------------------------------------- the phases
 
-def eidetic_config(root: str, study: str = "bench") -> str:
+def eidetic_config(root: str, study: str = "bench", settle: float = 0, rescan: float | None = None) -> str:
     cfg = os.path.join(root, "eidetic.yaml")
     os.makedirs(root, exist_ok=True)
     with open(cfg, "w") as f:
         f.write(
             f"inbox: {root}/inbox\n"
             f"state: {root}/state\n"
-            f"settle_seconds: 0\n"
-            f"studies:\n"
+            f"settle_seconds: {settle:g}\n"
+            + (f"rescan_seconds: {rescan:g}\n" if rescan is not None else "")
+            + f"studies:\n"
             f"  {study}:\n"
             f"    tree: {root}/tree\n"
             f"    store: {root}/store\n")
@@ -398,69 +399,44 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
         k = order_shift % len(jobs)
         return jobs[k:] + jobs[:k]
 
+    def ingest_phase(phase: str, entry: str, ds: str, src: str, archive: str, with_cp: bool) -> None:
+        """One round of ingesting the data set: eidetic takes *entry* (tree folder
+        *ds*), borg and restic back up *src*/*ds*, (with *with_cp*) cp -a copies it."""
+        def eid():
+            if not have["eidetic"]:
+                return b.skipped(phase, "eidetic", why("eidetic"))
+            place_entry(os.path.join(stage, entry), os.path.join(e_root, "inbox"), entry)
+            r = b.timed(phase, "eidetic", [have["eidetic"], "--config", cfg, "ingest", "--once"])
+            verify_ingest(b, r, os.path.join(e_root, "tree", ds), summary,
+                          os.path.join(e_root, "inbox", entry))
+
+        def borg():
+            if not have["borg"]:
+                return b.skipped(phase, "borg create", why("borg"))
+            b.timed(phase, "borg create", ["borg", "create", f"{borg_repo}::{archive}", ds], cwd=src, env=env_borg)
+
+        def restic():
+            if not have["restic"]:
+                return b.skipped(phase, "restic backup", why("restic"))
+            b.timed(phase, "restic backup", ["restic", "-r", restic_repo, "backup", ds], cwd=src, env=env_restic)
+
+        def cp():
+            if not a.cp_baseline:
+                return
+            dst = os.path.join(rep_dir, "cp-dest")
+            os.makedirs(dst)
+            b.timed(phase, "cp -a + sync", f"cp -a {shq(os.path.join(src, ds))} {shq(dst)}/ && sync", shell=True)
+
+        for job in rotate([eid, borg, restic] + ([cp] if with_cp else [])):
+            job()
+
     # ---- phase 1: first ingest
     b.say("phase: first ingest")
-
-    def eid_first():
-        if not have["eidetic"]:
-            return b.skipped("first ingest", "eidetic", why("eidetic"))
-        place_entry(os.path.join(stage, "bench-labA-1"), os.path.join(e_root, "inbox"),
-                    "bench-labA-1")
-        r = b.timed("first ingest", "eidetic", [have["eidetic"], "--config", cfg,
-                                                "ingest", "--once"])
-        verify_ingest(b, r, os.path.join(e_root, "tree", "ds1"), summary,
-                      os.path.join(e_root, "inbox", "bench-labA-1"))
-
-    def borg_first():
-        if not have["borg"]:
-            return b.skipped("first ingest", "borg create", why("borg"))
-        b.timed("first ingest", "borg create",
-                ["borg", "create", f"{borg_repo}::first", "ds1"], cwd=src_a, env=env_borg)
-
-    def restic_first():
-        if not have["restic"]:
-            return b.skipped("first ingest", "restic backup", why("restic"))
-        b.timed("first ingest", "restic backup",
-                ["restic", "-r", restic_repo, "backup", "ds1"], cwd=src_a, env=env_restic)
-
-    def cp_first():
-        if not a.cp_baseline:
-            return
-        dst = os.path.join(rep_dir, "cp-dest")
-        os.makedirs(dst)
-        b.timed("first ingest", "cp -a + sync",
-                f"cp -a {shq(os.path.join(src_a, 'ds1'))} {shq(dst)}/ && sync", shell=True)
-
-    for job in rotate([eid_first, borg_first, restic_first, cp_first]):
-        job()
+    ingest_phase("first ingest", "bench-labA-1", "ds1", src_a, "first", with_cp=True)
 
     # ---- phase 2: re-send of the same data at a new path
     b.say("phase: re-send (same data, new entry name / new path)")
-
-    def eid_re():
-        if not have["eidetic"]:
-            return b.skipped("re-send", "eidetic", why("eidetic"))
-        place_entry(os.path.join(stage, "bench-labB-2"), os.path.join(e_root, "inbox"),
-                    "bench-labB-2")
-        r = b.timed("re-send", "eidetic", [have["eidetic"], "--config", cfg,
-                                           "ingest", "--once"])
-        verify_ingest(b, r, os.path.join(e_root, "tree", "ds2"), summary,
-                      os.path.join(e_root, "inbox", "bench-labB-2"))
-
-    def borg_re():
-        if not have["borg"]:
-            return b.skipped("re-send", "borg create", why("borg"))
-        b.timed("re-send", "borg create",
-                ["borg", "create", f"{borg_repo}::second", "ds2"], cwd=src_b, env=env_borg)
-
-    def restic_re():
-        if not have["restic"]:
-            return b.skipped("re-send", "restic backup", why("restic"))
-        b.timed("re-send", "restic backup",
-                ["restic", "-r", restic_repo, "backup", "ds2"], cwd=src_b, env=env_restic)
-
-    for job in rotate([eid_re, borg_re, restic_re]):
-        job()
+    ingest_phase("re-send", "bench-labB-2", "ds2", src_b, "second", with_cp=False)
 
     # ---- phase 3: full verification
     b.say("phase: fsck / check (re-read and re-hash everything)")
