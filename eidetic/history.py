@@ -9,7 +9,7 @@ from the index (never by reading manifests).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from . import layout
@@ -33,15 +33,14 @@ class Entry:
     """One version for display."""
     version: Version
     upload: str
-    source: str
     tree_path: str
-    provenance: dict = field(default_factory=dict)   # see provenance()
+    provenance: dict   # see provenance()
 
     def to_json(self, study: str) -> dict:
         v = self.version
         d = {"version": v.n, "blake3": v.blake3, "size": v.size, "received": v.received,
              "upload": self.upload, "tree_path": self.tree_path, "study": study,
-             "mtime_ns": v.mtime_ns, "mode": v.mode, "source": self.source,
+             "mtime_ns": v.mtime_ns, "mode": v.mode, "source": self.provenance["location"],
              "provenance": self.provenance}
         try:
             d["path"] = v.path.decode("utf-8")
@@ -126,7 +125,7 @@ def history(t: Target) -> list[Entry]:
             up = index.upload(v.seq) or {}
             hit = uploads[v.seq] = up, provenance(up)
         up, prov = hit
-        out.append(Entry(v, up.get("upload", "?"), up.get("source", "?"),
+        out.append(Entry(v, up.get("upload", "?"),
                          os.path.join(troot, os.fsdecode(layout.version_relpath(v.path, v.n, v.stamp))), prov))
     return out
 
@@ -152,7 +151,12 @@ def provenance(summary: dict) -> dict:
 def provenance_text(prov: dict) -> str:
     """One readable line: "from labA by jdoe@LAB-PC-3 (eidetic 0.2.0), verified"."""
     def show(x) -> str:   # the sender chose these strings: no control characters reach a terminal
-        return layout.display(str(x).encode("utf-8", "surrogatepass"))
+        text = str(x)
+        try:   # a location cut from an undecodable entry name shows its original bytes
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return layout.display(raw)
 
     loc = show(prov.get("location", "?"))
     if prov.get("verified"):

@@ -449,6 +449,18 @@ def test_log_prints_undecodable_names_without_crashing(layout):
         assert "\\xff\\xfe" in res.stdout
 
 
+def test_log_shows_a_location_from_the_entry_name_escaped(layout):
+    # The location is the uploader's text: an escape sequence must not reach the
+    # terminal, and an undecodable byte shows as itself.
+    drop(layout.inbox, b"s1-lab\x1b[31mRED-1", {"d/f.txt": b"one"})
+    drop(layout.inbox, b"s1-lab\xff-2", {"d/f.txt": b"two"})
+    assert len(ingest_ok(layout)) == 2
+    res = layout.cli("log", "s1:d/f.txt")
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stdout and "\udcff" not in res.stdout, res.stdout
+    assert "from lab\\x1b[31mRED by " in res.stdout and "from lab\\xff by " in res.stdout, res.stdout
+
+
 # ------------------------------------------------------- routing to studies
 
 def test_entry_for_an_unknown_study_is_refused_and_left_in_the_inbox(layout):

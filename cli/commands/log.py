@@ -32,5 +32,6 @@ def command(ctx: Ctx, path: str, as_json: bool) -> None:
         v = e.version
         vrel = layout.version_relpath(v.path, v.n, v.stamp)
         shown = layout.display(vrel if t.is_dir else vrel.rpartition(b"/")[2])
-        say(f"  v{v.n:<4} {v.received[:19].replace('T', ' ')}Z  {e.upload}  {e.source:<12} "
+        # The location is in the provenance text, escaped: it is the uploader's string.
+        say(f"  v{v.n:<4} {v.received[:19].replace('T', ' ')}Z  {e.upload}  "
             f"{human_bytes(v.size):>10}  {v.blake3[:12]}  {shown}  [{history.provenance_text(e.provenance)}]")
