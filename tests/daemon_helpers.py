@@ -12,12 +12,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from conftest import Layout, clean_env, eidetic_argv
 
 import eidetic.config
+import eidetic.deploy
 
 
 def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition",
@@ -120,6 +123,32 @@ def set_config(lay: Layout, **keys) -> Layout:
     lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
     lay.cfg = eidetic.config.load(str(lay.config_path))
     return lay
+
+
+def set_study(lay: Layout, study: str, init: bool = False, **keys) -> Layout:
+    """Add or change keys of one study in the layout's config file (the study
+    is added when missing); with *init*, create its tree and store."""
+    doc = json.loads(lay.config_path.read_text())
+    doc["studies"].setdefault(study, {}).update(keys)
+    lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
+    lay.cfg = eidetic.config.load(str(lay.config_path))
+    if init:
+        eidetic.deploy.init(lay.cfg)
+    return lay
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str = "20m") -> Iterator[Path]:
+    """A real, small file system mounted at *path* (created) while the block
+    runs, to fill up on purpose; skips the test when not root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def daemon_records(lay: Layout, kind: str = "done") -> dict[str, dict]:

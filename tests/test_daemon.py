@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import time
@@ -31,12 +32,12 @@ from daemon_helpers import (
     daemon_records,
     env_with,
     set_config,
+    set_study,
     sigterm_ok,
+    small_tmpfs,
     wait_until,
 )
 
-import eidetic.config
-import eidetic.deploy
 from eidetic.inbox import StateDir
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -214,9 +215,7 @@ def test_a_worker_retired_at_reload_before_it_opened_its_store_does_not_open_it_
     os.rename(lay.store("s1"), tmp_path / "s1-store-away")
     d = daemons(lay.config_path).started()
     d.wait_for(r"study s1: .*not an eidetic store.*; retrying in 1 s")
-    doc = json.loads(lay.config_path.read_text())
-    doc["studies"]["s1"]["require_description"] = True
-    lay.config_path.write_text(json.dumps(doc))
+    set_study(lay, "s1", require_description=True)
     d.signal(signal.SIGHUP)
     d.wait_for(r"reloaded .*changed s1")
     sigterm_ok(d)
@@ -315,18 +314,14 @@ def test_a_study_another_daemon_serves_at_reload_is_never_served_without_its_loc
         tmp_path, daemons):
     lay = daemon_layout(tmp_path, studies=("s1",))
     a = daemons(lay.config_path).started()
-    doc = json.loads(lay.config_path.read_text())
-    doc["studies"]["s3"] = {"tree": str(tmp_path / "trees" / "s3"), "store": str(tmp_path / "stores" / "s3")}
-    lay.config_path.write_text(json.dumps(doc))
-    assert run_cli("init", config=lay.config_path).returncode == 0
+    set_study(lay, "s3", init=True, tree=str(tmp_path / "trees" / "s3"), store=str(tmp_path / "stores" / "s3"))
     b = daemons(lay.config_path, "--study", "s3").started()
     a.signal(signal.SIGHUP)
     assert f"(pid {b.pid})" in a.wait_for(r"reload: study s3 is not served here")
     a.wait_for(r"reloaded .*serving s1$")
 
     # s3's settings change while b still serves it: a must not start a worker for it.
-    doc["studies"]["s3"]["require_description"] = True
-    lay.config_path.write_text(json.dumps(doc))
+    set_study(lay, "s3", require_description=True)
     a.signal(signal.SIGHUP)
     b.signal(signal.SIGHUP)
     b.wait_for(r"reloaded .*changed s3")
@@ -340,8 +335,7 @@ def test_a_study_another_daemon_serves_at_reload_is_never_served_without_its_loc
     a.signal(signal.SIGHUP)
     assert wait_until(lambda: reloads(a)[2:], 10, "a's third reload")[0].endswith("serving s1, s3"), a.text
     assert state.daemon_pid("s3") == a.pid
-    doc["studies"]["s3"]["require_description"] = False
-    lay.config_path.write_text(json.dumps(doc))
+    set_study(lay, "s3", require_description=False)
     a.signal(signal.SIGHUP)
     assert re.search(r"changed s3.*serving s1, s3$",
                      wait_until(lambda: reloads(a)[3:], 10, "a's fourth reload")[0]), a.text
@@ -475,55 +469,40 @@ def test_a_refused_entry_sends_a_failure_mail_through_a_real_smtp_server(tmp_pat
 def test_a_filling_disk_mails_one_warning_per_crossing_while_the_daemon_ingests(tmp_path, daemons):
     """The whole chain: real uploads fill the study's file system through
     ingest; the daemon's mail goes to a real SMTP server once per crossing."""
-    import shutil
-    import subprocess
-
     from smtp_peer import SMTPServer
 
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    fsdir = tmp_path / "fs"
-    fsdir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(fsdir)], check=True)
-    try:
-        with SMTPServer(tmp_path / "smtp") as smtp:
-            lay = daemon_layout(tmp_path / "srv", studies=("s1",),
-                                notify={"smtp_host": "127.0.0.1", "smtp_port": smtp.port,
-                                        "sender": "eidetic@example.org", "admin": ["admin@example.org"]})
-            doc = json.loads(lay.config_path.read_text())
-            doc["studies"]["s1"].update(tree=str(fsdir / "tree"), store=str(fsdir / "store"),
-                                        notify=["pi@example.org"])
-            lay.config_path.write_text(json.dumps(doc))
-            lay.cfg = eidetic.config.load(str(lay.config_path))
-            eidetic.deploy.init(lay.cfg)
+    with small_tmpfs(tmp_path / "fs") as fsdir, SMTPServer(tmp_path / "smtp") as smtp:
+        lay = daemon_layout(tmp_path / "srv", studies=("s1",),
+                            notify={"smtp_host": "127.0.0.1", "smtp_port": smtp.port,
+                                    "sender": "eidetic@example.org", "admin": ["admin@example.org"]})
+        set_study(lay, "s1", init=True, tree=str(fsdir / "tree"), store=str(fsdir / "store"),
+                  notify=["pi@example.org"])
 
-            def fill_to(percent: float) -> bytes:
-                """Random content that takes the file system to about *percent*."""
-                u = shutil.disk_usage(fsdir)
-                return os.urandom(max(0, int((u.used + u.free) * percent / 100) - u.used))
+        def fill_to(percent: float) -> bytes:
+            """Random content that takes the file system to about *percent*."""
+            u = shutil.disk_usage(fsdir)
+            return os.urandom(max(0, int((u.used + u.free) * percent / 100) - u.used))
 
-            def disk_mails() -> list:
-                return [m for m in smtp.received if "disk" in m.subject]
+        def disk_mails() -> list:
+            return [m for m in smtp.received if "disk" in m.subject]
 
-            d = daemons(lay.config_path).started()
-            drop(lay.inbox, "s1-labA-1", {"small.bin": os.urandom(1000)})
-            wait_until(lambda: done(lay, "s1-labA-1"), 10, "a first small upload")
-            drop(lay.inbox, "s1-labA-2", {"big.bin": fill_to(91.5)})
-            wait_until(lambda: done(lay, "s1-labA-2"), 15, "the upload that crosses 90%")
-            (m,) = smtp.wait_for(1, timeout=15)
-            assert "(warning at 90%)" in m.subject and sorted(m.rcpt_tos) == ["admin@example.org",
-                                                                              "pi@example.org"]
-            for n in (3, 4):     # more uploads above 90% but below 95%: silence
-                drop(lay.inbox, f"s1-labA-{n}", {"more.bin": os.urandom(20_000)})
-                wait_until(lambda n=n: done(lay, f"s1-labA-{n}"), 10, "an upload above 90%")
-            drop(lay.inbox, "s1-labA-5", {"bigger.bin": fill_to(96.5)})
-            wait_until(lambda: done(lay, "s1-labA-5"), 15, "the upload that crosses 95%")
-            smtp.wait_for(2, timeout=15)
-            time.sleep(1.0)       # a third mail, if any were wrongly sent, would have arrived
-            sigterm_ok(d)
-            subjects = [m.subject for m in disk_mails()]
-        assert len(subjects) == 2, subjects
-        assert "(warning at 95%)" in subjects[1]
-        assert not [m for m in smtp.received if "FAILED" in m.subject]
-    finally:
-        subprocess.run(["umount", str(fsdir)], check=True)
+        d = daemons(lay.config_path).started()
+        drop(lay.inbox, "s1-labA-1", {"small.bin": os.urandom(1000)})
+        wait_until(lambda: done(lay, "s1-labA-1"), 10, "a first small upload")
+        drop(lay.inbox, "s1-labA-2", {"big.bin": fill_to(91.5)})
+        wait_until(lambda: done(lay, "s1-labA-2"), 15, "the upload that crosses 90%")
+        (m,) = smtp.wait_for(1, timeout=15)
+        assert "(warning at 90%)" in m.subject and sorted(m.rcpt_tos) == ["admin@example.org",
+                                                                          "pi@example.org"]
+        for n in (3, 4):     # more uploads above 90% but below 95%: silence
+            drop(lay.inbox, f"s1-labA-{n}", {"more.bin": os.urandom(20_000)})
+            wait_until(lambda n=n: done(lay, f"s1-labA-{n}"), 10, "an upload above 90%")
+        drop(lay.inbox, "s1-labA-5", {"bigger.bin": fill_to(96.5)})
+        wait_until(lambda: done(lay, "s1-labA-5"), 15, "the upload that crosses 95%")
+        smtp.wait_for(2, timeout=15)
+        time.sleep(1.0)       # a third mail, if any were wrongly sent, would have arrived
+        sigterm_ok(d)
+        subjects = [m.subject for m in disk_mails()]
+    assert len(subjects) == 2, subjects
+    assert "(warning at 95%)" in subjects[1]
+    assert not [m for m in smtp.received if "FAILED" in m.subject]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import eidetic.config
 import eidetic.deploy
 from conftest import Layout, drop
+from daemon_helpers import set_study, small_tmpfs
 from eidetic import layout as L
 from eidetic.fsutil import disk_percent_used
 from eidetic.ingest import EntryResult, Ingester
@@ -148,20 +148,10 @@ def _fill_to(store: Path, percent: int) -> None:
 
 
 def test_exactly_one_disk_warning_per_threshold_crossing_also_across_restarts(tmp_path, smtp):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    fsdir = tmp_path / "fs"
-    fsdir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(fsdir)], check=True)
-    try:
-        root = tmp_path / "l"
-        lay = notify_layout(root, smtp.port, studies=("s1",))
-        # move the study onto the small file system (config checked tree and store share it)
-        doc = json.loads(lay.config_path.read_text())
-        doc["studies"]["s1"].update(tree=str(fsdir / "tree"), store=str(fsdir / "store"))
-        lay.config_path.write_text(json.dumps(doc))
-        cfg = eidetic.config.load(str(lay.config_path))
-        eidetic.deploy.init(cfg)
+    with small_tmpfs(tmp_path / "fs") as fsdir:
+        lay = notify_layout(tmp_path / "l", smtp.port, studies=("s1",))
+        # the study on the small file system (config checked tree and store share it)
+        cfg = set_study(lay, "s1", init=True, tree=str(fsdir / "tree"), store=str(fsdir / "store")).cfg
         store = Path(cfg.study("s1").store)
         n = Notifier(cfg, lambda _: None)
 
@@ -188,8 +178,6 @@ def test_exactly_one_disk_warning_per_threshold_crossing_also_across_restarts(tm
         assert "(warning at 90%)" in m.subject
         assert mails_after(91, Notifier(cfg, lambda _: None)) == []   # a restart does not repeat it
         assert len(smtp.received) == 4
-    finally:
-        subprocess.run(["umount", str(fsdir)], check=True)
 
 
 # --------------------------------------------------------- unfinished uploads
