@@ -50,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import gen_data  # noqa: E402
-from run import (EIDETIC, MiB, Bench, count_files, eidetic_config, machine_info,  # noqa: E402
+from run import (EIDETIC, MiB, Bench, cached_data, count_files, eidetic_config, machine_info,  # noqa: E402
                  place_entry, priority_preexec, setup_eidetic_env, tool_versions)
 
 SSHD_BIN = "/usr/sbin/sshd"
@@ -74,31 +74,20 @@ def ensure_data(b: Bench, work: str, medium: int) -> tuple[str, dict]:
     """gen_data.py at scale 0.1 (6 files of 30-35 MiB, 5,000 small files),
     plus *medium* incompressible files of 1-8 MiB under raw/medium/: about
     500 MiB in about 5,000 files of mixed sizes.  Reused when present."""
-    data = os.path.join(work, f"ds-data-m{medium}")
-    marker = data + ".json"
-    if os.path.exists(marker) and os.path.isdir(data):
-        with open(marker) as f:
-            summary = json.load(f)
-        b.say(f"data set: reusing {data} ({summary['files']} files, {summary['bytes'] / MiB:.0f} MiB)")
-        return data, summary
-    if os.path.exists(data):
-        os.rename(data, f"{data}.stale-{int(time.time())}")     # never delete before measuring
-    b.say(f"data set: generating into {data} ...")
-    t0 = time.monotonic()
-    s = gen_data.generate(data, scale=0.1, seed=SEED, quiet=True)
-    rng = random.Random(SEED + 1)
-    os.makedirs(os.path.join(data, "raw", "medium"))
-    for i in range(medium):
-        size = rng.randint(1 * MiB, 8 * MiB)
-        gen_data.write_large(os.path.join(data, "raw", "medium", f"block-{i:03d}.bin"), size, rng)
-        s["files"] += 1
-        s["bytes"] += size
-    s["medium_files"] = medium
-    s["seconds"] = round(time.monotonic() - t0, 1)
-    with open(marker, "w") as f:
-        json.dump(s, f)
-    b.say(f"data set: {s['files']} files, {s['bytes'] / MiB:.0f} MiB in {s['seconds']} s")
-    return data, s
+    def make(data: str) -> dict:
+        t0 = time.monotonic()
+        s = gen_data.generate(data, scale=0.1, seed=SEED, quiet=True)
+        rng = random.Random(SEED + 1)
+        os.makedirs(os.path.join(data, "raw", "medium"))
+        for i in range(medium):
+            size = rng.randint(1 * MiB, 8 * MiB)
+            gen_data.write_large(os.path.join(data, "raw", "medium", f"block-{i:03d}.bin"), size, rng)
+            s["files"] += 1
+            s["bytes"] += size
+        s["medium_files"] = medium
+        s["seconds"] = round(time.monotonic() - t0, 1)
+        return s
+    return cached_data(b, os.path.join(work, f"ds-data-m{medium}"), make)
 
 
 def init_layout(eidetic: str, root: str, settle: float) -> str:

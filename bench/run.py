@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
@@ -330,29 +331,35 @@ def tool_versions(have: dict) -> dict:
     return v
 
 
-def ensure_data(b: Bench, work: str, scale: float) -> tuple[str, dict]:
-    data = os.path.join(work, f"data-scale{scale:g}")
+def cached_data(b: Bench, data: str, make: Callable[[str], dict]) -> tuple[str, dict]:
+    """The data set in *data*, made by *make(data)* (which returns its summary)
+    unless a finished one is there (its summary is kept in ``<data>.json``)."""
     marker = data + ".json"
     if os.path.exists(marker) and os.path.isdir(data):
         with open(marker) as f:
             summary = json.load(f)
-        b.say(f"data set: reusing {data} ({summary['files']} files, "
-              f"{summary['bytes'] / GiB:.2f} GiB)")
+        b.say(f"data set: reusing {data} ({summary['files']} files, {summary['bytes'] / GiB:.2f} GiB)")
         return data, summary
     if os.path.exists(data):
         # A half-written data set from an interrupted run: set it aside
         # rather than deleting thousands of files now.
         os.rename(data, f"{data}.stale-{int(time.time())}")
-    b.say(f"data set: generating scale {scale:g} into {data} ...")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "gen_data.py"), data,
-                          "--scale", str(scale), "--quiet"],
-                         check=True, capture_output=True, text=True).stdout
-    summary = json.loads(out.strip().splitlines()[-1])
+    b.say(f"data set: generating into {data} ...")
+    summary = make(data)
     with open(marker, "w") as f:
         json.dump(summary, f)
     b.say(f"data set: {summary['files']} files, {summary['bytes'] / GiB:.2f} GiB "
           f"in {summary['seconds']} s")
     return data, summary
+
+
+def ensure_data(b: Bench, work: str, scale: float) -> tuple[str, dict]:
+    def make(data: str) -> dict:
+        out = subprocess.run([sys.executable, os.path.join(HERE, "gen_data.py"), data,
+                              "--scale", str(scale), "--quiet"],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    return cached_data(b, os.path.join(work, f"data-scale{scale:g}"), make)
 
 
 def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
