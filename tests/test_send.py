@@ -73,10 +73,14 @@ def entry_files(entry: Path) -> dict[bytes, bytes]:
     return out
 
 
-def send_cli(client: dict, source, to: str, *extra, timeout: float = 120) -> subprocess.CompletedProcess:
-    argv = eidetic_argv() + ["send", str(source), "--study", "s1", "--to", to, *extra]
+def run_argv(argv: list[str], client: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a command as the lab PC's user would, without a terminal."""
     return subprocess.run(argv, capture_output=True, text=True, env=client, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+def send_cli(client: dict, source, to: str, *extra, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_argv(eidetic_argv() + ["send", str(source), "--study", "s1", "--to", to, *extra], client, timeout)
 
 
 class Dest:
@@ -219,8 +223,7 @@ def test_upload_killed_midway_leaves_only_a_dot_entry_and_the_same_command_resum
     assert layout.ingest() == []            # the daemon leaves a dot-entry alone
     first = (layout.inbox / names[0] / "a" / "f000.txt").stat()
 
-    res = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         timeout=120)
+    res = run_argv(argv, client)
     assert res.returncode == 0, res.stderr
     assert f"resuming interrupted upload {names[0]} (40 of 41 files already sent)" in res.stdout
     entry = only_entry(layout.inbox)
@@ -270,7 +273,7 @@ def test_ctrl_c_stops_the_send_with_status_130_and_the_next_run_resumes(tmp_path
     assert proc.returncode == 130
     assert "Traceback" not in err and "run the same command again to resume" in err
     assert all(n.startswith(".") for n in entries(layout.inbox))
-    res = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    res = run_argv(argv, client)
     assert res.returncode == 0 and "resuming interrupted upload" in res.stdout, res.stderr
     check_description(only_entry(layout.inbox), expected)
 
@@ -305,8 +308,7 @@ def test_a_dropped_connection_fails_clearly_and_the_next_run_resumes(tmp_path, l
         assert proc.returncode == 3, err
         assert "connection" in one_line_error(subprocess.CompletedProcess(argv, 3, "", err))
         assert all(n.startswith(".") for n in entries(layout.inbox))
-        res = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                             timeout=120)
+        res = run_argv(argv, client)
         assert res.returncode == 0 and "resuming interrupted upload" in res.stdout, res.stderr
         check_description(only_entry(layout.inbox), expected)
     finally:
@@ -459,7 +461,7 @@ def test_an_unreadable_file_fails_the_send_naming_it_and_a_fixed_rerun_resumes(t
     [dot] = entries(layout.inbox)
     assert dot.startswith(".")
     (src / "secret.txt").chmod(0o644)
-    again = subprocess.run(argv, env=client, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    again = run_argv(argv, client, timeout=60)
     assert again.returncode == 0, again.stderr
     assert "(2 of 3 files already sent)" in again.stdout
     check_description(only_entry(layout.inbox), expected)
@@ -608,7 +610,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, layout, client, case):
         (cdir / "eidetic-client.yaml").write_text("locaton: labA\n")
         expect = "unknown key 'locaton'"
     argv = eidetic_argv() + ["send", str(source), "--study", study, "--to", to]
-    res = subprocess.run(argv, capture_output=True, text=True, env=client, timeout=60, stdin=subprocess.DEVNULL)
+    res = run_argv(argv, client, timeout=60)
     assert res.returncode == 2
     assert expect in one_line_error(res)
     assert entries(layout.inbox) == []
