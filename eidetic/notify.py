@@ -561,14 +561,14 @@ class Notifier:
                           "     by the service user, free disk space, or let the client finish).",
                           "  2. Have it ingested again by renaming the entry back to its original name",
                           "     (as the service user or root):",
-                          f"       cd {shlex.quote(inbox)} && mv {shlex.quote(base)} {shlex.quote(target)}",
+                          f"       {_mv_command(inbox, base, target)}",
                           "     or send the data again under a new name."]
             else:
                 known = ", ".join(sorted(self.cfg.studies))
+                example = f"{min(self.cfg.studies)}-{r.entry}" if self.cfg.studies else "<study>-…"
                 lines += ["  Rename the entry to a name that starts with a configured study and '-'",
                           f"  (configured: {known}), for example (as the service user or root):",
-                          f"       cd {shlex.quote(inbox)} && mv {shlex.quote(base)} "
-                          f"{shlex.quote(sorted(self.cfg.studies)[0] + '-' + r.entry) if self.cfg.studies else '<study>-…'}",
+                          f"       {_mv_command(inbox, base, example)}",
                           "  or send the data again under a correct name."]
         elif where:
             lines += ["  The entry was not marked failed; eidetic tries it again at its next run.",
@@ -639,7 +639,7 @@ class Notifier:
             f"  - ask {who} to send the data again; once a complete copy has arrived,",
             f"    remove the partial one (as root):  rm -r {shlex.quote(path)}",
             "  - or, if you know it is complete, rename it without the dot:",
-            f"       cd {shlex.quote(inbox)} && mv {shlex.quote(layout.display(p.name))} {shlex.quote(final)}", "",
+            f"       {_mv_command(inbox, layout.display(p.name), final)}", "",
             "This is reported once.", ""])
 
 
@@ -653,6 +653,10 @@ def _dedupe(addresses) -> list[str]:
             seen.add(a.lower())
             out.append(a)
     return out
+
+
+def _mv_command(inbox: str, src: str, dst: str) -> str:
+    return f"cd {shlex.quote(inbox)} && mv {shlex.quote(src)} {shlex.quote(dst)}"
 
 
 def _short(name: str) -> str:
