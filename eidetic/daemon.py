@@ -134,7 +134,7 @@ class Daemon:
         self.only_study = cfg.study(study).name if study else None
         self.settle_override = settle
         self.state = StateDir(cfg.state)
-        self.ingester: Ingester = None  # type: ignore[assignment]  # built in run()
+        self.ingester = self._new_ingester(cfg)   # opens a store only when a worker asks
         self.notifier = self._new_notifier(cfg)   # does nothing with mail off
         self.workers: dict[str | None, _Worker] = {}
         self._retiring: set[_Worker] = set()
@@ -170,7 +170,6 @@ class Daemon:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT,
                                                                        signal.SIGHUP)}
         try:
-            self.ingester = self._new_ingester(self.cfg)
             self.notifier.start()
             self._start_watch(self.cfg)
             self.log(INFO, self._describe_start(served))
@@ -236,7 +235,7 @@ class Daemon:
         if stuck:   # leave the stores open: closing LMDB under a running thread would crash
             self.log(WARNING, f"{', '.join(w.label for w in stuck)}: still busy after {STOP_TIMEOUT:.0f} s; "
                               "exiting anyway (the entry is redone at the next start)")
-        elif self.ingester is not None:
+        else:
             self.ingester.close()
         self.log(INFO, f"stopped ({self.ingested} ingested, {self.failed} failed since start)")
 
