@@ -39,7 +39,7 @@ from .config import load_client_settings
 from .description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
 from .errors import SendError, UsageError
 from .objects import hash_fd, new_hasher
-from .transport import (Destination, HostKeyInfo, SFTPOptions, Transport, open_transport,
+from .transport import (Destination, HostKeyInfo, LocalTransport, SFTPOptions, Transport, open_transport,
                         parse_destination)
 
 CHUNK = 1 << 20             # read/write buffer; also the progress granularity
@@ -329,7 +329,6 @@ class _Sender:
 
     def _dry_run(self, state: SendState, res: SendResult) -> SendResult:
         if self.dest.kind == "local":
-            from .transport import LocalTransport
             LocalTransport(self.dest).check_inbox()
         pending = state.pending(self.dest.key, self.opts.study, self.source)
         res.unchanged, res.symlinks, res.special, problems = self.plan(state)
