@@ -51,7 +51,7 @@ sys.path.insert(0, HERE)
 
 import gen_data  # noqa: E402
 from run import (EIDETIC, MiB, Bench, cached_data, count_files, eidetic_config, machine_info,  # noqa: E402
-                 place_entry, priority_preexec, setup_eidetic_env, tool_versions)
+                 place_entry, priority_preexec, setup_eidetic_env, tool_versions, verify_ingest)
 
 SSHD_BIN = "/usr/sbin/sshd"
 STUDY = "bench"
@@ -560,21 +560,10 @@ def verify_phase(b: Bench, eidetic: str, reps_info: list[dict], summary: dict) -
 def _check_ingest(b: Bench, r, root: str, entry: str, summary: dict, expect_verified: bool) -> None:
     if not r.ok:
         return
-    out = _tail(r.extra.get("log"))
-    verified = "verified against the sender's description" in out
-    n, nbytes = count_files(os.path.join(root, "tree"))
-    r.extra.update(tree_files=n, tree_bytes=nbytes, verified=verified)
-    problems = []
-    if (n, nbytes) != (summary["files"], summary["bytes"]):
-        problems.append(f"tree has {n} files / {nbytes} B")
-    if os.path.exists(entry):
-        problems.append("entry still in the inbox")
-    if verified != expect_verified:
-        problems.append(f"verified={verified}, expected {expect_verified}")
-    if problems:
-        r.ok = False
-        r.note = "; ".join(problems)
-        b.say(f"  !! {r.tool}: {r.note}")
+    verified = "verified against the sender's description" in _tail(r.extra.get("log"))
+    r.extra["verified"] = verified
+    verify_ingest(b, r, os.path.join(root, "tree"), summary, entry,
+                  [] if verified == expect_verified else [f"verified={verified}, expected {expect_verified}"])
 
 
 # ------------------------------------------------------------- reporting

@@ -490,14 +490,16 @@ def first_file(top: str) -> str | None:
     return None
 
 
-def verify_ingest(b: Bench, r: Result, tree_dir: str, summary: dict, entry: str) -> None:
-    """Untimed sanity check that the ingest really did the work."""
+def verify_ingest(b: Bench, r: Result, tree_dir: str, summary: dict, entry: str,
+                  problems: list[str] | None = None) -> None:
+    """Untimed sanity check that the ingest really did the work (*problems*:
+    what the caller found wrong already)."""
     if not r.ok:
         return
     n, nbytes = count_files(tree_dir) if os.path.isdir(tree_dir) else (0, 0)
     r.extra["tree_files"] = n
     r.extra["tree_bytes"] = nbytes
-    problems = []
+    problems = list(problems or [])
     if n != summary["files"] or nbytes != summary["bytes"]:
         problems.append(f"tree has {n} files / {nbytes} B, expected "
                         f"{summary['files']} / {summary['bytes']}")
@@ -506,7 +508,7 @@ def verify_ingest(b: Bench, r: Result, tree_dir: str, summary: dict, entry: str)
     if problems:
         r.ok = False
         r.note = "; ".join(problems)
-        b.say(f"  !! ingest not verified: {r.note}")
+        b.say(f"  !! {r.tool}: ingest not verified: {r.note}")
 
 
 def time_log(b: Bench, eidetic: str, cfg: str, target: str, phase: str, tool: str,
