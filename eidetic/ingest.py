@@ -38,6 +38,7 @@ from .errors import EideticError, EntryChanged, EntryRejected, Interrupted
 from .fsutil import open_regular_nofollow, raise_nofile_limit
 from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
 from .manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
+from .objects import PutResult
 from .store import Store
 from .tree import Tree
 
@@ -369,16 +370,12 @@ class Ingester:
                                     "it was not followed or opened") from None
             raise EntryRejected(f"its upload description {name} could not be read ({e.strerror})") from None
         try:
-            res = store.objects.put_fd(fd, before.st_size, store.index.is_trusted, store.index.size_seen)
-            after = os.fstat(fd)
+            res, unchanged = _put(store, fd, before)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            if e.errno in _STORE_ERRNOS:
                 raise
             raise EntryRejected(f"its upload description {name} could not be read ({e.strerror})") from None
-        finally:
-            os.close(fd)
-        if not (res.size == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
-                and before.st_ctime_ns == after.st_ctime_ns):
+        if not unchanged:
             raise EntryChanged(f"its upload description {name} changed while it was read; "
                                "is the upload still being written?")
         f = os.fdopen(store.objects.open(res.oid), "rb", buffering=1 << 16)
@@ -458,7 +455,6 @@ class Ingester:
     def _store_file(self, store: Store, dfd: int, name: bytes, relpath: bytes, writer, stats: Stats) -> None:
         if self.should_stop():
             raise Interrupted()
-        index = store.index
         for attempt in range(MAX_FILE_ATTEMPTS):
             try:
                 fd, before = open_regular_nofollow(name, dir_fd=dfd)
@@ -469,17 +465,13 @@ class Ingester:
                 stats.problems.append(f"{layout.display(relpath)} ({e.strerror})")
                 return
             try:
-                res = store.objects.put_fd(fd, before.st_size, index.is_trusted, index.size_seen)
-                after = os.fstat(fd)
+                res, unchanged = _put(store, fd, before)
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                if e.errno in _STORE_ERRNOS:
                     raise
                 stats.problems.append(f"{layout.display(relpath)} ({e.strerror})")
                 return
-            finally:
-                os.close(fd)
-            if (res.size == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
-                    and before.st_ctime_ns == after.st_ctime_ns):
+            if unchanged:
                 break
             self.log(f"  {layout.display(relpath)} changed while being read (attempt {attempt + 1})")
         else:
@@ -519,6 +511,21 @@ class Ingester:
             tree.place_plain(latest)
         store.sync()
         return new_versions
+
+
+_STORE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)   # the store's problem, not the file's
+
+
+def _put(store: Store, fd: int, before: os.stat_result) -> tuple[PutResult, bool]:
+    """Store the open file *fd* (closing it); (result, whether it stayed
+    unchanged while read, judged by size, mtime and ctime)."""
+    try:
+        res = store.objects.put_fd(fd, before.st_size, store.index.is_trusted, store.index.size_seen)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return res, (res.size == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
+                 and before.st_ctime_ns == after.st_ctime_ns)
 
 
 # ---------------------------------------------------------- verification
