@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import drop, fsck_available, make_layout, one_line_error, run_cli
+from conftest import clean_env, drop, fsck_available, make_layout, one_line_error, run_cli
 
 import eidetic
 
@@ -186,3 +186,14 @@ def test_fsck_exits_0_on_a_clean_store(layout):
     assert layout.cli("ingest", "--once", "--settle", "0").returncode == 0
     res = layout.cli("fsck")
     assert res.returncode == 0, (res.stdout, res.stderr)
+
+
+def test_demo_runs_on_the_default_layout_and_again(tmp_path):
+    # The README's first quick-start command: no config, everything under $EIDETIC_HOME.
+    env = clean_env(EIDETIC_HOME=str(tmp_path / "home"))
+    for run in (1, 2):
+        res = run_cli("demo", env=env, cwd=tmp_path)
+        assert res.returncode == 0, (run, res.stdout, res.stderr)
+        assert res.stdout.count("   ingested demo-labA-") == 2, res.stdout
+        assert "   clean" in res.stdout and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert (tmp_path / "home" / "studies" / "demo" / "tree" / "eprime" / "sub-01_run-1.txt").is_file()

@@ -21,6 +21,16 @@ def _drop(inbox: str, name: str, files: dict[str, bytes]) -> None:
     os.rename(tmp, os.path.join(inbox, name))
 
 
+def _ingest(cfg) -> None:
+    from eidetic.ingest import Ingester
+
+    for r in Ingester(cfg).run_once(study="demo", settle_seconds=0):
+        if r.outcome == "ingested":
+            say(f"   ingested {r.entry}: {r.files} files, {r.new_versions} new versions")
+        else:
+            say(f"   {r.outcome} {r.entry}: {r.reason}")
+
+
 @click.command("demo")
 @click.pass_obj
 def command(ctx: Ctx) -> None:
@@ -31,7 +41,6 @@ def command(ctx: Ctx) -> None:
     """
     from eidetic import deploy, fsck
     from eidetic.history import history, resolve
-    from eidetic.ingest import Ingester
     from eidetic.store import Store
 
     cfg = ctx.cfg
@@ -46,14 +55,12 @@ def command(ctx: Ctx) -> None:
         "eprime/sub-01_run-1.txt": b"trial,rt\n1,512\n2,498\n",
         "biopac/sub-01.acq": os.urandom(4096),
         "notes.txt": b"session notes\n"})
-    for r in Ingester(cfg).run_once(study="demo", settle_seconds=0):
-        say(f"   ingested {r.entry}: {r.files} files, {r.new_versions} new versions")
+    _ingest(cfg)
     say("2. The same folder is sent again with one file changed")
     _drop(inbox, f"demo-labA-{stamp}-2", {
         "eprime/sub-01_run-1.txt": b"trial,rt\n1,512\n2,498\n3,530\n",
         "notes.txt": b"session notes\n"})
-    for r in Ingester(cfg).run_once(study="demo", settle_seconds=0):
-        say(f"   ingested {r.entry}: {r.files} files, {r.new_versions} new versions")
+    _ingest(cfg)
     say(f"3. The tree keeps every version: {study.tree}/eprime")
     for name in sorted(os.listdir(os.path.join(study.tree, "eprime"))):
         say(f"   {name}")
