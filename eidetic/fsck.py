@@ -946,12 +946,8 @@ class _TreeScan:
             e = entries.pop(vn, None)
             if e is None:
                 self.ck.missing_name(d.rel_of(vn), v, "version")
-            elif not e.is_file(follow_symlinks=False):
-                self.ck.add("E031", e.path, f"a {_kind(e)} where version {v.n} of {layout.display(v.path)} "
-                                            "belongs", data={"rel": d.rel_of(vn)})
-            elif self._is_object(e.inode(), d.dev, v.blake3) is False:
-                self.ck.add("E031", e.path, f"version {v.n} of {layout.display(v.path)} should be object "
-                                            f"{v.blake3}", data={"rel": d.rel_of(vn)})
+            else:
+                self._judge_file(e, d, d.rel_of(vn), v)
         pn = layout.plain_name(comp)
         e = entries.get(pn)
         if e is None:
@@ -1018,10 +1014,16 @@ class _TreeScan:
         v = self._lookup(d, name, rel)
         if v is None:
             self.ck.add("E033", e.path, f"a {_kind(e)} no version accounts for", data={"rel": rel})
-        elif not e.is_file(follow_symlinks=False):
-            self.ck.add("E031", e.path, f"a {_kind(e)} where {layout.display(v.path)} belongs", data={"rel": rel})
+        else:
+            self._judge_file(e, d, rel, v)
+
+    def _judge_file(self, e, d: _Dir, rel: bytes, v) -> None:
+        """The tree name *e* of version *v*: a hardlink to its object, or E031."""
+        if not e.is_file(follow_symlinks=False):
+            self.ck.add("E031", e.path, f"a {_kind(e)} where version {v.n} of {layout.display(v.path)} belongs",
+                        data={"rel": rel})
         elif self._is_object(e.inode(), d.dev, v.blake3) is False:
-            self.ck.add("E031", e.path, f"{layout.display(v.path)} version {v.n} should be object {v.blake3}",
+            self.ck.add("E031", e.path, f"version {v.n} of {layout.display(v.path)} should be object {v.blake3}",
                         data={"rel": rel})
 
     def _is_source_dir(self, d: _Dir, name: bytes, rel: bytes) -> bool:
