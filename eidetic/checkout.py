@@ -75,7 +75,7 @@ def checkout(cfg: Config, arg: str, version: int | None = None, at: str | None =
     files = nbytes = 0
     prefix_len = len(t.path) + 1 if t.path else 0
     index = t.store.index
-    for path, versions in _grouped(t):
+    for path, versions in _grouped_under(index, t.path):
         v = select(versions, None, at_time, upload_seq)
         if v is None:
             continue
@@ -97,12 +97,8 @@ def checkout(cfg: Config, arg: str, version: int | None = None, at: str | None =
     return CheckoutResult(os.fsdecode(out), files, nbytes)
 
 
-def _grouped(t: Target):
-    """(path, versions oldest first) for every path under a directory, streamed."""
-    return _grouped_under(t.store.index, t.path)
-
-
 def _grouped_under(index, prefix: bytes):
+    """(path, versions oldest first) for every path under directory *prefix*, streamed."""
     cur_path, cur = None, []
     for v in index.iter_versions(prefix):
         if v.path != cur_path:

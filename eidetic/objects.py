@@ -152,9 +152,13 @@ class ObjectStore:
             return True
         return False  # present but wrong: the caller's write replaces it
 
-    def _place_bytes(self, oid: str, data: bytes | memoryview) -> None:
+    def _new_tmp(self) -> tuple[bytes, int]:
+        """A new private temp file in the store's tmp/, open for writing."""
         tmp = self.tmp_dir + b"/" + temp_name().encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+    def _place_bytes(self, oid: str, data: bytes | memoryview) -> None:
+        tmp, fd = self._new_tmp()
         try:
             _write_all(fd, data)
             os.fchmod(fd, OBJECT_MODE)
@@ -166,8 +170,7 @@ class ObjectStore:
         self._rename_in(tmp, oid)
 
     def _copy_stream(self, src: int, prefix: bytes, trusted: Callable[[str], bool]) -> PutResult:
-        tmp = self.tmp_dir + b"/" + temp_name().encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        tmp, fd = self._new_tmp()
         try:
             h = new_hasher()
             total = 0
@@ -281,8 +284,7 @@ class ObjectStore:
                 raise
 
     def _make_twin(self, oid: str, twin: int) -> None:
-        tmp = self.tmp_dir + b"/" + temp_name().encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        tmp, fd = self._new_tmp()
         try:
             self.copy_out(oid, fd)
             os.fchmod(fd, OBJECT_MODE)
