@@ -7,6 +7,7 @@ a half-written file under its real name.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -112,7 +113,12 @@ def _grouped_under(index, prefix: bytes):
 
 def _write(objects, v: Version, out: bytes) -> int:
     af = AtomicFile(out, mode=v.mode & 0o7777)
-    f = af.open()
+    try:
+        f = af.open()
+    except OSError as e:   # the temp file sits beside *out*: name the destination, never the temp
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise UsageError(f"cannot write {layout.display(out)}: its folder does not exist") from None
+        raise OSError(e.errno, e.strerror, os.fsdecode(out)) from None
     try:
         f.flush()
         n = objects.copy_out(v.blake3, f.fileno())

@@ -165,6 +165,17 @@ def test_checkout_onto_an_existing_file_exits_2(layout, tmp_path):
     one_line_error(res)
 
 
+def test_checkout_into_a_missing_folder_exits_2_naming_the_destination(layout, tmp_path):
+    drop(layout.inbox, "s1-labA-1", {"d/f.txt": b"x"})
+    assert layout.cli("ingest", "--once", "--settle", "0").returncode == 0
+    dest = tmp_path / "no" / "such" / "f.txt"
+    res = layout.cli("checkout", "s1:d/f.txt", "-o", dest)
+    assert res.returncode == 2, res.stderr
+    line = one_line_error(res)
+    assert str(dest) in line and "~#tmp" not in line, line
+    assert not (tmp_path / "no").exists()
+
+
 def test_checkout_without_output_writes_into_the_current_directory(layout, tmp_path):
     drop(layout.inbox, "s1-labA-1", {"d/f.txt": b"x"})
     assert layout.cli("ingest", "--once", "--settle", "0").returncode == 0
