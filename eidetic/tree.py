@@ -35,9 +35,6 @@ class Tree:
         self.tmp_dir = os.fsencode(tmp_dir)
         self._dirs_ok: dict[bytes, bytes] = {}   # source dir -> tree dir known to exist
 
-    def abs(self, rel: bytes) -> bytes:
-        return self.root + b"/" + rel
-
     def _ensure_parent(self, path: bytes) -> bytes | None:
         """Create the mapped parent directories of *path*; returns the tree
         directory, or None when a parent name is taken by something that is
