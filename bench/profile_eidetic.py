@@ -99,7 +99,7 @@ def profile_cmd(label: str, cmd: list[str], a, outdir: str) -> None:
     else:
         prof = os.path.join(outdir, f"profile-{label}.prof")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable_for_eidetic, "-m", "cProfile", "-o", prof, *cmd],
+        subprocess.run([a.python, "-m", "cProfile", "-o", prof, *cmd],
                        check=True, stdout=subprocess.DEVNULL)
         print(f"\n== {label}: {' '.join(cmd[3:])}  ({time.perf_counter() - t0:.1f} s under cProfile)")
         import pstats
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     if not a.py_spy:
         # cProfile must run inside eidetic's interpreter
         with open(a.eidetic) as f:
-            sys.executable_for_eidetic = f.readline()[2:].strip()
+            a.python = f.readline()[2:].strip()
         print("py-spy not found: using cProfile (slower, distorts many-small-call code)")
 
     b = benchrun.Bench(argparse.Namespace(drop_caches=False))
