@@ -15,14 +15,13 @@ memory, and any malformed line is a :class:`DescriptionError` naming it.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from . import layout
 from .fsutil import open_regular_nofollow
-from .manifest import decode_bytes, dumps, encode_bytes
+from .manifest import decode_bytes, dumps, encode_bytes, parse_json_line
 
 DESCRIPTION_NAME = b".eidetic-description.jsonl"
 DESCRIPTION_VERSION = 1
@@ -162,15 +161,10 @@ class DescriptionReader:
         self._lineno += 1
         if len(line) > MAX_LINE:
             raise DescriptionError(f"{self.name} line {self._lineno}: longer than {MAX_LINE} bytes")
-        if not line.endswith(b"\n"):
-            raise DescriptionError(f"{self.name} line {self._lineno}: truncated")
         try:
-            obj = json.loads(line)
-        except ValueError:
-            raise DescriptionError(f"{self.name} line {self._lineno}: not JSON") from None
-        if not isinstance(obj, dict):
-            raise DescriptionError(f"{self.name} line {self._lineno}: not a JSON object")
-        return obj
+            return parse_json_line(line)
+        except ValueError as e:
+            raise DescriptionError(f"{self.name} line {self._lineno}: {e}") from None
 
     def files(self) -> Iterator[DescribedFile]:
         last: list[bytes] | None = None
