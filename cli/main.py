@@ -11,6 +11,7 @@ import click
 
 from eidetic import __version__
 from eidetic.errors import EideticError
+from eidetic.layout import display
 
 from .common import Ctx
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except OSError as e:
         # An environment problem we did not anticipate: one line, not a traceback.
-        where = f": {e.filename}" if e.filename else ""
+        # filename may be bytes (we pass bytes paths) and may hold any byte
+        where = f": {display(os.fsencode(e.filename))}" if e.filename else ""
         click.echo(f"eidetic: {e.strerror or e}{where}", err=True)
         sys.exit(3)
     except Exception as e:  # a bug: say so in one line; the traceback on request

@@ -133,7 +133,7 @@ def _entries(cfg: Config, study: str | None,
         for name in names:
             if name.startswith(b".") != partial:
                 continue
-            if partial and (name.startswith(layout.INBOX_RESERVED_PREFIX) or is_temp_name(name)):
+            if partial and (layout.is_reserved_inbox_name(name) or is_temp_name(name)):
                 continue
             mapped = layout.parse_entry_name(name[1:] if partial else name, studies, dedicated)
             if study is not None and (mapped is None or mapped[0] != study):
