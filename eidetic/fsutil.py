@@ -168,12 +168,18 @@ def makedirs(path: bytes, mode: int = 0o755, parent_mode: int = 0o755) -> bool:
         return makedirs(path, mode, parent_mode)
 
 
+# getattr: the sending client runs on Windows too, which has none of these
+# but O_BINARY (it follows no symlink it was not asked to, and has no FIFOs).
+_READ_NOFOLLOW = os.O_RDONLY
+for _flag in ("O_NOFOLLOW", "O_NONBLOCK", "O_NOCTTY", "O_CLOEXEC", "O_BINARY"):
+    _READ_NOFOLLOW |= getattr(os, _flag, 0)
+
+
 def open_regular_nofollow(name: bytes | str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
     """Open a regular file for reading without following a symlink, without
     blocking on a FIFO and without acquiring a controlling terminal.  Raises
     ``OSError(ELOOP)``/``OSError(EINVAL)`` when *name* is not a regular file."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-                 dir_fd=dir_fd)
+    fd = os.open(name, _READ_NOFOLLOW, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

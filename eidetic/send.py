@@ -38,6 +38,7 @@ from .client import ClientLock, Pending, SendState, client_dir, local_user, open
 from .config import load_client_settings
 from .description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
 from .errors import SendError, UsageError
+from .fsutil import open_regular_nofollow
 from .objects import hash_fd, new_hasher
 from .transport import (Destination, HostKeyInfo, LocalTransport, SFTPOptions, Transport, open_transport,
                         parse_destination)
@@ -521,18 +522,8 @@ class _RawWriter(io.RawIOBase):
 def _open_source(path: str) -> tuple[io.FileIO, os.stat_result]:
     """Open a file to send without following a symlink swapped in since the
     walk and without blocking on a FIFO; only regular files."""
-    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0))
-    fd = os.open(path, flags)
-    f = io.FileIO(fd, "rb", closefd=True)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(0, "no longer a regular file", path)
-        return f, st
-    except BaseException:
-        f.close()
-        raise
+    fd, st = open_regular_nofollow(path)
+    return io.FileIO(fd, "rb", closefd=True), st
 
 
 def _hash_file(path: str) -> tuple[str, int, int]:
