@@ -45,7 +45,6 @@ Log = Callable[[int, str], None]
 
 STOP_TIMEOUT = 20.0          # how long shutdown waits for workers to abandon their entries
 MAX_BACKOFF = 60.0           # an erring worker retries after 1, 2, 4 ... up to this many seconds
-LOCK_POLL = 0.5              # while another process holds a store lock, look again this often
 MIN_SETTLE_RECHECK = 0.2
 SETTLE_MARGIN = 0.05         # look again just after an entry should have settled
 
@@ -273,9 +272,7 @@ class Daemon:
                 self.notifier.tick()
         else:
             w.store = ingester.store(w.study)
-            if not self._await_store(w, w.store):
-                return None
-            results = ingester.run_study(w.study, settle)
+            results = ingester.run_study(w.study, settle)   # waits (stoppably) for the store lock
             if rescan:
                 self.notifier.check_disk(w.study)
         waiting = [r for r in results if r.outcome == "waiting"]
@@ -286,23 +283,6 @@ class Daemon:
         longest = min(settle, self.cfg.rescan_seconds)
         lefts = [r.settles_in + SETTLE_MARGIN for r in waiting if r.settles_in is not None]
         return max(MIN_SETTLE_RECHECK, min(lefts + [longest]) if lefts else longest)
-
-    def _await_store(self, w: _Worker, store: Store) -> bool:
-        """Wait until no other process (``ingest --once``, ``fsck --repair``)
-        holds the store lock, without blocking in flock, so a stop request
-        is still noticed.  False when told to stop meanwhile."""
-        said = False
-        while True:
-            try:
-                with store.lock(wait=False):
-                    return True
-            except LockBusy:
-                if not said:
-                    self.log(INFO, f"study {w.study}: another eidetic process is writing to the store; "
-                                   "waiting for it")
-                    said = True
-            if w.stop_event.wait(LOCK_POLL):
-                return False
 
     def _on_result(self, r: EntryResult) -> None:
         """Called from a worker as each entry is ingested or fails."""

@@ -23,6 +23,7 @@ decides *when* to call it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -34,7 +35,7 @@ from typing import Callable
 from . import layout
 from .config import Config
 from .description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
-from .errors import EideticError, EntryChanged, EntryRejected, Interrupted
+from .errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy
 from .fsutil import open_regular_nofollow, raise_nofile_limit
 from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
 from .manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
@@ -43,6 +44,7 @@ from .store import Store
 from .tree import Tree
 
 MAX_FILE_ATTEMPTS = 3
+LOCK_POLL = 0.5          # while another process holds a store lock, look again this often
 MAX_REPORTED_PROBLEMS = 20
 
 Log = Callable[[str], None]
@@ -132,13 +134,34 @@ class Ingester:
         one at a time, oldest first."""
         store = self.store(study)
         results: list[EntryResult] = []
-        with store.lock():
+        with contextlib.ExitStack() as held:
+            if not self._lock(store, held):
+                return results      # told to stop while another process had the store
             results.extend(self.recover(store))
             for c in scan(self.cfg, study):
                 if self.should_stop():
                     break
                 results.append(self._take(store, c, settle))
         return results
+
+    def _lock(self, store: Store, held: contextlib.ExitStack) -> bool:
+        """Take the store lock into *held*.  While another process (``ingest
+        --once``, ``fsck --repair``, a daemon) has it, say so once and poll
+        rather than block in flock, so should_stop() is still heard.  False
+        when told to stop meanwhile."""
+        said = False
+        while True:
+            try:
+                held.enter_context(store.lock(wait=False))
+                return True
+            except LockBusy:
+                if not said:
+                    self.log(f"study {store.name}: another eidetic process is writing to the store; "
+                             "waiting for it")
+                    said = True
+            if self.should_stop():
+                return False
+            time.sleep(LOCK_POLL)
 
     def reject_unknown(self, settle: float) -> list[EntryResult]:
         """Refuse settled entries whose name maps to no configured study."""

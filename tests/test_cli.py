@@ -4,6 +4,7 @@ never a traceback."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -208,3 +209,26 @@ def test_demo_runs_on_the_default_layout_and_again(tmp_path):
         assert res.stdout.count("   ingested demo-labA-") == 2, res.stdout
         assert "   clean" in res.stdout and "Traceback" not in res.stderr, res.stdout + res.stderr
     assert (tmp_path / "home" / "studies" / "demo" / "tree" / "eprime" / "sub-01_run-1.txt").is_file()
+
+
+def test_ingest_once_says_it_waits_for_a_store_another_process_holds_then_finishes(layout):
+    import fcntl
+    import subprocess
+
+    from conftest import eidetic_argv
+
+    drop(layout.inbox, "s1-labA-1", {"a.txt": b"a"})
+    fd = os.open(layout.store("s1") / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)            # as `fsck --repair` or a daemon would
+    try:
+        p = subprocess.Popen(eidetic_argv() + ["--config", str(layout.config_path), "ingest", "--once",
+                                               "--study", "s1", "--settle", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+        line = p.stderr.readline()            # no -v: still one line, or it looks hung
+        assert "study s1: another eidetic process is writing to the store; waiting for it" in line
+        assert p.poll() is None
+    finally:
+        os.close(fd)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "ingested s1-labA-1" in out

@@ -43,7 +43,13 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     from eidetic.notify import Notifier
 
     cfg = ctx.cfg
-    log = (lambda m: warn(f"{time.strftime('%H:%M:%S')} {m}")) if ctx.verbose else (lambda m: None)
+
+    def log(msg: str) -> None:
+        # Without -v only a wait on another process is worth a line: silence
+        # there looks like a hang.
+        if ctx.verbose or "another eidetic process" in msg:
+            warn(f"{time.strftime('%H:%M:%S')} {msg}")
+
     # Mails are queued as each entry finishes, as in the daemon; one delivery
     # attempt at the end, and what is not delivered waits in the outbox.
     notifier = Notifier(cfg, warn, debug=warn if ctx.verbose else None)
