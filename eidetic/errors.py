@@ -56,6 +56,50 @@ class StoreFormatError(EideticError):
         super().__init__(detail, path=path)
 
 
+class StoreIOError(EideticError):
+    """An I/O error, a full disk or quota, or a read-only file system met
+    while writing or reading a study's store or index (never the uploader's
+    fault).  *committed* says whether the upload being ingested had passed
+    its commit point: then it is finished by the next run, never failed.
+    *sync_failed* marks an fsync/syncfs/fdatasync error: what reached the
+    disk is unknown, so the study is left alone until a person looks
+    (never retried as if it succeeded).
+
+    study {study}: {detail}"""
+
+    exit_code = 3
+
+    def __init__(self, detail: str, study: str, errno: int | None = None, committed: bool = False,
+                 sync_failed: bool = False) -> None:
+        super().__init__(detail, study=study)
+        self.errno = errno
+        self.committed = committed
+        self.sync_failed = sync_failed
+
+    @property
+    def message(self) -> str:
+        return f"study {self.kwargs['study']}: {self.kwargs['detail']}"
+
+
+class IndexUnusable(EideticError):
+    """The study's index (a cache of the manifests) is missing, damaged,
+    out of step with HEAD, or of another history, and this command may not
+    or need not rebuild it.
+
+    study {study}: {detail}; run 'eidetic fsck --repair --study {study}' (as the service user) to rebuild it from the manifests"""
+
+    exit_code = 3
+
+    def __init__(self, detail: str, study: str) -> None:
+        super().__init__(detail, study=study)
+
+    @property
+    def message(self) -> str:
+        s = self.kwargs["study"]
+        return (f"study {s}: {self.kwargs['detail']}; run 'eidetic fsck --repair --study {s}' "
+                "(as the service user) to rebuild it from the manifests")
+
+
 class NotFound(EideticError):
     """{detail}"""
 
