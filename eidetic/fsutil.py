@@ -102,6 +102,7 @@ class AtomicFile:
         self.exclusive = exclusive
         self.tmp = os.path.join(os.fsdecode(tmp_dir) if tmp_dir else self.dir, temp_name())
         self._file: IO[bytes] | None = None
+        self.placed = False    # the new content has its final name (set even if commit then raised)
 
     def open(self) -> IO[bytes]:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -128,11 +129,17 @@ class AtomicFile:
                 before_rename()
             if self.exclusive:
                 os.link(self.tmp, self.path)
+                self.placed = True
                 os.unlink(self.tmp)
             else:
                 os.replace(self.tmp, self.path)
+                self.placed = True
             fsync_dir(self.dir)
         except BaseException:
+            # Once placed, the file is visible under its name whatever fails
+            # next (the temp's unlink, the directory's fsync): a caller for
+            # whom that is a commit point must look at .placed, not only at
+            # the exception.
             self.abort()
             raise
 
