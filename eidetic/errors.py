@@ -75,6 +75,8 @@ class StoreIOError(EideticError):
         self.errno = errno
         self.committed = committed
         self.sync_failed = sync_failed
+        self.entry_note: str | None = None   # what became of the entry in hand, if any
+        self.results: list = []              # entries finished before the fault (ingest.run_study)
 
     @property
     def message(self) -> str:

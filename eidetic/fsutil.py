@@ -50,10 +50,26 @@ def is_temp_name(name: bytes | str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
+class SyncFailed(OSError):
+    """fsync(2), fdatasync(2) or syncfs(2) reported an error.
+
+    What reached the disk is then unknown, and asking again may well say
+    "success" for pages the kernel already dropped ("fsyncgate"): a caller
+    never retries as if the first call had succeeded.  It stops writing to
+    that store and tells a person (store_format.md, "Faults")."""
+
+
+def fsync(fd: int, what: str | bytes | None = None) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise SyncFailed(e.errno, f"fsync: {e.strerror}", what) from None
+
+
 def fsync_dir(path: str | bytes) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync(fd, path)
     finally:
         os.close(fd)
 
@@ -70,7 +86,7 @@ def syncfs(path: str | bytes) -> None:
         if hasattr(libc, "syncfs"):
             if libc.syncfs(fd) != 0:
                 err = ctypes.get_errno()
-                raise OSError(err, f"syncfs: {os.strerror(err)}", path)
+                raise SyncFailed(err, f"syncfs: {os.strerror(err)}", path)
         else:  # pragma: no cover - every Linux libc has syncfs
             os.sync()
     finally:
@@ -123,7 +139,7 @@ class AtomicFile:
             self._file.flush()
             os.fchmod(self._file.fileno(), self.mode)
             if self.sync_file:
-                os.fsync(self._file.fileno())
+                fsync(self._file.fileno(), self.path)
             self._file.close()
             if before_rename is not None:
                 before_rename()
@@ -145,10 +161,16 @@ class AtomicFile:
 
     def abort(self) -> None:
         if self._file is not None and not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:     # a write-back error on close: the temp goes anyway
+                pass
         try:
             os.unlink(self.tmp)
-        except FileNotFoundError:
+        except OSError:
+            # Gone already, or the unlink itself failed (EIO): a temp name is
+            # garbage by definition and the next run's clean-up removes it; the
+            # error that brought us here is the one to report.
             pass
 
 

@@ -30,13 +30,13 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NoReturn
 
 from . import layout
 from .config import Config
 from .description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
-from .errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy
-from .fsutil import open_regular_nofollow, raise_nofile_limit
+from .errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy, StoreIOError
+from .fsutil import SyncFailed, open_regular_nofollow, raise_nofile_limit
 from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
 from .manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
 from .objects import PutResult
@@ -54,7 +54,7 @@ Log = Callable[[str], None]
 class EntryResult:
     entry: str                 # original name, for display
     study: str | None
-    outcome: str               # "ingested" | "failed" | "waiting"
+    outcome: str               # "ingested" | "failed" | "waiting" | "committed" (finished by the next run)
     upload: str | None = None
     reason: str | None = None
     files: int = 0
@@ -66,6 +66,7 @@ class EntryResult:
     where: str | None = None
     settles_in: float | None = None   # "waiting" for an entry still changing: seconds until it may be taken
     verified: bool = False     # every file was checked against the sender's upload description
+    fault: StoreIOError | None = None   # the store fault that stopped this entry (and its study)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Stats:
     bytes: int = 0
     new_bytes: int = 0
     new_objects: int = 0
+    new_oids: list[str] = field(default_factory=list)   # written by this attempt: dropped if its sync fails
     problems: list[str] = field(default_factory=list)
 
 
@@ -99,6 +101,7 @@ class Ingester:
         self.on_result = on_result
         self.state = StateDir(cfg.state)
         self._stores: dict[str, Store] = {}
+        self.faults: list[StoreIOError] = []   # run_once: the faults that stopped a study (exit 3)
         raise_nofile_limit()
 
     def store(self, study: str) -> Store:
@@ -113,6 +116,17 @@ class Ingester:
             store.close()
         self._stores.clear()
 
+    def _forget(self, study: str) -> None:
+        """After a fault, open the study afresh next time: no object this
+        process placed is trusted any more (its sync may have failed) and a
+        failed LMDB environment is not reused."""
+        store = self._stores.pop(study, None)
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - closing what already failed; the fault is reported
+                pass
+
     # ---------------------------------------------------------------- top
 
     def run_once(self, study: str | None = None, settle_seconds: float | None = None) -> list[EntryResult]:
@@ -121,27 +135,45 @@ class Ingester:
         settle = self.cfg.settle_seconds if settle_seconds is None else settle_seconds
         studies = [self.cfg.study(study).name] if study else sorted(self.cfg.studies)
         results: list[EntryResult] = []
+        self.faults = []
         if study is None:
             results.extend(self.reject_unknown(settle))
         for name in studies:
             if self.should_stop():
                 break
-            results.extend(self.run_study(name, settle))
+            try:
+                results.extend(self.run_study(name, settle))
+            except StoreIOError as e:   # that study stops; the others (other disks, maybe) go on
+                results.extend(e.results)
+                self.faults.append(e)
+                self.log(f"stopped study {name}: {e.message}")
         return results
 
     def run_study(self, study: str, settle: float) -> list[EntryResult]:
         """Finish the study's interrupted work, then ingest its settled entries
-        one at a time, oldest first."""
+        one at a time, oldest first.
+
+        A fault of the store (full disk, I/O error, read-only file system, a
+        failed sync) stops the study's work at once: it raises StoreIOError,
+        whose ``results`` are the entries finished before it (each already
+        reported through on_result).  The entry in hand stays claimed: not
+        yet committed, it is redone by the next run; committed, finished."""
         store = self.store(study)
         results: list[EntryResult] = []
-        with contextlib.ExitStack() as held:
-            if not self._lock(store, held):
-                return results      # told to stop while another process had the store
-            results.extend(self.recover(store))
-            for c in scan(self.cfg, study):
-                if self.should_stop():
-                    break
-                results.append(self._take(store, c, settle))
+        try:
+            with contextlib.ExitStack() as held:
+                if not self._lock(store, held):
+                    return results      # told to stop while another process had the store
+                results.extend(self.recover(store))
+                for c in scan(self.cfg, study):
+                    if self.should_stop():
+                        break
+                    results.append(self._take(store, c, settle))
+        except (StoreIOError, OSError) as e:
+            fault = e if isinstance(e, StoreIOError) else store.io_error(e, "preparing the store")
+            self._forget(study)
+            fault.results = results
+            raise fault from None
         return results
 
     def _lock(self, store: Store, held: contextlib.ExitStack) -> bool:
@@ -264,10 +296,13 @@ class Ingester:
             return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=cl.reason)
 
         head_seq, prev = store.head()
-        committed = resumed and self._is_head(store, cl, head_seq)
+        committed = resumed and self._is_committed(store, cl, head_seq)
         stats = Stats()
         seq = head_seq if committed else head_seq + 1
         if not committed:
+            # Before the commit point (store_format.md, "Faults"): an entry's own
+            # problem fails it; a fault of the store leaves it claimed, nothing
+            # of it visible, and stops the study (raised to run_study).
             try:
                 if state == "done":
                     raise EntryRejected("entry was marked done but its manifest is missing")
@@ -280,10 +315,14 @@ class Ingester:
                                    seconds=time.monotonic() - t0, where=os.fsdecode(path))
             except EntryRejected as e:
                 return self._fail(store, cl, disp, e.message, t0)
+            except StoreIOError as e:        # commit_manifest: the manifest has its name
+                self._finish_later(store, cl, disp, e, t0, path)
             except OSError as e:
-                return self._fail(store, cl, disp, _describe_oserror(e, store), t0)
+                if not _is_store_fault(e, store):
+                    return self._fail(store, cl, disp, _describe_oserror(e, store), t0)
+                self._not_committed(store, cl, disp, store.io_error(e, "storing the upload"), stats, t0, path)
         # Past the commit point the upload can no longer fail: a problem here
-        # leaves the entry claimed and the next run finishes it.
+        # leaves the entry claimed, stops the study, and the next run finishes it.
         try:
             if committed:  # resumed: replay the tree in full (idempotent)
                 new_versions = self._materialize(store, seq)
@@ -291,18 +330,19 @@ class Ingester:
                 tree = self._tree(store)
                 new_versions = store.index.apply_manifest(store.manifest_path(seq), visit=tree.place_new)
                 store.sync()
-        except (EideticError, OSError) as e:
-            reason = (f"upload {cl.upload} is committed but its tree names could not all be made "
-                      f"({_describe_oserror(e, store) if isinstance(e, OSError) else e}); "
-                      "the next run finishes it")
-            self.log(f"incomplete {disp}: {reason}")
-            return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
-                               seconds=time.monotonic() - t0, where=os.fsdecode(path))
-        summary = store.index.upload(seq) or {}
-        verified = summary.get("description") is not None   # committed only if it matched
-        info = {"seq": seq, "files": summary.get("files", 0), "bytes": summary.get("bytes", 0),
-                "new_versions": new_versions, "skipped": summary.get("skipped", 0), "verified": verified}
-        self.state.finish(cl, "done", extra=info)
+            summary = store.index.upload(seq) or {}
+            verified = summary.get("description") is not None   # committed only if it matched
+            info = {"seq": seq, "files": summary.get("files", 0), "bytes": summary.get("bytes", 0),
+                    "new_versions": new_versions, "skipped": summary.get("skipped", 0), "verified": verified}
+            self.state.finish(cl, "done", extra=info)
+        except StoreIOError as e:
+            e.committed = True
+            self._finish_later(store, cl, disp, e, t0, path)
+        except OSError as e:
+            self._finish_later(store, cl, disp, store.io_error(e, "applying it to the index and the tree",
+                                                               committed=True), t0, path)
+        except EideticError as e:
+            self._finish_later(store, cl, disp, StoreIOError(e.message, store.name, committed=True), t0, path)
         res = EntryResult(disp, cl.study, "ingested", upload=cl.upload, files=info["files"],
                           bytes=info["bytes"], new_bytes=stats.new_bytes, new_versions=new_versions,
                           skipped=info["skipped"], seconds=time.monotonic() - t0,
@@ -312,16 +352,54 @@ class Ingester:
                  f"{res.seconds:.1f} s" + (", verified against the sender's description" if verified else ""))
         return res
 
+    def _not_committed(self, store: Store, cl: Claim, disp: str, e: StoreIOError, stats: Stats,
+                       t0: float, path: bytes) -> NoReturn:
+        """A store fault before the commit point: nothing of the upload is
+        visible; the entry stays claimed (not the sender's fault: no one need
+        send it again) and the next run redoes it from the entry."""
+        store.clean_tmp(best_effort=True)
+        if e.sync_failed:
+            # fsyncgate: the objects this attempt wrote may be lost on disk while
+            # their pages still read back fine; remove them so the redo writes them
+            # again rather than trusting them (none is referenced yet: not trusted).
+            for oid in stats.new_oids:
+                try:
+                    if not store.index.is_trusted(oid):
+                        os.unlink(store.objects.path(oid))
+                except (OSError, EideticError):
+                    pass
+        e.entry_note = (f"upload {cl.upload} (entry {disp}) was not committed: nothing of it is visible; "
+                          "the entry stays in the inbox and the next run takes it again")
+        self.log(f"not committed {disp} (upload {cl.upload}): {e.message}")
+        self._report(EntryResult(disp, cl.study, "waiting", upload=cl.upload, reason=e.message,
+                                 seconds=time.monotonic() - t0, where=os.fsdecode(path), fault=e))
+        raise e
+
+    def _finish_later(self, store: Store, cl: Claim, disp: str, e: StoreIOError, t0: float,
+                      path: bytes) -> NoReturn:
+        """A fault at or after the commit point: the upload IS committed and is
+        never reported failed; the entry stays claimed and the next run
+        finishes it (HEAD, index, tree names, done)."""
+        store.clean_tmp(best_effort=True)
+        e.entry_note = (f"upload {cl.upload} (entry {disp}) is committed; finishing it later: "
+                          "the next run completes it")
+        self.log(f"committed {disp} as upload {cl.upload}, finishing later: {e.message}")
+        self._report(EntryResult(disp, cl.study, "committed", upload=cl.upload, reason=e.message,
+                                 seconds=time.monotonic() - t0, where=os.fsdecode(path), fault=e))
+        raise e
+
     def _fail(self, store: Store, cl: Claim, disp: str, reason: str, t0: float) -> EntryResult:
-        store.clean_tmp()
+        store.clean_tmp(best_effort=True)
         self.state.finish(cl, "failed", reason)
         self.log(f"failed {disp} (upload {cl.upload}): {reason}")
         return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
                            seconds=time.monotonic() - t0, where=os.fsdecode(cl.path_in("failed")))
 
     @staticmethod
-    def _is_head(store: Store, cl: Claim, head_seq: int) -> bool:
-        """Was this upload committed (as the newest manifest) before a crash?"""
+    def _is_committed(store: Store, cl: Claim, head_seq: int) -> bool:
+        """Was this upload committed before a crash or a fault?  It is then
+        the newest manifest: a study stops at a fault, and a run finishes its
+        claims before it takes a new entry."""
         if head_seq == 0:
             return False
         r = ManifestReader(store.manifest_path(head_seq))
@@ -359,6 +437,13 @@ class Ingester:
                                         + (f" (and {more} more)" if more > 0 else ""))
                 if isinstance(out, _CheckedWriter):
                     out.verifier.finish()     # before the commit point: a mismatch commits nothing
+                elif writer.files == 0 and writer.skipped == 0:
+                    # A bare drop with nothing in it: a folder sent empty by mistake, or
+                    # emptied by its sender after it was claimed.  An empty upload would
+                    # record nothing but a misleading "0 files" line in the history.
+                    raise EntryRejected("the entry holds no files (was it sent empty, or emptied after it "
+                                        "was handed in?); nothing was ingested. Send the folder again "
+                                        "with its files")
                 store.commit_manifest(af, writer)
             except BaseException:
                 af.abort()
@@ -506,6 +591,7 @@ class Ingester:
         if res.new:
             stats.new_bytes += res.size
             stats.new_objects += 1
+            stats.new_oids.append(res.oid)
         if self.progress is not None:
             self.progress(stats.files, stats.bytes)
 
@@ -703,9 +789,16 @@ def _kind_at(dfd: int, name: bytes) -> str:
     return next((kind for test, kind in _KINDS if test(m)), "unknown")
 
 
+def _is_store_fault(e: OSError, store: Store) -> bool:
+    """Is *e* the store's problem (its disk full, failing or read-only, a
+    failed sync, a store file we may not write) rather than the entry's?"""
+    if isinstance(e, SyncFailed) or e.errno in _STORE_ERRNOS:
+        return True
+    if e.errno in (errno.EACCES, errno.EPERM) and e.filename is not None:
+        return os.fsencode(e.filename).startswith(store.broot + b"/")
+    return False
+
+
 def _describe_oserror(e: OSError, store: Store) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"the study's disk is full ({store.root}): nothing of this upload was committed; "
-                "free space and send it again")
-    where = f" ({e.filename})" if e.filename else ""
+    where = f" ({layout.display(os.fsencode(e.filename))})" if e.filename else ""
     return f"{e.strerror or e}{where}"

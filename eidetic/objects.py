@@ -25,7 +25,7 @@ import blake3
 
 from . import layout
 from .errors import IntegrityError
-from .fsutil import makedirs, temp_name
+from .fsutil import fsync, makedirs, temp_name
 
 EMPTY_ID = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 SMALL_FILE = 1 << 20        # read in one go, hash before writing anything
@@ -288,7 +288,7 @@ class ObjectStore:
         try:
             self.copy_out(oid, fd)
             os.fchmod(fd, OBJECT_MODE)
-            os.fsync(fd)
+            fsync(fd, tmp)
         except BaseException:
             os.close(fd)
             _unlink_quiet(tmp)

@@ -23,10 +23,29 @@ from typing import Iterator
 
 from . import layout
 from .config import StudyConfig
-from .errors import LockBusy, StoreFormatError
-from .fsutil import AtomicFile, makedirs, syncfs, write_atomic
+from .errors import LockBusy, StoreFormatError, StoreIOError
+from .fsutil import AtomicFile, SyncFailed, makedirs, syncfs, write_atomic
 from .manifest import Header, ManifestWriter
 from .objects import ObjectStore
+
+def describe_io_error(e: OSError, doing: str, root: str) -> str:
+    """One line for an I/O error of a store: what failed, and what to do."""
+    where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
+    if isinstance(e, SyncFailed):
+        return (f"the disk reported an error while making data durable ({doing}: {e.strerror}{where}); "
+                "what reached the disk is unknown, so this study is left alone: check the disk "
+                "(dmesg, smartctl), run 'eidetic fsck', then run ingest again")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the study's disk is full ({doing}: {e.strerror}; {root}): free space on it, "
+                "then run ingest again")
+    if e.errno == errno.EROFS:
+        return (f"the study's file system is read-only ({doing}: {e.strerror}; {root}): "
+                "the kernel may have remounted it after an error; check the disk (dmesg), then run ingest again")
+    if e.errno == errno.EIO:
+        return (f"the disk reported an I/O error ({doing}{where}): check the disk (dmesg, smartctl), "
+                "run 'eidetic fsck', then run ingest again")
+    return f"{doing} failed: {e.strerror or e}{where}"
+
 
 MARKER_TEXT = "eidetic store\nformat: {version}\nstudy: {study}\n"
 STORE_DIRS = ("objects", "manifests", "index", "tmp")
@@ -169,29 +188,51 @@ class Store:
         advanced.  A crash before the link leaves an uncommitted upload that
         a re-run redoes; after it, a committed one that a re-run finishes.
         """
+        seq = writer.header.seq
         digest = writer.finish()
         try:
             af.commit(before_rename=lambda: syncfs(self.root))
         except FileExistsError:
-            raise StoreFormatError(f"manifest {writer.header.seq} already exists: two writers?",
-                                   self.root) from None
-        self.set_head(writer.header.seq, digest)
+            raise StoreFormatError(f"manifest {seq} already exists: two writers?", self.root) from None
+        except OSError as e:
+            if not af.placed:
+                raise           # before the commit point: nothing is visible, the caller redoes it
+            # The manifest has its name (visible to every reader and to the next
+            # run), so the upload IS committed whatever failed after the link:
+            # never report it failed.
+            raise self.io_error(e, f"finishing the commit of manifest {seq}", committed=True) from None
+        try:
+            self.set_head(seq, digest)
+        except OSError as e:
+            raise self.io_error(e, f"advancing HEAD to manifest {seq}", committed=True) from None
         return digest
+
+    def io_error(self, e: OSError, doing: str, committed: bool = False) -> StoreIOError:
+        """*e*, met while *doing* something to this store, as the one-line
+        StoreIOError the command line and the daemon report (exit 3)."""
+        return StoreIOError(describe_io_error(e, doing, self.root), self.name, errno=e.errno,
+                            committed=committed, sync_failed=isinstance(e, SyncFailed))
 
     # ------------------------------------------------------------------ tmp
 
-    def clean_tmp(self) -> int:
-        """Remove what a killed writer left in tmp/ (call with the lock held)."""
+    def clean_tmp(self, best_effort: bool = False) -> int:
+        """Remove what a killed writer left in tmp/ (call with the lock held).
+        *best_effort*: after a fault, an error here is not worth reporting over
+        the one being reported (what stays is removed by the next run)."""
         n = 0
         tmp = os.path.join(self.root, "tmp")
-        for name in os.listdir(tmp):
-            p = os.path.join(tmp, name)
-            st = os.lstat(p)
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.unlink(p)
-            n += 1
+        try:
+            for name in os.listdir(tmp):
+                p = os.path.join(tmp, name)
+                st = os.lstat(p)
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.unlink(p)
+                n += 1
+        except OSError:
+            if not best_effort:
+                raise
         return n
 
     def sync(self) -> None:

@@ -35,7 +35,10 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     the study's store).  With --study, only that study is served.
 
     With --once: exit status 0 when every entry taken was ingested, 1 when
-    any failed.
+    any failed, 3 when a study's store could not be written (disk full, I/O
+    error, read-only, a failed sync): that study stops, the entry in hand
+    stays in the inbox (not committed: taken again by the next run;
+    committed: finished by the next run) and is never reported failed.
     """
     if not once:
         sys.exit(_daemon(ctx, study, settle))
@@ -53,7 +56,8 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     # Mails are queued as each entry finishes, as in the daemon; one delivery
     # attempt at the end, and what is not delivered waits in the outbox.
     notifier = Notifier(cfg, warn, debug=warn if ctx.verbose else None)
-    results = Ingester(cfg, log=log, on_result=notifier.report).run_once(study=study, settle_seconds=settle)
+    ingester = Ingester(cfg, log=log, on_result=notifier.report)
+    results = ingester.run_once(study=study, settle_seconds=settle)
     failed = 0
     for r in results:
         if r.outcome == "ingested":
@@ -66,12 +70,18 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
             warn(f"FAILED {r.entry}: {r.reason}")
             if r.where:
                 warn(f"  the data is kept at {r.where}")
-        else:
+        elif r.outcome == "committed":
+            say(f"committed {r.entry}: upload {r.upload}, finishing later (the next run completes it)")
+        elif r.fault is None:
             say(f"waiting {r.entry}: {r.reason}")
-    if not results:
+    if not results and not ingester.faults:
         say("nothing to ingest")
     notifier.deliver()
-    sys.exit(1 if failed else 0)
+    for fault in ingester.faults:
+        warn(f"eidetic: {fault.message}")
+        if fault.entry_note:
+            warn(f"  {fault.entry_note}")
+    sys.exit(3 if ingester.faults else 1 if failed else 0)
 
 
 def _daemon(ctx: Ctx, study: str | None, settle: float | None) -> int:
