@@ -172,7 +172,7 @@ class Ingester:
         except (StoreIOError, OSError) as e:
             fault = e if isinstance(e, StoreIOError) else store.io_error(e, "preparing the store")
             self._forget(study)
-            fault.results = results
+            fault.results = results + fault.results    # the entry in hand, if any, comes last
             raise fault from None
         return results
 
@@ -371,8 +371,9 @@ class Ingester:
         e.entry_note = (f"upload {cl.upload} (entry {disp}) was not committed: nothing of it is visible; "
                           "the entry stays in the inbox and the next run takes it again")
         self.log(f"not committed {disp} (upload {cl.upload}): {e.message}")
-        self._report(EntryResult(disp, cl.study, "waiting", upload=cl.upload, reason=e.message,
-                                 seconds=time.monotonic() - t0, where=os.fsdecode(path), fault=e))
+        e.results.append(self._report(EntryResult(disp, cl.study, "waiting", upload=cl.upload, reason=e.message,
+                                                  seconds=time.monotonic() - t0, where=os.fsdecode(path),
+                                                  fault=e)))
         raise e
 
     def _finish_later(self, store: Store, cl: Claim, disp: str, e: StoreIOError, t0: float,
@@ -384,8 +385,9 @@ class Ingester:
         e.entry_note = (f"upload {cl.upload} (entry {disp}) is committed; finishing it later: "
                           "the next run completes it")
         self.log(f"committed {disp} as upload {cl.upload}, finishing later: {e.message}")
-        self._report(EntryResult(disp, cl.study, "committed", upload=cl.upload, reason=e.message,
-                                 seconds=time.monotonic() - t0, where=os.fsdecode(path), fault=e))
+        e.results.append(self._report(EntryResult(disp, cl.study, "committed", upload=cl.upload,
+                                                  reason=e.message, seconds=time.monotonic() - t0,
+                                                  where=os.fsdecode(path), fault=e)))
         raise e
 
     def _fail(self, store: Store, cl: Claim, disp: str, reason: str, t0: float) -> EntryResult:
