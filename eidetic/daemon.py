@@ -31,7 +31,7 @@ import sdnotify
 from . import config as _config
 from . import layout
 from .config import Config, StudyConfig
-from .errors import ConfigError, EideticError, LockBusy
+from .errors import ConfigError, EideticError, LockBusy, StoreIOError
 from .inbox import StateDir
 from .ingest import EntryResult, Ingester
 from .notify import Notifier
@@ -45,13 +45,14 @@ Log = Callable[[int, str], None]
 
 STOP_TIMEOUT = 20.0          # how long shutdown waits for workers to abandon their entries
 MAX_BACKOFF = 60.0           # an erring worker retries after 1, 2, 4 ... up to this many seconds
+MAX_FAULT_BACKOFF = 300.0    # a study stopped by a full or failing disk: 1, 2, 4 ... up to 5 minutes
 MIN_SETTLE_RECHECK = 0.2
 SETTLE_MARGIN = 0.05         # look again just after an entry should have settled
 
 # The Ingester's own log lines, by first word.  None: the daemon logs that
 # event itself from the EntryResult (with more detail, e.g. where the data lies).
 _INGEST_LEVELS = {"waiting": DEBUG, "claimed": INFO, "resuming": INFO, "abandoned": WARNING,
-                  "ingested": None, "failed": None, "incomplete": None}
+                  "ingested": None, "failed": None, "committed": None, "not": None}   # the last two: _store_fault
 
 _tls = threading.local()
 
@@ -67,6 +68,8 @@ class _Worker:
         self.stop_event = threading.Event()
         self._rescan = False
         self.store: Store | None = None    # the last store a pass used (None: none opened)
+        self.paused: str | None = None     # why the study is left alone until a reload or restart
+        self.fault_told = False            # the current run of faults was logged and mailed
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"eidetic-ingest-{study}" if study else "eidetic-housekeeping")
 
@@ -82,6 +85,12 @@ class _Worker:
             self._rescan = True
         self.wake_event.set()
 
+    def resume(self) -> None:
+        """End a pause after a failed sync (SIGHUP: a person has looked)."""
+        if self.paused is not None:
+            self.paused = None
+            self.wake(rescan=True)
+
     def stop(self) -> None:
         """No new entry; an entry not yet committed is abandoned (redone later)."""
         self.stop_event.set()
@@ -94,9 +103,25 @@ class _Worker:
         rescan = True          # the first pass is the start-up scan (and recovery)
         try:
             while not self.stop_event.is_set():
+                if self.paused is not None:       # only a reload (resume()) or a restart ends it
+                    self.wake_event.wait()
+                    self.wake_event.clear()
+                    continue
                 try:
                     retry_in = d._pass(self, d.ingester, rescan)
                     failures = 0
+                    if self.fault_told:
+                        self.fault_told = False
+                        d.log(INFO, f"{self.label}: ingesting again")
+                except StoreIOError as e:
+                    failures += 1
+                    retry_in = d._store_fault(self, e, failures)
+                    if retry_in is None:
+                        continue                  # paused: loop to the wait above
+                    if self.stop_event.wait(retry_in):
+                        break
+                    rescan = True
+                    continue
                 except Exception as e:  # noqa: BLE001 - a worker must survive anything
                     failures += 1
                     retry_in = min(MAX_BACKOFF, 2.0 ** (failures - 1))
@@ -301,9 +326,30 @@ class Daemon:
             self.log(ERROR, f"failed {r.entry} ({who}, upload {r.upload}): {r.reason}"
                             + (f"; the data is kept at {r.where}" if r.where else ""))
         else:
-            return
+            return      # "committed" (finishing later) is told with its fault, by _store_fault
         self._sd_notify(self._status())
         self.notifier.report(r)
+
+    def _store_fault(self, w: _Worker, e: StoreIOError, failures: int) -> float | None:
+        """A study's store could not be written (store_format.md, "Faults").
+        Said once (log and mail) per run of faults.  After a failed sync the
+        study is left alone until SIGHUP or a restart (what reached the disk
+        is unknown: retrying would trust it); otherwise (a full disk, EIO on a
+        write, read-only) retried after 1, 2, 4 ... up to 5 minutes, so that
+        freeing space is all it takes.  Returns the wait, None when paused."""
+        if e.sync_failed:
+            w.paused = e.message
+        if not w.fault_told or e.sync_failed:
+            w.fault_told = True
+            then = ("it is left alone until the daemon is reloaded (systemctl reload eidetic) or restarted"
+                    if e.sync_failed else "it is tried again every few minutes")
+            self.log(ERROR, f"{w.label}: stopped: {e.message}" + (f"; {e.entry_note}" if e.entry_note else "")
+                            + f"; {then}")
+            self.notifier.store_fault(w.study or "", e, then)
+            self._sd_notify(self._status())
+        if e.sync_failed:
+            return None
+        return min(MAX_FAULT_BACKOFF, 2.0 ** (failures - 1))
 
     def _ingest_log(self, msg: str) -> None:
         level = WARNING if msg.startswith("  ") else _INGEST_LEVELS.get(msg.split(" ", 1)[0], INFO)
@@ -475,6 +521,7 @@ class Daemon:
                             f"rescan every {new.rescan_seconds:g} s")
         self._start_workers(starting)
         for w in list(self.workers.values()):
+            w.resume()          # a person reloaded: a study paused after a failed sync is tried again
             w.wake(rescan=True)
         parts = [f"{what} {', '.join(sorted(ss))}" for what, ss in
                  (("added", added), ("removed", removed), ("changed", changed)) if ss]
@@ -491,8 +538,10 @@ class Daemon:
 
     def _status(self) -> str:
         studies = sorted(s for s in self.workers if s)
+        stopped = sorted(s for s, w in self.workers.items() if s and (w.paused or w.fault_told))
         return (f"STATUS=serving {', '.join(studies) or 'nothing'}: {self.ingested} ingested, "
-                f"{self.failed} failed since start")
+                f"{self.failed} failed since start"
+                + (f"; stopped by a store fault: {', '.join(stopped)}" if stopped else ""))
 
     @staticmethod
     def _watchdog_interval() -> float | None:

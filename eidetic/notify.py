@@ -23,6 +23,7 @@ No public method raises: problems are logged, one line each.
 from __future__ import annotations
 
 import email.utils
+import errno
 import functools
 import json
 import os
@@ -48,6 +49,7 @@ from .fsutil import disk_percent_used, is_temp_name, makedirs, write_atomic
 from .inbox import PartialEntry, partial_entries
 
 if TYPE_CHECKING:   # ingest pulls in the whole store stack; only its record type is needed
+    from .errors import StoreIOError
     from .ingest import EntryResult
 
 Log = Callable[[str], None]
@@ -154,6 +156,31 @@ class Notifier:
                             self._success_body(r, study), study.notify)
             elif study.notify_uploads == "digest":
                 self._remember_for_digest(r, study)
+
+    @_side_channel
+    def store_fault(self, study: str, e: "StoreIOError", then: str) -> None:
+        """Ingest of *study* stopped: its store could not be written (a full
+        disk, an I/O error, a read-only file system, a failed sync).  To the
+        admin and the study's people: no upload is lost or failed, but
+        nothing more is ingested until the cause is fixed."""
+        s = self.cfg.studies.get(study)
+        people = (s.notify if s else ()) + self.n.admin
+        lines = [f"eidetic stopped ingesting study {study}: its store could not be written.", "",
+                 f"Why:    {_clean(e.message)}"]
+        if e.entry_note:
+            lines.append(f"Upload: {_clean(e.entry_note)}")
+        lines += ["", "No upload was reported failed for this, and none is lost: an upload not yet",
+                  "committed waits in the inbox; a committed one is finished by the next run.",
+                  f"Now:    {then}.", "",
+                  "What to do next:",
+                  "  1. Fix the cause (free space on the study's disk; for an I/O error or a",
+                  "     read-only file system look at the kernel log: dmesg, smartctl).",
+                  "  2. Check the store: eidetic fsck --study " + study,
+                  "  3. Ingest resumes by itself after a full disk; after a failed sync, reload",
+                  "     the daemon: systemctl reload eidetic", ""]
+        kind = ("sync failed" if e.sync_failed else "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "store error")
+        self._queue(f"[eidetic] {study}: ingest stopped ({kind})", "\n".join(lines), people)
 
     @_side_channel
     def check_disk(self, study: str) -> None:

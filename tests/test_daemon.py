@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
 import time
 
 import pytest
@@ -506,3 +507,60 @@ def test_a_filling_disk_mails_one_warning_per_crossing_while_the_daemon_ingests(
     assert len(subjects) == 2, subjects
     assert "(warning at 95%)" in subjects[1]
     assert not [m for m in smtp.received if "FAILED" in m.subject]
+
+
+# ------------------------------------------------------------- store faults
+
+def test_a_full_disk_stops_the_study_without_failing_the_upload_and_freeing_space_resumes_it(tmp_path, daemons):
+    """The study's disk fills up under an upload: it is not committed and not
+    failed (no one need send it again); one log line and one mail say ingest
+    stopped and why; once space is freed the daemon ingests it by itself."""
+    from smtp_peer import SMTPServer
+
+    with small_tmpfs(tmp_path / "fs", size="8m") as fsdir, SMTPServer(tmp_path / "smtp") as smtp:
+        lay = daemon_layout(tmp_path / "srv", studies=("s1",),
+                            notify={"smtp_host": "127.0.0.1", "smtp_port": smtp.port,
+                                    "sender": "eidetic@example.org", "admin": ["admin@example.org"]})
+        set_study(lay, "s1", init=True, tree=str(fsdir / "tree"), store=str(fsdir / "store"))
+        u = shutil.disk_usage(fsdir)
+        filler = fsdir / "filler"
+        filler.write_bytes(b"\0" * (u.free - (1 << 20)))          # 1 MiB left
+        d = daemons(lay.config_path).started()
+        drop(lay.inbox, "s1-labA-1", {"big.bin": os.urandom(3 << 20), "small.txt": b"small"})
+        d.wait_for(r"study s1: stopped: .*disk is full", 15)
+        (m,) = smtp.wait_for(1, timeout=15)
+        assert m.subject == "[eidetic] s1: ingest stopped (disk full)" and "none is lost" in m.body
+        time.sleep(2.5)                     # retries meanwhile: said once, never failed
+        assert len([ln for ln in d.lines if "stopped:" in ln]) == 1
+        assert not lay.records("failed") and len(lay.records("claims")) == 1
+        assert lay.manifests() == []
+        filler.unlink()
+        wait_until(lambda: done(lay, "s1-labA-1"), 20, "the upload, once there is space")
+        d.wait_for("study s1: ingesting again", 5)
+        sigterm_ok(d)
+        assert not [m for m in smtp.received if "FAILED" in m.subject]
+        check_store(lay)
+        from conftest import close_indexes
+        close_indexes()
+
+
+def test_a_failed_sync_pauses_the_study_until_a_reload(tmp_path, daemons):
+    """fsyncgate: after a failed syncfs the daemon does not retry on its own
+    (what reached the disk is unknown); entries wait, claimed, never failed;
+    a reload (SIGHUP) after a person looked resumes the study."""
+    lay = daemon_layout(tmp_path, studies=("s1",))
+    d = daemons(lay.config_path, prefix=["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=syncfs",
+                                         "-e", "inject=syncfs:error=EIO:when=1"]).started()
+    drop(lay.inbox, "s1-labA-1", {"a.txt": b"first"})
+    d.wait_for(r"study s1: stopped: .*durable.*reloaded", 15)
+    drop(lay.inbox, "s1-labA-2", {"b.txt": b"second"})
+    time.sleep(2.0)
+    assert lay.manifests() == [] and not lay.records("failed") and not lay.records("done")
+    assert os.path.isdir(lay.inbox / "s1-labA-2")          # not even claimed while paused
+    eidetic_pid = int(subprocess.run(["pgrep", "-P", str(d.pid)], capture_output=True,
+                                     text=True).stdout.split()[0])
+    os.kill(eidetic_pid, signal.SIGHUP)
+    wait_until(lambda: done(lay, "s1-labA-1") and done(lay, "s1-labA-2"), 15, "both entries after the reload")
+    os.kill(eidetic_pid, signal.SIGTERM)
+    assert d.wait_exit(10) == 0
+    check_store(lay)
