@@ -807,3 +807,25 @@ def test_checkout_detects_a_corrupted_object_and_leaves_no_output(layout, tmp_pa
     one_line_error(res)
     if (out / "d").exists():      # nothing but complete, verified files
         assert set(os.listdir(out / "d")) <= {"good.txt"}
+
+
+def test_an_entry_with_no_files_is_refused_with_its_reason_and_kept(layout):
+    """A folder sent empty, or emptied by its sender after it was handed in
+    (store_format.md 11.1): no upload of "0 files" is recorded; the entry is
+    failed with one line that says so, and stays where a person finds it."""
+    entry = layout.inbox / "s1-labA-1"
+    (entry / "sub").mkdir(parents=True)        # folders only: still no file
+    [r] = layout.ingest()
+    assert r.outcome == "failed" and "holds no files" in r.reason and "emptied" in r.reason
+    assert layout.manifests() == []
+    assert os.path.isdir(os.fsdecode(r.where)) and os.path.basename(r.where).startswith(".eidetic~failed~")
+
+
+def test_an_entry_whose_files_are_only_links_is_ingested_as_skipped_records(layout):
+    """Not empty: a symlink is recorded (skipped), so the upload says what was there."""
+    entry = layout.inbox / ".s1-labA-1"
+    entry.mkdir()
+    os.symlink("/etc/passwd", entry / "link")
+    os.rename(entry, layout.inbox / "s1-labA-1")
+    [r] = layout.ingest()
+    assert r.outcome == "ingested" and r.files == 0 and r.skipped == 1
