@@ -16,14 +16,25 @@ Owners are applied only when the config names them (``user``, ``group``,
 ``studies.<s>.group``); the default layout run by a normal user gets the modes
 alone.  Nothing here prints: :func:`init` returns what it did, :func:`check`
 what differs from the design.
+
+Everything inside a store, a tree and the state directory belongs to the
+service user as well: the daemon must be able to replace, rename and add to
+it.  Commands that write there (ingest, fsck) call
+:func:`become_service_user` first, so that running them as root by hand
+(``sudo eidetic ingest --once``) leaves nothing the daemon cannot handle.
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
+import shlex
 import stat
+import sys
+import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import layout
@@ -37,6 +48,10 @@ INBOX_MODE = 0o3777
 STATE_MODE = 0o700
 STORE_MODE = 0o700
 TREE_MODE = 0o2750
+# What a command switched to the service user keeps of its umask at least: the
+# unit's UMask=0027, so a tree directory made by hand-run ingest is 2750 like the daemon's.
+SERVICE_UMASK = 0o027
+MAX_OWNER_EXAMPLES = 5     # paths named in an init --check ownership finding
 
 MIN_INOTIFY_WATCHES = 8192
 MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
@@ -85,8 +100,8 @@ class Action:
 @dataclass
 class Finding:
     """A difference from the design (``init --check``)."""
-    code: str             # missing | not-dir | mode | owner | setgid | filesystem | disk | inotify
-    #                       | network-fs | access
+    code: str             # missing | not-dir | mode | owner | owner-inside | unreadable | setgid
+    #                       | filesystem | disk | inotify | network-fs | access
     path: str
     detail: str
     severity: str = "error"     # "error" | "warning"
@@ -126,14 +141,21 @@ def _resolve_group(name: str | None, key: str, source: str) -> int | None:
         raise ConfigError(f"key '{key}': no such group {name!r}", source) from None
 
 
-def design(cfg: Config) -> list[Want]:
-    """Every directory ``init`` makes, with its mode and owner; unknown user or
-    group names are a ConfigError."""
+def service_ids(cfg: Config) -> Ids:
+    """The service user and group (``user``, else nobody; ``group``, else the
+    user's primary group); unknown names are a ConfigError."""
     uid, primary = _resolve_user(cfg.user, "user", cfg.source)
     gid = _resolve_group(cfg.group, "group", cfg.source)
     if gid is None:
         gid = primary if cfg.user is not None else None
-    service = Ids(uid, gid)
+    return Ids(uid, gid)
+
+
+def design(cfg: Config) -> list[Want]:
+    """Every directory ``init`` makes, with its mode and owner; unknown user or
+    group names are a ConfigError."""
+    service = service_ids(cfg)
+    uid, gid = service.uid, service.gid
     wants = [Want(inbox, "inbox", INBOX_MODE, service) for inbox, _ in cfg.inboxes()]
     wants.append(Want(cfg.state, "state", STATE_MODE, service))
     for s in cfg.studies.values():
@@ -143,25 +165,50 @@ def design(cfg: Config) -> list[Want]:
     return wants
 
 
-def _inner_paths(want: Want) -> list[str]:
-    """What inside a store or the state directory must belong to the service
-    user too: the daemon writes there (a root-owned shard or record left by a
-    command run as root would stop it).  Objects themselves are read-only and
-    are not walked."""
-    out: list[str] = []
+def _inner_paths(want: Want) -> Iterator[str]:
+    """What inside a store or the state directory ``init`` hands to the service
+    user: the daemon writes there (a root-owned shard or record left by a
+    command run as root would stop it).  Objects and manifests themselves are
+    not walked here (a store can hold millions): ``init --check`` finds them."""
     if want.role == "store":
         root = want.path
-        for name in (*STORE_DIRS, layout.STORE_MARKER, "HEAD", "lock"):
-            out.append(os.path.join(root, name))
+        names = [os.path.join(root, n) for n in (*STORE_DIRS, layout.STORE_MARKER, "HEAD", "lock")]
         for sub in ("objects", "index"):
             try:
-                out.extend(os.path.join(root, sub, n) for n in sorted(os.listdir(os.path.join(root, sub))))
+                names.extend(os.path.join(root, sub, n) for n in sorted(os.listdir(os.path.join(root, sub))))
             except OSError:
                 pass
+        yield from (p for p in names if os.path.lexists(p))
     elif want.role == "state":
-        for dirpath, dirs, files in os.walk(want.path):
-            out.extend(os.path.join(dirpath, n) for n in sorted(dirs + files))
-    return [p for p in out if os.path.lexists(p)]
+        for path, _st in walk_below(os.fsencode(want.path)):
+            yield os.fsdecode(path)
+
+
+def walk_below(root: bytes, on_root_error: bool = False) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) of everything below *root*, streamed: one directory listing
+    open at a time, never a list of every path.  Symlinks are not followed and
+    other file systems are not entered.  A directory that cannot be listed is
+    skipped (it was itself yielded); *on_root_error* raises the OSError of
+    listing *root* itself instead."""
+    dev = os.lstat(root).st_dev
+    pending = [root]
+    while pending:
+        d = pending.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            if on_root_error and d is root:
+                raise
+            continue
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue     # gone since the listing
+                yield e.path, st
+                if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+                    pending.append(e.path)
 
 
 # ----------------------------------------------------------------------- init
@@ -271,6 +318,89 @@ def _group_name(gid: int | None) -> str:
         return str(gid)
 
 
+# ------------------------------------------------ running as the service user
+
+def become_service_user(cfg: Config) -> bool:
+    """Go on as the configured service user when run as root; True if we switched.
+
+    For the commands that write into stores, trees or the state directory
+    (ingest, fsck): run by root they would leave root-owned objects,
+    manifests, index files and records that the daemon, running as the
+    service user, may then be unable to replace or add to.  Switching is
+    friendlier than refusing for an admin's ``sudo eidetic ingest --once``,
+    and the service user can do everything those commands need (it owns the
+    inbox, so it may rename uploaders' entries in it).  Call it before
+    anything is opened for writing.
+
+    Supplementary groups, gid and uid are set as systemd's ``User=``/``Group=``
+    would set them, the umask is made at least the unit's 0027, and HOME,
+    USER and LOGNAME name the service user.  What the process must still read
+    as that user is checked at once, so a config file or an installation
+    only root can read is one clear error here rather than a failure later
+    (the daemon reads the config again on SIGHUP; fsck starts helper
+    processes of this Python).  Without ``user`` in the config, as that user
+    already, or as another user, nothing changes."""
+    if cfg.user is None or os.geteuid() != 0:
+        return False
+    ids = service_ids(cfg)
+    uid = ids.uid
+    if uid is None or uid == 0:
+        return False
+    try:
+        pw: pwd.struct_passwd | None = pwd.getpwuid(uid)
+    except KeyError:
+        pw = None
+    if ids.gid is None:
+        raise ConfigError(f"key 'user': uid {uid} has no entry in the user database, so its group is "
+                          "unknown: set 'group' too", cfg.source)
+    gid = ids.gid
+    groups = sorted(set(os.getgrouplist(pw.pw_name, gid))) if pw is not None else [gid]
+    needed = _runtime_paths()          # looked up as root: the checks below are the service user's
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except PermissionError as e:   # root without CAP_SETUID/CAP_SETGID (a sandbox)
+        raise PermissionError(e.errno, f"cannot switch to the service user {_user_name(uid)} "
+                              f"({e.strerror}): run this command as that user") from None
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PermissionError(errno.EPERM, f"could not switch to the service user {_user_name(uid)}")
+    os.umask(os.umask(SERVICE_UMASK) | SERVICE_UMASK)
+    name = pw.pw_name if pw is not None else str(uid)
+    os.environ.update(HOME=pw.pw_dir if pw is not None and pw.pw_dir else "/", USER=name, LOGNAME=name)
+    _check_readable_as_service(cfg, name, _group_name(gid), needed)
+    return True
+
+
+def _runtime_paths() -> list[tuple[str, int]]:
+    """(path, access mode) of what this process still needs from its
+    installation: the interpreter (fsck runs helper processes of it) and the
+    directories its modules come from (most are imported only when used)."""
+    out: list[tuple[str, int]] = [(sys.executable, os.X_OK)]
+    dirs = {os.path.dirname(f) for m in list(sys.modules.values())
+            if isinstance(f := getattr(m, "__file__", None), str)}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_path(key)
+        if p:
+            dirs.update((p, os.path.join(p, "lib-dynload")))
+    out.extend((d, os.R_OK | os.X_OK) for d in sorted(dirs) if os.path.isdir(d))
+    return out
+
+
+def _check_readable_as_service(cfg: Config, user: str, group: str, needed: list[tuple[str, int]]) -> None:
+    for path, key in ((cfg.source, None), (cfg.notify.credentials_file, "notify.credentials_file")):
+        if path and not os.access(path, os.R_OK):
+            what = f"key '{key}': {path}" if key else "this file"
+            raise ConfigError(f"{what} cannot be read by the service user {user}, which this command runs as "
+                              f"(as the daemon does): make it readable to it, e.g. 'chgrp {group} "
+                              f"{shlex.quote(path)} && chmod g+r {shlex.quote(path)}'", cfg.source)
+    for path, mode in needed:
+        if not os.access(path, mode):
+            raise PermissionError(errno.EACCES, f"the service user {user}, which this command runs as, cannot "
+                                  "use this Python installation of eidetic: install it where every user can "
+                                  "read it (e.g. a venv in /opt/eidetic)", path)
+
+
 # ---------------------------------------------------------------------- check
 
 def check(cfg: Config, max_user_watches_file: str = MAX_USER_WATCHES,
@@ -309,15 +439,63 @@ def _check_dir(w: Want) -> list[Finding]:
     if mode != w.mode:
         out.append(Finding("mode", w.path, f"{w.role} has mode {mode:04o}, the design says {w.mode:04o}",
                            data={"mode": mode, "want": w.mode}))
-    for p in [w.path, *_inner_paths(w)]:
-        try:
-            pst = st if p == w.path else os.lstat(p)
-        except OSError:
-            continue
-        if w.ids.differ_from(pst):
-            out.append(Finding("owner", p, f"owned by {_user_name(pst.st_uid)}:{_group_name(pst.st_gid)}, the "
-                               f"design says {w.ids.text()}"))
+    if w.ids.differ_from(st):
+        out.append(Finding("owner", w.path, f"owned by {_user_name(st.st_uid)}:{_group_name(st.st_gid)}, the "
+                           f"design says {w.ids.text()}"))
+    if w.role != "inbox":       # inbox entries belong to their uploaders
+        out.extend(_check_owner_inside(w))
     return out
+
+
+def _wrong_owner(ids: Ids, st: os.stat_result) -> bool:
+    """Only a directory's group matters: it is the study group's gate in a
+    tree.  A file's group grants nothing here (the store and state are 0700,
+    objects and tree files 0444 behind the tree's directories), and tree files
+    are the objects' inodes, so they could not carry the study group and the
+    service group at once."""
+    if ids.uid is not None and st.st_uid != ids.uid:
+        return True
+    return stat.S_ISDIR(st.st_mode) and ids.gid is not None and st.st_gid != ids.gid
+
+
+def _check_owner_inside(w: Want) -> list[Finding]:
+    """Files and directories inside a store, tree or the state directory that
+    the daemon may be unable to replace, rename or add to: what a command run
+    as root by hand leaves behind.  One finding per directory, with a count,
+    the first few paths and the chown that fixes them."""
+    if w.ids.uid is None and w.ids.gid is None:
+        return []
+    root = os.fsencode(w.path)
+    count = 0
+    examples: list[tuple[bytes, str]] = []
+    try:
+        for path, st in walk_below(root, on_root_error=True):
+            if _wrong_owner(w.ids, st):
+                count += 1
+                if len(examples) < MAX_OWNER_EXAMPLES:
+                    examples.append((path, f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"))
+    except OSError as e:
+        return [Finding("unreadable", w.path, f"cannot look inside the {w.role} to check its owners "
+                        f"({e.strerror}): run 'eidetic init --check' as root or as the service user",
+                        "warning")]
+    if not count:
+        return []
+    fix = f"chown -R {_chown_spec(w.ids)} {shlex.quote(w.path)}"
+    shown = ", ".join(f"{layout.display(p[len(root) + 1:])} ({who})" for p, who in examples)
+    what = ("1 file or directory inside the {} is" if count == 1 else
+            f"{count} files and directories inside the {{}} are").format(w.role)
+    return [Finding("owner-inside", w.path, f"{what} not owned by {w.ids.text()} as designed "
+                    f"(the daemon may fail on {'it' if count == 1 else 'them'}), e.g. {shown}; run '{fix}' as root",
+                    data={"count": count, "fix": fix,
+                          "examples": [{"path": layout.display(p), "owner": who} for p, who in examples]})]
+
+
+def _chown_spec(ids: Ids) -> str:
+    if ids.gid is None:
+        return _user_name(ids.uid)
+    if ids.uid is None:
+        return ":" + _group_name(ids.gid)
+    return f"{_user_name(ids.uid)}:{_group_name(ids.gid)}"
 
 
 def _check_disk(cfg: Config, wants: list[Want]) -> list[Finding]:

@@ -95,7 +95,8 @@ def test_init_gives_configured_numeric_owners_to_the_directories_and_the_daemons
     os.chown(lay.store() / "manifests", 0, 0)
     check = lay.cli("init", "--check")
     assert check.returncode == 1
-    assert f"{lay.store() / 'manifests'}: owned by root:root" in check.stdout
+    assert (f"error: {lay.store()}: 1 file or directory inside the store is not owned by {DAEMON_UID}:{DAEMON_UID} "
+            "as designed") in check.stdout and "e.g. manifests (root:root)" in check.stdout
     res = lay.cli("init")
     assert f"changed owner of {lay.store() / 'manifests'} root:root -> {DAEMON_UID}:{DAEMON_UID}" in res.stdout
     assert lay.cli("init", "--check").returncode == 0

@@ -65,6 +65,8 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
 
     Codes E0NN are errors (exit status 1), W0NN warnings (exit status 0).
     """
+    from eidetic.deploy import become_service_user
+    become_service_user(ctx.cfg)   # as root: go on as the configured service user, before any write
     from eidetic import fsck
     from eidetic.store import Store
 

@@ -40,6 +40,8 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     stays in the inbox (not committed: taken again by the next run;
     committed: finished by the next run) and is never reported failed.
     """
+    from eidetic.deploy import become_service_user
+    become_service_user(ctx.cfg)   # as root: go on as the configured service user, before any write
     if not once:
         sys.exit(_daemon(ctx, study, settle))
     from eidetic.ingest import Ingester

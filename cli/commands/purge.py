@@ -45,6 +45,9 @@ def command(ctx: Ctx, days: float, dry_run: bool, study: str | None, as_json: bo
         elif ctx.verbose:
             say(f"gone {display(r.where)} (upload {r.upload}): no longer in the inbox")
 
+    # Unlike ingest and fsck, purge does not switch to the service user: removing
+    # uploaders' entries from the sticky inbox needs root, it writes nothing into a
+    # store or tree, and the done record it rewrites keeps its owner.
     if os.geteuid() != 0 and not dry_run:
         warn("eidetic: note: purge normally runs as root (entries belong to their uploaders)")
     results = purge(ctx.cfg, days, dry_run=dry_run, study=study, log=show)
