@@ -12,9 +12,10 @@ from ..common import Ctx, say
 
 @click.command("init")
 @click.option("--check", is_flag=True,
-              help="Change nothing: report what differs from the deployment design (modes, owners, "
-                   "file systems, free space, inotify limits, network file systems). Exit status 1 "
-                   "if anything does, 0 if all is well.")
+              help="Change nothing: report what differs from the deployment design (modes; owners, "
+                   "also of everything inside the stores, trees and state directory, with the chown that "
+                   "fixes them; file systems, free space, inotify limits, network file systems). "
+                   "Exit status 1 if anything does, 0 if all is well.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: the findings as a JSON list.")
 @click.option("--systemd-dropin", is_flag=True,
               help="Print a systemd drop-in (ReadWritePaths= for every configured directory) for "
