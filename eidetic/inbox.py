@@ -271,6 +271,38 @@ class StateDir:
         finally:
             os.close(fd)
 
+    # ------------------------------------------------------- store faults
+
+    def _fault_path(self, study: str) -> str:
+        return os.path.join(self.root, "daemon", study + ".fault.json")
+
+    def record_fault(self, study: str, message: str, entry_note: str | None, sync_failed: bool) -> None:
+        """Note that a store fault stopped the study (``status`` shows it until
+        a run of the study gets through).  Best effort: the state directory may
+        sit on the very disk that failed, and the fault is reported anyway."""
+        doc = {"study": study, "since": layout.utc_iso(datetime.now(timezone.utc)), "message": message,
+               "entry": entry_note, "sync_failed": sync_failed}
+        try:
+            makedirs(os.fsencode(os.path.join(self.root, "daemon")), 0o700)
+            write_atomic(self._fault_path(study), json.dumps(doc).encode() + b"\n", mode=0o600)
+        except OSError:
+            pass
+
+    def clear_fault(self, study: str) -> None:
+        try:
+            os.unlink(self._fault_path(study))
+        except OSError:
+            pass
+
+    def fault(self, study: str) -> dict | None:
+        """The store fault that stopped *study* and is not yet over, if any."""
+        try:
+            with open(self._fault_path(study), "rb") as f:
+                doc = json.loads(f.read(1 << 16))
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and isinstance(doc.get("message"), str) else None
+
     def check(self, source: str) -> None:
         """ConfigError unless initialised; a PermissionError (one line, exit 3) for
         a caller who may not look, rather than claiming it was never initialised."""

@@ -173,7 +173,9 @@ class Ingester:
             fault = e if isinstance(e, StoreIOError) else store.io_error(e, "preparing the store")
             self._forget(study)
             fault.results = results + fault.results    # the entry in hand, if any, comes last
+            self.state.record_fault(study, fault.message, fault.entry_note, fault.sync_failed)
             raise fault from None
+        self.state.clear_fault(study)      # got through: a fault noted earlier is over
         return results
 
     def _lock(self, store: Store, held: contextlib.ExitStack) -> bool:

@@ -154,8 +154,11 @@ def test_a_failed_sync_stops_the_study_and_the_entry_waits_in_the_inbox(tmp_path
     assert "was not committed" in res.stderr and "takes it again" in res.stderr
     assert lay.manifests() == [] and os.listdir(lay.store() / "tmp") == []
     assert len(lay.records("claims")) == 1 and lay.records("failed") == []
+    fault = StateDir(lay.cfg.state).fault("s1")            # for eidetic status, until it is over
+    assert fault is not None and fault["sync_failed"] and "durable" in fault["message"]
     res = lay.cli("ingest", "--once", "--settle", "0")
     assert res.returncode == 0 and "ingested s1-labA-1" in res.stdout, res.stdout + res.stderr
+    assert StateDir(lay.cfg.state).fault("s1") is None
     assert lay.cli("fsck").returncode == 0
 
 
