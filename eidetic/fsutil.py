@@ -4,7 +4,10 @@ This is the only module that fsyncs, syncfs's or renames into place.
 Everything that writes into a store, a tree or the state directory goes
 through :class:`AtomicFile` (temp file in the target directory, fsync,
 ``os.replace``, fsync of the directory) or, for bulk object writes whose
-durability is batched per upload, through :func:`syncfs`.
+durability is batched per upload, through :func:`syncfs`.  Writes that
+must never follow a symlink (checkout) go through directory fds:
+``AtomicFile(dir_fd=)``, :func:`open_dir_nofollow`, :func:`mkdir_open` and
+:func:`rename_at`.
 """
 
 from __future__ import annotations
@@ -107,21 +110,36 @@ class AtomicFile:
     caller that batches it (``before_rename=`` runs, e.g. a syncfs, after the
     file is closed and before its name appears).  ``exclusive=True`` never
     replaces an existing *path* (link then unlink; FileExistsError).
+    ``dir_fd=`` makes *path* a name in an open directory (see ``__init__``).
     """
 
     def __init__(self, path: str | bytes, mode: int = 0o444, sync_file: bool = True,
-                 exclusive: bool = False, tmp_dir: str | bytes | None = None) -> None:
+                 exclusive: bool = False, tmp_dir: str | bytes | None = None,
+                 dir_fd: int | None = None) -> None:
         self.path = os.fsdecode(path)
-        self.dir = os.path.dirname(self.path) or "."
         self.mode = mode
         self.sync_file = sync_file
         self.exclusive = exclusive
-        self.tmp = os.path.join(os.fsdecode(tmp_dir) if tmp_dir else self.dir, temp_name())
+        # With *dir_fd*, *path* is a name in that open directory and the temp,
+        # the rename and the directory's fsync all go through the fd: a
+        # symlink swapped in for the directory, or for any folder above it,
+        # after it was opened is never followed.  A symlink at *path* itself
+        # is replaced (rename never follows its target), never written through.
+        self.dir_fd = dir_fd
+        if dir_fd is not None:
+            if tmp_dir is not None or "/" in self.path:
+                raise ValueError("AtomicFile: with dir_fd, path is a bare name and tmp_dir is not used")
+            self.dir = None
+            self.tmp = temp_name()
+        else:
+            self.dir = os.path.dirname(self.path) or "."
+            self.tmp = os.path.join(os.fsdecode(tmp_dir) if tmp_dir else self.dir, temp_name())
         self._file: IO[bytes] | None = None
         self.placed = False    # the new content has its final name (set even if commit then raised)
 
     def open(self) -> IO[bytes]:
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.dir_fd)
         self._file = os.fdopen(fd, "wb")
         return self._file
 
@@ -143,14 +161,18 @@ class AtomicFile:
             self._file.close()
             if before_rename is not None:
                 before_rename()
+            fd = self.dir_fd
             if self.exclusive:
-                os.link(self.tmp, self.path)
+                os.link(self.tmp, self.path, src_dir_fd=fd, dst_dir_fd=fd)
                 self.placed = True
-                os.unlink(self.tmp)
+                os.unlink(self.tmp, dir_fd=fd)
             else:
-                os.replace(self.tmp, self.path)
+                os.replace(self.tmp, self.path, src_dir_fd=fd, dst_dir_fd=fd)
                 self.placed = True
-            fsync_dir(self.dir)
+            if fd is None:
+                fsync_dir(self.dir)
+            else:
+                fsync(fd, self.path)
         except BaseException:
             # Once placed, the file is visible under its name whatever fails
             # next (the temp's unlink, the directory's fsync): a caller for
@@ -166,7 +188,7 @@ class AtomicFile:
             except OSError:     # a write-back error on close: the temp goes anyway
                 pass
         try:
-            os.unlink(self.tmp)
+            os.unlink(self.tmp, dir_fd=self.dir_fd)
         except OSError:
             # Gone already, or the unlink itself failed (EIO): a temp name is
             # garbage by definition and the next run's clean-up removes it; the
@@ -195,6 +217,61 @@ def makedirs(path: bytes, mode: int = 0o755, parent_mode: int = 0o755) -> bool:
             raise
         makedirs(parent, parent_mode, parent_mode)
         return makedirs(path, mode, parent_mode)
+
+
+# Directory fds for writing where a symlink must never be followed (checkout):
+# every component is opened with O_NOFOLLOW relative to its parent's fd.
+_DIR_NOFOLLOW = os.O_RDONLY
+for _flag in ("O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC"):
+    _DIR_NOFOLLOW |= getattr(os, _flag, 0)     # getattr: importable on Windows (see below)
+
+
+def open_dir_nofollow(name: bytes | str, dir_fd: int | None = None) -> int:
+    """Open directory *name* (relative to *dir_fd*) for use as a dir_fd and
+    for fsync.  A symlink at *name* is refused (ELOOP), a non-directory too
+    (ENOTDIR); only the last component is checked, so callers descend one
+    component at a time."""
+    return os.open(name, _DIR_NOFOLLOW, dir_fd=dir_fd)
+
+
+def mkdir_open(name: bytes | str, dir_fd: int, mode: int = 0o755) -> tuple[int, bool]:
+    """mkdirat + :func:`open_dir_nofollow`: (fd, created).  An existing
+    directory is opened; a symlink or anything else there is an OSError."""
+    created = True
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        created = False
+    return open_dir_nofollow(name, dir_fd), created
+
+
+_RENAME_NOREPLACE = 1
+
+
+def rename_at(src_dir_fd: int, src: bytes | str, dst_dir_fd: int, dst: bytes | str,
+              replace: bool = True) -> None:
+    """renameat(2) between directory fds.  Whatever is at *dst* (a file, a
+    symlink) is replaced as a name, never followed; ``replace=False`` never
+    replaces anything (renameat2 RENAME_NOREPLACE; FileExistsError).  A file
+    system without that flag gets an lstat first: a race window it cannot
+    close, and the rename still follows nothing."""
+    if replace:
+        os.replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return
+    libc = _load_libc()
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), os.fsdecode(dst))
+    try:
+        os.lstat(dst, dir_fd=dst_dir_fd)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
 
 
 # getattr: the sending client runs on Windows too, which has none of these

@@ -13,14 +13,22 @@ from ..common import Ctx, human_bytes, say
 @click.option("--at", "at", metavar="TIME", help="As it stood at TIME (ISO 8601; UTC if no zone).")
 @click.option("--upload", "upload", metavar="ID", help="As it stood right after upload ID.")
 @click.option("-o", "--output", "dest", type=click.Path(), help="Destination (default ./<name>).")
-@click.option("--force", is_flag=True, help="Overwrite an existing destination.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing file at DEST (a symlink: the link itself, never its target), "
+                   "or write a folder into an existing folder (its files replaced).")
 @click.pass_obj
 def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: str | None,
             dest: str | None, force: bool) -> None:
     """Restore a version of a file, or a folder as it stood, to DEST.
 
     Every byte is verified against its BLAKE3; recorded mtimes and modes are
-    restored.
+    restored.  A corrupt object leaves nothing at DEST: a folder appears, or
+    its files are moved into an existing one, only once all were verified.
+
+    Refused, before anything is written (exit 2): DEST in a study's tree or
+    store (however the path is spelled); a symbolic link where a folder goes
+    (at DEST or inside it; links are never followed); a file where the
+    checkout has a folder, or a folder where it has a file, even with --force.
     """
     from eidetic.checkout import checkout
 
