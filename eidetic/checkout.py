@@ -42,7 +42,7 @@ from .history import Target, resolve, select
 from .index import Version
 
 # Walking up from DEST's parent needs no read permission on its ancestors.
-_UP = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+_UP = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass
@@ -89,7 +89,10 @@ def checkout(cfg: Config, arg: str, version: int | None = None, at: str | None =
     pfd = _open_parent(parent, out)
     try:
         guard.check_ancestors(pfd, out)
-        st = _lstat(name, pfd)
+        try:
+            st = _lstat(name, pfd)
+        except OSError as e:     # e.g. a name longer than the file system allows
+            raise OSError(e.errno, e.strerror, os.fsdecode(out)) from None
         if st is not None:
             guard.check(st, out)
         if not t.is_dir:
@@ -259,6 +262,8 @@ def _checkout_folder(t: Target, targets: Callable[[], Iterator[tuple[bytes, Vers
                 except FileExistsError:
                     raise UsageError(f"{layout.display(out)} appeared while the checkout ran; "
                                      "nothing was written there (run it again)") from None
+                except OSError as e:     # name the destination, never the temp
+                    raise OSError(e.errno, e.strerror, os.fsdecode(out)) from None
                 placed = True
                 fsync(pfd, os.fsdecode(out))
             else:
