@@ -314,7 +314,7 @@ def test_force_writes_a_folder_into_an_existing_folder_replacing_files_not_their
     _no_temp_names(tmp_path)
 
 
-def test_a_folder_checkout_restores_versions_modes_and_mtimes(layout, tmp_path):
+def test_a_folder_checkout_restores_nested_folders_modes_and_mtimes(layout, tmp_path):
     mtime = 1_500_000_000_123_456_789
     drop(layout.inbox, "s1-labA-1", {"d/a.sh": b"#!/bin/sh\n", "d/deep/er/b.txt": b"b"}, mtime_ns=mtime,
          prepare=lambda p: os.chmod(p + b"/d/a.sh", 0o750))
