@@ -48,6 +48,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -55,7 +56,7 @@ from itertools import zip_longest
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import layout
-from .errors import EideticError, IntegrityError, StoreFormatError
+from .errors import EideticError, IndexUnusable, IntegrityError, StoreFormatError
 from .fsutil import TEMP_PREFIX, fsync_dir, is_temp_name, makedirs, open_regular_nofollow
 from .objects import SMALL_FILE, ObjectStore, hash_bytes, hash_fd
 if TYPE_CHECKING:   # the re-hashing child imports this module: keep its start-up light
@@ -102,8 +103,13 @@ CODES: dict[str, str] = {
     # index
     "E040": "index out of step: it differs from an index rebuilt from the manifests",
     "E041": "index missing: the index is missing or unreadable although there are manifests",
-    "W042": "index behind HEAD: an ingest was interrupted before it applied every manifest; "
-            "re-running ingest finishes it",
+    "W042": "index behind HEAD while an ingest catches it up: it has applied fewer manifests than HEAD names "
+            "and an ingest holding the store lock is applying them",
+    "E043": "index damaged: data.mdb is empty, cut short, not an LMDB file, or its pages are not as LMDB wrote "
+            "them (disk damage, or an edit); readers refuse it",
+    "E044": "index behind HEAD: it has applied fewer manifests than HEAD names and no ingest is applying "
+            "them (an interrupted ingest, or an old copy put back); readers refuse it until ingest or "
+            "'fsck --repair' catches it up",
     # leftovers
     "W050": "leftover temp file in the store: an entry in tmp/, or a temp name elsewhere, left by an interrupted write",
     "W051": "leftover temp file in the tree: a temp name left by an interrupted tree update",
@@ -182,29 +188,37 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None,
     *quick* skips re-hashing objects (sizes are still compared).
     *progress(phase, done, total)* is called from this thread, phases
     ``"manifests"`` (count), ``"tree"`` (entries), ``"objects"`` (bytes).
-    *lock* holds the store lock while checking (so an ingest cannot run
-    half-way through and look like damage).
+
+    Without *lock* (plain ``eidetic fsck``) no lock is taken: an ingest
+    goes on beside the check, which looks at one snapshot of the index (a
+    pinned LMDB read transaction) and HEAD as read just after it, and does
+    not report what the ingest writes meanwhile (_Checker._settle).  *lock*
+    holds the store lock while checking (``fsck --repair``: nothing moves
+    between the check and the repair).
     """
     out = Findings()
     fatal = _check_marker(store)
     if fatal is not None:
         out.append(fatal)
         return out
-    with _lock_if_possible(store) if lock else nullcontext():
-        _Checker(store, out, quick, progress or _no_progress).run()
+    with _lock_if_possible(store) if lock else nullcontext(False) as held:
+        _Checker(store, out, quick, progress or _no_progress, exclusive=bool(held)).run()
     return out
 
 
 @contextmanager
-def _lock_if_possible(store: Store) -> Iterator[None]:
-    """The store lock; a user who may only read the store (an auditor) checks without it."""
+def _lock_if_possible(store: Store) -> Iterator[bool]:
+    """The store lock (yields True); a user who may only read the store (an
+    auditor) checks without it (yields False)."""
     with ExitStack() as stack:
         try:
             stack.enter_context(store.lock())
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-        yield
+            yield False
+            return
+        yield True
 
 
 def _check_marker(store: Store) -> Finding | None:
@@ -226,31 +240,35 @@ def _check_marker(store: Store) -> Finding | None:
 
 
 class _Checker:
-    def __init__(self, store: Store, out: Findings, quick: bool, progress: Progress) -> None:
+    def __init__(self, store: Store, out: Findings, quick: bool, progress: Progress, exclusive: bool) -> None:
         self.store = store
         self.out = out
         self.quick = quick
         self.progress = progress
+        self.exclusive = exclusive        # the store lock is held: nothing can change under the check
+        self.start_ns = time.time_ns()    # what changed at or after this is a concurrent writer's
         self.broot = store.broot
         self.objects = store.objects
         self.tree_root = os.fsencode(store.tree)
+        self.ipath = os.path.join(store.root, "index")
         self.broken = False
-        self.real = None                  # live index (None: missing/unreadable)
+        self.real = None                  # live index (None: missing/unreadable/damaged)
+        self.snap = None                  # the one read transaction pinned on it for the whole check
         self.real_applied = 0
+        self.real_partial: tuple[int, int, int] | None = None
         self.fresh = None
         self.fresh_dir: str | None = None
         self.head_seq = 0
         self.head_digest: str | None = None
         self.head_ok = True
         self.head_readable = True
+        self.head_error: StoreFormatError | None = None
         self.hasher: _Rehasher | _LocalRehasher | None = None     # None: --quick (sizes only)
-        self.compare_deferred = False
         self.stop = 0                           # the last manifest of the chain HEAD names
         self.index_missing = False
-        self.index_equal: bool | None = None    # the live index equals the rebuild (None: not compared)
-        self.tree_child: _TreeChild | None = None
-        self.tree_deferred = False
-        self.big = False                        # many objects: helper processes pay off
+        self.behind = False                     # the live index has applied fewer manifests than HEAD
+        self.scan: _TreeScan | None = None
+        self.big = False                        # many objects: a re-hashing process pays off
 
     def add(self, code: str, path: bytes | str, detail: str = "", data: Any = None) -> None:
         self.out.append(finding(code, path, detail, data))
@@ -280,29 +298,29 @@ class _Checker:
                 self.out.stats["objects"], self.out.stats["object_bytes"] = count, need
             else:
                 self._finish_rehash()
-            self._finish_tree()
             self._check_temps()
+            self._settle()
             self.out.sort(key=lambda f: (f.code, f.path))
         finally:
             if self.hasher is not None:
                 self.hasher.close()
-            if self.tree_child is not None:
-                self.tree_child.close()
+            if self.snap is not None:
+                self.snap.abort()
+            if self.real is not None:
+                self.real.close()
             if self.fresh is not None:
                 self.fresh.close()
             if self.fresh_dir is not None:
                 shutil.rmtree(self.fresh_dir, ignore_errors=True)
 
     def _fresh_ready(self) -> None:
-        """The fresh index is complete: a child re-hasher may merge and compare with it now."""
+        """The fresh index is complete: a child re-hasher may merge objects/ with it now."""
         if isinstance(self.hasher, _Rehasher) and not self.hasher.requested:
-            live = os.path.join(self.store.root, "index") if self.compare_deferred else None
-            self.hasher.request(self.fresh.path, live)
+            self.hasher.request(self.fresh.path)
 
     def _finish_rehash(self) -> None:
-        """Collect the re-hash.  A child process is handed the fresh index
-        (it merges objects/ with it and, when asked, compares the live
-        index); for a thread this thread does both."""
+        """Collect the re-hash.  A child process is handed the fresh index (it
+        merges objects/ with it); for a thread this thread does the merge."""
         hasher = self.hasher
         assert hasher is not None
         child = isinstance(hasher, _Rehasher)
@@ -311,8 +329,6 @@ class _Checker:
         else:
             self.out.stats["objects"], self.out.stats["object_bytes"] = \
                 _merge_objects(self.objects, self.fresh, False, self._object_finding)
-            if self.compare_deferred:
-                self._compare_index()
         total = None if self.progress is _no_progress else sum(size for _, size in self.fresh.iter_objects())
         while hasher.is_alive():
             hasher.join(0.1)
@@ -325,48 +341,85 @@ class _Checker:
             self._object_finding(code, oid, path, detail)
         if child:
             self.out.stats["objects"], self.out.stats["object_bytes"] = hasher.counts
-            if self.compare_deferred and not self.broken:
-                self._index_verdict(hasher.index_diff)
 
     def _open_indexes(self) -> None:
+        """The fresh index (in the system's temp directory: plain fsck writes
+        nothing into the store) and the live one, with one read transaction
+        pinned on it: every look at the live index is this one snapshot
+        (LMDB's MVCC), however an ingest goes on meanwhile."""
         from .index import Index   # lmdb only when needed
 
-        tmp = os.path.join(self.store.root, "tmp")
+        self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-")
+        self.fresh = Index(os.path.join(self.fresh_dir, "index"), durable=False,   # thrown away: no fsyncs
+                           study=self.store.name)
+        ipath = self.ipath
         try:
-            self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-", dir=tmp)
-        except OSError:    # no tmp/ (E003), or a read-only check: any temp directory will do
-            self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-")
-        self.fresh = Index(os.path.join(self.fresh_dir, "index"), durable=False)   # thrown away: no fsyncs
-        ipath = os.path.join(self.store.root, "index")
-        if not os.path.exists(os.path.join(ipath, "data.mdb")):
-            self.index_missing = True      # an error only if there are manifests to index
+            real = Index(ipath, study=self.store.name, create=False, write=False)
+        except IndexUnusable as e:
+            detail = str(e.kwargs["detail"])
+            if detail == "its index is missing":
+                self.index_missing = True      # an error only if there are manifests to index
+            else:
+                self.add("E043", ipath, f"{detail.removeprefix('its index is ')}; 'fsck --repair' rebuilds it "
+                                        "from the manifests")
             return
-        try:
-            self.real = self.store.index
-            self.real_applied = self.real.applied()[0]
-        except Exception as e:   # lmdb raises its own classes; any failure means unreadable
-            self.real = None
-            msg = e.message if isinstance(e, EideticError) else f"{type(e).__name__}: {e}"
+        except EideticError as e:   # cannot open it: permissions, or the disk
+            msg = str(e.kwargs.get("detail", e))
             # LMDB opens need write access (lock.mdb): a reader who lacks it has a sound index
             fix = "'fsck --repair' rebuilds it from the manifests" if os.access(ipath, os.W_OK) else \
                 "run fsck as the service user (or root) to check it"
             self.add("E041", ipath, f"{msg}; {fix}")
             return
-        # A healthy store: let a child check the tree against the live index while this
-        # process rebuilds the index from the manifests (its findings count if both agree).
+        self.real = real
         try:
-            head = self.store.head()[0]
-        except StoreFormatError:
-            head = -1
-        if self.big and head == self.real_applied > 0 and os.path.isdir(self.tree_root):
-            try:
-                self.tree_child = _TreeChild(self.store)
-            except OSError:
-                self.tree_child = None
+            self.snap = real.begin_read()
+            if not self._pages_sound():
+                return
+            st = real.state(txn=self.snap)
+        except IndexUnusable as e:
+            self._damaged(e)
+            return
+        self.real_applied, self.real_partial = st.applied, st.partial
+
+    def _pages_sound(self) -> bool:
+        """lmdb's offline verifier over data.mdb: LMDB itself aborts the
+        process on some damage, so nothing reads the live index through LMDB
+        before this says it is sound.  Pages reachable from the newest meta
+        cannot be reused while the snapshot is pinned, so a concurrent ingest
+        cannot make it see damage; a meta page torn by a commit during the
+        walk can, so problems count only if no commit happened meanwhile."""
+        real = self.real
+        assert real is not None
+        for _ in range(3):
+            before = real.last_txnid()
+            problems = real.verify_structure()
+            if not problems:
+                return True
+            if self.exclusive or real.last_txnid() == before:
+                more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+                self.add("E043", self.ipath, f"its pages are not as LMDB wrote them ({problems[0]}{more}); "
+                                             "'fsck --repair' rebuilds it from the manifests")
+                self._drop_live()
+                return False
+        return True     # it kept changing under an ingest: the comparison still finds real damage
+
+    def _damaged(self, e: IndexUnusable) -> None:
+        detail = str(e.kwargs["detail"]).removeprefix("its index is ")
+        self.add("E043", self.ipath, f"{detail}; 'fsck --repair' rebuilds it from the manifests")
+        self._drop_live()
+
+    def _drop_live(self) -> None:
+        if self.snap is not None:
+            self.snap.abort()
+            self.snap = None
+        self.real = None
 
     # ------------------------------------------------------------ manifests
 
     def _manifest_seqs(self) -> list[int]:
+        """Manifest sequence numbers in manifests/; those past HEAD (as read
+        at the start) that were committed after the check began are left out:
+        an ingest made them, and this check is of the store as it was."""
         mdir = os.path.join(self.broot, b"manifests")
         seqs = []
         try:
@@ -375,25 +428,35 @@ class _Checker:
             return []
         for name in names:
             p = mdir + b"/" + name
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
             if is_temp_name(name):
                 self.add("W050", p, "temp file of an interrupted manifest write")
                 continue
             seq = layout.parse_manifest_name(name.decode("ascii", "replace"))
-            if seq is None or not stat.S_ISREG(os.lstat(p).st_mode):
+            if seq is None or not stat.S_ISREG(st.st_mode):
                 self.add("E014", p, "not a manifest" if seq is None else "not a regular file",
                          data={"store_rel": b"manifests/" + name})
+                continue
+            if seq > self.head_seq and st.st_ctime_ns >= self.start_ns and not self.exclusive:
                 continue
             seqs.append(seq)
         seqs.sort()
         return seqs
 
-    def _read_head(self, have_manifests: bool) -> None:
-        hp = os.path.join(self.store.root, "HEAD")
+    def _take_head(self) -> None:
         try:
             self.head_seq, self.head_digest = self.store.head()
-        except StoreFormatError:
+        except StoreFormatError as e:
             self.head_seq, self.head_digest = 0, None
             self.head_readable = False
+            self.head_error = e
+
+    def _judge_head(self, have_manifests: bool) -> None:
+        hp = os.path.join(self.store.root, "HEAD")
+        if not self.head_readable:
             if have_manifests:
                 self.add("E017", hp, "HEAD is unreadable; 'fsck --repair' rewrites it from the manifests")
             else:
@@ -403,11 +466,11 @@ class _Checker:
             self.add("E017", hp, "HEAD is missing; 'fsck --repair' rewrites it from the manifests")
 
     def _check_chain_and_tree(self) -> None:
+        self._take_head()               # after the snapshot was pinned, before manifests/ is listed
         seqs = self._manifest_seqs()
-        self._read_head(bool(seqs))
+        self._judge_head(bool(seqs))
         if self.index_missing and seqs:
-            self.add("E041", os.path.join(self.store.root, "index"),
-                     "no index: 'fsck --repair' rebuilds it from the manifests")
+            self.add("E041", self.ipath, "no index: 'fsck --repair' rebuilds it from the manifests")
         last = seqs[-1] if seqs else 0
         hp = os.path.join(self.store.root, "HEAD")
         head_known = self.head_seq > 0
@@ -435,7 +498,7 @@ class _Checker:
                 break
             if not index_compared and state.applied == self.real_applied:
                 index_compared = True
-                self._compare_index()
+                self._compare_index(seq)
             self._replay(seq, state, len(seqs))
         if head_known and self.head_seq == stop and state.digests.get(stop) is not None \
                 and state.digests[stop] != self.head_digest:
@@ -445,26 +508,18 @@ class _Checker:
                                  f"{state.digests[stop]}: manifest {stop} (or HEAD) was edited")
         if not index_compared:
             if state.applied == self.real_applied:
-                if self.hasher is not None and not beyond and self.real is not None and not self.broken:
-                    self.compare_deferred = True    # the re-hasher compares while this thread walks the tree
-                else:
-                    self._compare_index()
+                self._compare_index(None)
             elif self.real is not None and not self.broken:
-                self.add("E040", os.path.join(self.store.root, "index"),
-                         f"the index has applied {self.real_applied} manifest(s) but HEAD names {stop}; "
-                         "'fsck --repair' rebuilds it")
+                self.add("E040", self.ipath, f"the index has applied {self.real_applied} manifest(s) but HEAD "
+                                             f"names {stop}; 'fsck --repair' rebuilds it")
         if not beyond:
-            self._fresh_ready()
+            self._fresh_ready()      # the child merges objects/ while this process checks the tree
 
         if self.broken:
             self.add("W060", self.tree_root, "fix the manifest chain first (restore the damaged manifests "
                                              "from a backup)")
-        elif self.tree_child is not None and self.real_applied == stop:
-            self.tree_deferred = True      # the child's findings count once the indexes agree
         else:
             self._check_tree()
-        if self.tree_child is not None and not self.tree_deferred:
-            self.tree_child.close()        # its answer could not count: stop it now
 
         # Manifests past HEAD: only their object references still matter.
         for seq in beyond:
@@ -475,7 +530,8 @@ class _Checker:
             if state.valid.get(nxt):
                 self.add("W016", self.store.manifest_path(nxt),
                          f"HEAD names manifest {stop}; manifest {nxt} was committed but HEAD not yet advanced: "
-                         "re-running 'eidetic ingest' (or 'fsck --repair') finishes that upload")
+                         "re-running 'eidetic ingest' (or 'fsck --repair') finishes that upload",
+                         data={"seq": nxt})
             else:
                 self.add("E015", hp, f"HEAD names manifest {stop} and manifest {nxt} after it is not a valid "
                                      "continuation of the chain")
@@ -538,44 +594,34 @@ class _Checker:
         state.valid[seq] = ok
         self.progress("manifests", seq, total)
 
-    def _compare_index(self) -> None:
+    def _compare_index(self, next_seq: int | None) -> None:
+        """The pinned snapshot of the live index against the fresh one, which
+        has applied as many manifests.  An ingest caught half-way through
+        manifest *next_seq* left `partial` (records applied so far): the fresh
+        index applies that manifest up to the same record first, so the two
+        compare exactly (its apply goes on from there afterwards)."""
         if self.real is None or self.broken:
             return
-        self._index_verdict(_first_difference(self.real, self.fresh))
-
-    def _index_verdict(self, diff: str | None) -> None:
-        stop = self.stop
-        ipath = os.path.join(self.store.root, "index")
-        self.index_equal = diff is None
+        if self.real_partial is not None and next_seq is not None and self.real_partial[0] == next_seq:
+            try:
+                self.fresh.apply_manifest(self.store.manifest_path(next_seq), stop_after=self.real_partial[1])
+            except (IntegrityError, OSError):
+                pass       # the replay reports the manifest; the indexes then differ
+        try:
+            diff = _first_difference(self.real, self.fresh, self.snap)
+        except IndexUnusable as e:   # LMDB met damage while reading it
+            self._damaged(e)
+            return
         if diff is not None:
-            self.add("E040", ipath, f"{diff}; 'fsck --repair' rebuilds it")
-        elif self.real_applied < stop:
-            self.add("W042", ipath, f"the index has applied {self.real_applied} of {stop} manifest(s); "
-                                    "re-running 'eidetic ingest' (or 'fsck --repair') catches it up")
+            self.add("E040", self.ipath, f"{diff}; 'fsck --repair' rebuilds it")
+        elif self.real_applied < self.stop:
+            self.behind = True          # judged at the end (_settle): an ingest may be applying it
 
     # ----------------------------------------------------------------- tree
 
-    def _finish_tree(self) -> None:
-        """Take the tree child's findings if the live index proved equal to the rebuild;
-        otherwise check the tree here, against the rebuild."""
-        child = self.tree_child
-        if not self.tree_deferred:
-            return
-        if not (self.index_equal and not self.broken):
-            child.close()
-            self._check_tree()
-            return
-        while child.is_alive():
-            child.join(0.1)
-            self.progress("tree", child.entries, None)
-        if child.error is not None:     # the check still happens, here
-            self._check_tree()
-            return
-        for code, path, detail, rel in child.results:
-            self.add(code, path, detail, data={"rel": rel} if rel is not None else None)
-        self.out.stats["tree_entries"] = child.entries
-
     def _check_tree(self) -> None:
+        """The tree against the fresh index at HEAD (what the manifests say),
+        in this process."""
         root = self.tree_root
         try:
             st = os.lstat(root)
@@ -585,14 +631,14 @@ class _Checker:
         if not stat.S_ISDIR(st.st_mode):
             self.add("E035", root, "not a directory")
             return
-        scan = _TreeScan(self, root, st)
-        scan.run()
-        self.out.stats["tree_entries"] = scan.entries
+        self.scan = _TreeScan(self, root, st)
+        self.scan.run()
+        self.out.stats["tree_entries"] = self.scan.entries
 
     def missing_name(self, rel: bytes, v, kind: str) -> None:
         pending = v.seq > self.real_applied and self.real is not None
         code, detail = _missing_detail(v, kind, pending, self.objects)
-        self.add(code, self.tree_root + b"/" + rel, detail)
+        self.add(code, self.tree_root + b"/" + rel, detail, data={"rel": rel, "seq": v.seq})
 
     # -------------------------------------------------------------- objects
 
@@ -609,6 +655,8 @@ class _Checker:
                 if described:
                     data["description"] = described
                     detail = f"{detail}; {described}" if detail else described
+        if code == "W024":
+            data = {"oid": oid}
         if code == "E023":
             data = {"store_rel": path[len(self.broot) + 1:]}
         self.add(code, path, detail, data=data)
@@ -617,17 +665,122 @@ class _Checker:
 
     def _check_temps(self) -> None:
         tmp = os.path.join(self.broot, b"tmp")
-        mine = os.path.basename(os.fsencode(self.fresh_dir or ""))
         try:
             names = sorted(os.listdir(tmp))
         except FileNotFoundError:
             names = []
         for name in names:
-            if name != mine:
-                self.add("W050", tmp + b"/" + name, "left by an interrupted write")
+            self.add("W050", tmp + b"/" + name, "left by an interrupted write")
         for name in sorted(os.listdir(self.broot)):
             if is_temp_name(name):
                 self.add("W050", self.broot + b"/" + name, "left by an interrupted write")
+
+    # ------------------------------------------------------ a running ingest
+
+    def _settle(self) -> None:
+        """Drop what an ingest running beside this check explains.
+
+        Plain fsck takes no lock, so an ingest may write while it runs: new
+        objects, temp files, tree names, a manifest and HEAD.  A finding of
+        a kind such writes can cause is dropped when its file changed at or
+        after the check began (inode ctime), or when a fresh look at the end
+        accounts for it: manifests committed meanwhile are replayed into the
+        fresh index first, and while the store lock is still held what the
+        upload in progress wrote since the last commit is its own."""
+        behind = self.behind
+        if self.exclusive:
+            if behind:
+                self._report_behind(busy=False)
+            return
+        suspects = [f for f in self.out if f.code in _CONCURRENT]
+        if not suspects and not behind:
+            return
+        busy = self.store.lock_busy()
+        self._replay_committed_since()
+        try:
+            head_ctime = os.lstat(os.path.join(self.store.root, "HEAD")).st_ctime_ns
+        except OSError:
+            head_ctime = 0
+        live_now = self._live_applied_now()
+        explained = {id(f) for f in suspects if self._explained(f, busy, head_ctime, live_now)}
+        self.out[:] = [f for f in self.out if id(f) not in explained]
+        if behind and live_now < self.stop:
+            self._report_behind(busy, live_now)
+
+    def _report_behind(self, busy: bool, applied: int | None = None) -> None:
+        applied = self.real_applied if applied is None else applied
+        if busy:
+            if self.stop - applied > 1:     # an ingest is catching the index up
+                self.add("W042", self.ipath, f"the index has applied {applied} of {self.stop} manifest(s) and "
+                                             "an ingest holding the store lock is applying the rest")
+            return                          # one behind: the upload being applied right now
+        self.add("E044", self.ipath, f"the index has applied {applied} of {self.stop} manifest(s) and no ingest "
+                                     "is applying the rest, so 'eidetic log' and checkout refuse it; "
+                                     "'eidetic ingest' or 'fsck --repair' catches it up")
+
+    def _replay_committed_since(self) -> None:
+        """Manifests committed since HEAD was read, into the fresh index (so
+        their objects and tree names are accounted for)."""
+        if self.broken:
+            return
+        try:
+            head2, _ = self.store.head()
+        except StoreFormatError:
+            return
+        applied = self.fresh.applied()[0]
+        for seq in range(max(applied, self.stop) + 1, head2 + 1):
+            try:
+                self.fresh.apply_manifest(self.store.manifest_path(seq))
+            except (IntegrityError, OSError, StoreFormatError):
+                return
+
+    def _live_applied_now(self) -> int:
+        """How many manifests the live index has applied now (a fresh transaction)."""
+        if self.real is None:
+            return self.real_applied
+        try:
+            return self.real.state().applied
+        except EideticError:
+            return self.real_applied
+
+    def _explained(self, f: Finding, busy: bool, head_ctime: int, live_now: int) -> bool:
+        raw = f.raw or b""
+        if f.code == "W036":                     # the ingest applying its manifest places it
+            return busy or os.path.lexists(raw)
+        if f.code == "W016":                     # the ingest at its commit point advances HEAD
+            return busy or self._head_now() >= (f.data or {}).get("seq", 0)
+        try:
+            st = os.lstat(raw)
+        except FileNotFoundError:
+            return True                          # gone: it was in flight
+        except OSError:
+            return False
+        if st.st_ctime_ns >= self.start_ns:
+            return True                          # written after the check began
+        if f.code == "W024":
+            oid = (f.data or {}).get("oid") or ""
+            if oid and self.fresh.is_trusted(oid):
+                return True                      # a manifest committed meanwhile refers to it
+            return busy and st.st_ctime_ns >= head_ctime    # the upload in progress wrote it
+        if f.code in ("W050", "W051"):
+            return busy                          # a writer's own temp file, while it writes
+        if self.scan is None:
+            return False
+        if f.code == "E033":
+            return self.scan.accounted_for(f)
+        if f.code in ("E031", "E032"):
+            return self.scan.shows_latest(f, st)
+        return False
+
+    def _head_now(self) -> int:
+        try:
+            return self.store.head()[0]
+        except StoreFormatError:
+            return 0
+
+
+# Findings an ingest writing beside a lock-free check can cause.
+_CONCURRENT = frozenset({"W016", "W024", "W036", "W050", "W051", "E031", "E032", "E033"})
 
 
 def _missing_detail(v, kind: str, pending: bool, objects: ObjectStore) -> tuple[str, str]:
@@ -768,8 +921,9 @@ def _force_applied(idx, seq: int) -> None:
         txn.delete(b"partial", db=idx.meta)
 
 
-def _first_difference(real, fresh) -> str | None:
-    for a, b in zip_longest(real.dump(), fresh.dump()):
+def _first_difference(real, fresh, txn=None) -> str | None:
+    """The first entry in which *real* (read in *txn*, if given) and *fresh* differ."""
+    for a, b in zip_longest(real.dump(txn), fresh.dump()):
         if a == b:
             continue
         if a is None:
@@ -967,10 +1121,10 @@ class _TreeScan:
         older = next((o for o in reversed(vs[:-1]) if self._is_object(ino, d.dev, o.blake3)), None)
         if older is not None:
             self.ck.add("E032", e.path, f"shows version {older.n}, the latest is {latest.n}",
-                        data={"rel": d.rel_of(pn)})
+                        data={"rel": d.rel_of(pn), "path": latest.path})
         else:
             self.ck.add("E031", e.path, f"the latest version ({latest.n}) is object {latest.blake3}",
-                        data={"rel": d.rel_of(pn)})
+                        data={"rel": d.rel_of(pn), "path": latest.path})
 
     def _is_object(self, ino: int, dev: int, oid: str) -> bool | None:
         """Is (dev, ino) the object *oid* (or a twin)?  None when the object is missing (E021 says so).
@@ -1002,6 +1156,28 @@ class _TreeScan:
         if not os.path.lexists(self.root + b"/" + rel):
             self.ck.missing_name(rel, latest, "plain")
 
+    # ------------------------------------------------- looked at again (_settle)
+
+    def accounted_for(self, f: Finding) -> bool:
+        """Does the index (since caught up with manifests committed during the
+        check) now account for the entry of E033 finding *f*?"""
+        rel, src = f.data.get("rel"), f.data.get("src")
+        if rel is None or src is None:
+            return False
+        head, _, name = rel.rpartition(b"/")
+        d = _Dir(src, head, b"", 0)
+        if os.path.isdir(f.raw) and not os.path.islink(f.raw) and self._is_source_dir(d, name, rel):
+            return True
+        return self._lookup(d, name, rel) is not None
+
+    def shows_latest(self, f: Finding, st: os.stat_result) -> bool:
+        """Does the plain name of E031/E032 finding *f* (now *st*) show the latest version now?"""
+        path = (f.data or {}).get("path")
+        if path is None or not stat.S_ISREG(st.st_mode):
+            return False
+        v = self.idx.latest(path)
+        return v is not None and self._is_object(st.st_ino, st.st_dev, v.blake3) is True
+
     def _leftover(self, d: _Dir, name: bytes, e) -> None:
         """A name no version popped: a temp name, a hand-made entry, or (rarely) the name of a path
         the key order has not reached here; the index decides."""
@@ -1013,7 +1189,7 @@ class _TreeScan:
             return
         v = self._lookup(d, name, rel)
         if v is None:
-            self.ck.add("E033", e.path, f"a {_kind(e)} no version accounts for", data={"rel": rel})
+            self.ck.add("E033", e.path, f"a {_kind(e)} no version accounts for", data={"rel": rel, "src": d.src})
         else:
             self._judge_file(e, d, rel, v)
 
@@ -1214,7 +1390,6 @@ class _Rehasher(_Child):
         self.results: list[tuple[str, str, bytes, str]] = []
         self.bytes_done = 0
         self.counts = (0, 0)
-        self.index_diff: str | None = None
         self.requested = False
         super().__init__("_rehash_main", [os.fsdecode(objects.root), os.fsdecode(objects.tmp_dir)])
 
@@ -1225,8 +1400,6 @@ class _Rehasher(_Child):
             code, oid, hexpath, detail = rest.split(b" ", 3)
             self.results.append((code.decode(), "" if oid == b"-" else oid.decode(),
                                  bytes.fromhex(hexpath.decode()), _unhex(detail)))
-        elif kind == b"I":
-            self.index_diff = _unhex(rest) or None
         elif kind == b"S":
             a, b = rest.split()
             self.counts = (int(a), int(b))
@@ -1234,35 +1407,10 @@ class _Rehasher(_Child):
             self.bytes_done = int(rest)
             self.finished = True
 
-    def request(self, fresh: str, live: str | None) -> None:
-        """Once hashing is done: merge objects/ with *fresh*; compare *live* with it."""
+    def request(self, fresh: str) -> None:
+        """Once hashing is done: merge objects/ with *fresh*."""
         self.requested = True
-        self.send(f"M {os.fsencode(fresh).hex()} {os.fsencode(live).hex() if live else '-'}\n")
-
-
-class _TreeChild(_Child):
-    """The parent's side of the tree-scanning child: it checks the tree
-    against the *live* index while this process rebuilds the fresh one.  Its
-    findings count only if the two indexes turn out equal."""
-
-    what = "checking the tree"
-
-    def __init__(self, store: Store) -> None:
-        self.results: list[tuple[str, bytes, str, bytes | None]] = []
-        self.entries = 0
-        super().__init__("_tree_main", [os.fsdecode(store.objects.root), os.fsdecode(store.objects.tmp_dir),
-                                        store.tree, os.path.join(store.root, "index")])
-
-    def line(self, kind: bytes, rest: bytes) -> None:
-        if kind == b"P":
-            self.entries = int(rest)
-        elif kind == b"F":
-            code, hexpath, hexrel, detail = rest.split(b" ", 3)
-            self.results.append((code.decode(), bytes.fromhex(hexpath.decode()), _unhex(detail),
-                                 None if hexrel == b"-" else bytes.fromhex(hexrel.decode())))
-        elif kind == b"D":
-            self.entries = int(rest)
-            self.finished = True
+        self.send(f"M {os.fsencode(fresh).hex()}\n")
 
 
 def _emitter():
@@ -1278,51 +1426,12 @@ def _emitter():
     return emit
 
 
-class _TreeSink:
-    """What :class:`_TreeScan` needs of a checker, in the tree child: findings go to stdout."""
-
-    def __init__(self, objects: ObjectStore, idx, tree_root: bytes, emit: Callable[[str], None]) -> None:
-        self.objects = objects
-        self.fresh = idx
-        self.tree_root = tree_root
-        self.emit = emit
-        self._shown = 0
-
-    def add(self, code: str, path: bytes, detail: str = "", data: Any = None) -> None:
-        rel = data.get("rel") if data else None
-        self.emit(f"F {code} {path.hex()} {rel.hex() if rel is not None else '-'} {_hex(detail)}")
-
-    def missing_name(self, rel: bytes, v, kind: str) -> None:
-        code, detail = _missing_detail(v, kind, False, self.objects)
-        self.add(code, self.tree_root + b"/" + rel, detail)
-
-    def progress(self, phase: str, done: int, total: int | None) -> None:
-        if done - self._shown >= 2000:
-            self._shown = done
-            self.emit(f"P {done}")
-
-
-def _tree_main() -> None:
-    """Entry point of the tree child (argv: objects root, tmp dir, tree root, live index)."""
-    import sys
-
-    from .index import Index
-
-    emit = _emitter()
-    objects = ObjectStore(sys.argv[1], sys.argv[2])
-    root = os.fsencode(sys.argv[3])
-    sink = _TreeSink(objects, Index(sys.argv[4], durable=False), root, emit)
-    scan = _TreeScan(sink, root, os.lstat(root))
-    scan.run()
-    emit(f"D {scan.entries}")
-
-
 def _rehash_main() -> None:
     """Entry point of the re-hashing child (argv: objects root, tmp dir).
 
-    After hashing it reads one request from stdin, ``M <fresh index> <live
-    index or ->`` (paths as hex), merges objects/ with the fresh index and
-    compares the live one with it; an empty stdin ends it."""
+    After hashing it reads one request from stdin, ``M <fresh index>`` (its
+    path as hex), and merges objects/ with the fresh index; an empty stdin
+    ends it."""
     import sys
 
     objects = ObjectStore(sys.argv[1], sys.argv[2])
@@ -1339,9 +1448,6 @@ def _rehash_main() -> None:
                                      lambda code, oid, path, detail: emit(f"F {code} {oid or '-'} {path.hex()} "
                                                                           f"{_hex(detail)}"))
         emit(f"S {count} {need}")
-        if req[2] != b"-":
-            live = Index(os.fsdecode(bytes.fromhex(req[2].decode())), durable=False)
-            emit(f"I {_hex(_first_difference(live, fresh) or '')}")
     emit(f"D {hasher.bytes_done}")
 
 
@@ -1514,9 +1620,15 @@ class _Repairer:
             self._left_alone()
             return
         rebuilt = False
-        if head_changed or self.has("E040", "E041", "W042"):
-            self._rebuild_index()
+        if head_changed or self.has("E040", "E041", "E043"):
+            n = self.store.rebuild_index()
+            self.rep.done.append(f"rebuilt the index from {n} manifest(s)")
             rebuilt = True
+        else:       # merely behind (E044, W042) is caught up; a sound one is left as it is
+            notes: list[str] = []
+            self.store.prepare_index(notes.append)
+            rebuilt = bool(notes)
+            self.rep.done.extend(line.split(": ", 1)[1] for line in notes)
         for f in self.get("E034"):
             self._chmod_dir(f)
         for f in self.get("E031", "E033"):
@@ -1673,40 +1785,6 @@ class _Repairer:
                 finally:
                     os.close(fd)
         return False
-
-    # ---------------------------------------------------------------- index
-
-    def _rebuild_index(self) -> None:
-        """Build a new index from the manifests in tmp/, then swap it in."""
-        from .index import Index
-
-        store = self.store
-        tmp = os.path.join(store.root, "tmp")
-        makedirs(os.fsencode(tmp), 0o700)
-        work = tempfile.mkdtemp(prefix=TEMP_PREFIX + "index-", dir=tmp)
-        new_path = os.path.join(work, "index")
-        new = Index(new_path)
-        try:
-            head, _ = store.head()
-            for seq in range(1, head + 1):
-                new.apply_manifest(store.manifest_path(seq))
-        finally:
-            new.close()
-        live = os.path.join(store.root, "index")
-        # Close the live environment (shared per path in this process) before swapping.
-        store.close()
-        if os.path.exists(os.path.join(live, "data.mdb")):
-            try:
-                Index(live).close()
-            except Exception:   # a damaged index: nothing usable was open
-                pass
-        old = os.path.join(work, "old-index")
-        if os.path.lexists(live):
-            os.rename(live, old)
-        os.rename(new_path, live)
-        fsync_dir(store.root)
-        shutil.rmtree(work, ignore_errors=True)
-        self.rep.done.append(f"rebuilt the index from {head} manifest(s)")
 
     # ----------------------------------------------------------------- tree
 

@@ -15,10 +15,24 @@ store_format.md, "Index"):
 
 A path's versions are derived deterministically from the manifests: a new
 version when the content differs from the path's latest one.
+
+Whole uploads or nothing: a manifest is applied in chunks (memory stays flat
+for any size of upload), so the records of the manifest being applied
+(seq ``applied + 1``) are already in the databases before it is finished.
+Every query therefore reads ``applied`` in its own read transaction and
+leaves out what belongs to a later manifest; only the writer's own lookups
+during an apply see everything.
+
+Every LMDB error becomes one eidetic error here (nothing above this module
+sees lmdb): a failed write or read of the disk (full, quota, I/O error,
+read-only) is a StoreIOError, anything else (a file LMDB did not write:
+corrupt, invalid, truncated, of another version) is IndexUnusable.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -30,7 +44,7 @@ from typing import Callable, Iterator
 import lmdb
 
 from . import layout
-from .errors import StoreFormatError
+from .errors import EideticError, IndexUnusable, StoreFormatError, StoreIOError
 from .manifest import FileRecord, Header, ManifestReader
 
 INDEX_FORMAT = b"1"
@@ -38,8 +52,15 @@ CHUNK_RECORDS = 5000
 LARGE_OBJECT = 1 << 20
 _MAP_SIZE = 1 << 40            # virtual address space only (FACTS.md: the 10 MiB default fails)
 _VREC = struct.Struct(">QQqI32s")  # seq, size, mtime_ns, mode, blake3
+_SEQ = struct.Struct(">Q")
+DB_NAMES = ("meta", "versions", "objects", "refs", "bysize", "uploads", "upload_ids", "cutnames")
+_MIN_FILE = 2 * 4096           # two meta pages: anything shorter was never an LMDB file
 
+# One environment per data file per process (FACTS.md: never open one twice);
+# _idents remembers which data.mdb (st_dev, st_ino) each was opened on, so a
+# directory swapped in by 'fsck --repair' in another process is noticed.
 _envs: dict[str, lmdb.Environment] = {}
+_idents: dict[str, tuple[int, int]] = {}
 _envs_lock = threading.Lock()
 
 
@@ -110,23 +131,125 @@ def _encode_version(seq: int, rec: FileRecord, received: str) -> bytes:
     return value
 
 
+# ------------------------------------------------------------------ faults
+
+_ADVICE = {
+    errno.ENOSPC: "free space on the study's disk, then run ingest again",
+    errno.EDQUOT: "raise the service user's quota or free space, then run ingest again",
+    errno.EFBIG: "free space on the study's disk (or raise the file size limit), then run ingest again",
+    errno.EIO: "check the disk (dmesg, smartctl), then run 'eidetic fsck --repair --study {study}'",
+    errno.EROFS: "the kernel may have remounted the file system after an error: check the disk (dmesg), "
+                 "then run ingest again",
+    errno.EACCES: "run this as the service user (the index is its file)",
+    errno.EPERM: "run this as the service user (the index is its file)",
+}
+
+
+def io_fault(code: int, doing: str, path: str, study: str) -> StoreIOError:
+    """A system error *code* met while *doing* ("written", "read", "opened") the index at *path*."""
+    advice = _ADVICE.get(code, "check the disk and the index's permissions, then run ingest again")
+    return StoreIOError(f"the index could not be {doing} ({os.strerror(code)}; {path}): "
+                        + advice.format(study=study), study, errno=code)
+
+
+def _fault(e: lmdb.Error, doing: str, path: str, study: str) -> EideticError:
+    """One eidetic error for an LMDB error: the disk's fault, or the file's."""
+    code = getattr(e, "code", None)
+    if isinstance(e, lmdb.MapFullError):   # the map is 1 TiB of address space: only a huge index fills it
+        return StoreIOError(f"the index could not be {doing} (its LMDB map is full: {e}; {path}): "
+                            "rebuild it with 'eidetic fsck --repair --study " + study + "'", study,
+                            errno=errno.ENOSPC)
+    if isinstance(code, int) and code > 0:   # errno from the system: the disk, not the file
+        return io_fault(code, doing, path, study)
+    return IndexUnusable(f"its index is damaged ({e})", study)
+
+
+def _undecodable(e: Exception, study: str) -> IndexUnusable:
+    return IndexUnusable(f"its index is damaged (a record does not decode: {type(e).__name__}: {e})", study)
+
+
+_DECODE_ERRORS = (struct.error, UnicodeDecodeError, ValueError)   # json.JSONDecodeError is a ValueError
+
+
+def _reads(fn):
+    """A query: every LMDB or decoding error it meets becomes one eidetic error."""
+    @functools.wraps(fn)
+    def wrapper(self: "Index", *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except lmdb.Error as e:
+            raise _fault(e, "read", self.path, self.study) from None
+        except _DECODE_ERRORS as e:
+            raise _undecodable(e, self.study) from None
+    return wrapper
+
+
+def _streams(fn):
+    """:func:`_reads` for a generator."""
+    @functools.wraps(fn)
+    def wrapper(self: "Index", *args, **kw):
+        try:
+            yield from fn(self, *args, **kw)
+        except lmdb.Error as e:
+            raise _fault(e, "read", self.path, self.study) from None
+        except _DECODE_ERRORS as e:
+            raise _undecodable(e, self.study) from None
+    return wrapper
+
+
+def _writes(fn):
+    """A writer's method: LMDB errors become eidetic errors (the manifest's own stay as they are)."""
+    @functools.wraps(fn)
+    def wrapper(self: "Index", *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except lmdb.Error as e:
+            raise _fault(e, "written", self.path, self.study) from None
+    return wrapper
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """What meta says, read in one transaction."""
+    applied: int
+    head: str | None
+    partial: tuple[int, int, int] | None     # (seq, records applied, versions added)
+    format: bytes | None
+
+
 class Index:
-    def __init__(self, path: str, durable: bool = True) -> None:
-        """*durable=False* skips the fsync at each commit: for a throwaway
-        index (fsck's rebuild to compare with), never for the store's own."""
+    def __init__(self, path: str, durable: bool = True, study: str | None = None, create: bool = True,
+                 write: bool = True) -> None:
+        """Open the index at *path* for *study* (named in every error).
+
+        *create*: make what is missing (a rebuild, fsck's throwaway copy,
+        tests).  Without it nothing is ever created: a missing, empty, cut
+        short or damaged index raises IndexUnusable; with *write=False* (a
+        reader) an index whose lock.mdb is missing is opened read-only
+        without one rather than have one made by whoever reads (root's
+        lock.mdb would lock the service user out).  *durable=False* skips the
+        fsync at each commit: for a throwaway index, or a rebuild that is
+        synced once at the end (:meth:`sync`)."""
         self.path = os.path.realpath(path)
-        self.env = _open_env(self.path, durable)
-        kw = {"create": True}
+        self.study = study or "?"
+        self.verified = False          # verify_structure() found it sound
+        self.ident: tuple[int, int] | None = None
+        try:
+            if create:
+                self._create(durable)
+            else:
+                self._open_existing(durable, write)
+        except lmdb.Error as e:
+            raise _fault(e, "opened", self.path, self.study) from None
+
+    def _create(self, durable: bool) -> None:
+        self.env = _open_env(self.path, durable, create=True)
+        self.ident = _idents.get(self.path)
         with self.env.begin(write=True) as txn:
             try:
-                self.meta = self.env.open_db(b"meta", txn=txn, **kw)
-                self.versions = self.env.open_db(b"versions", txn=txn, **kw)
-                self.objects = self.env.open_db(b"objects", txn=txn, **kw)
-                self.refs = self.env.open_db(b"refs", txn=txn, dupsort=True, **kw)
-                self.bysize = self.env.open_db(b"bysize", txn=txn, **kw)
-                self.uploads = self.env.open_db(b"uploads", txn=txn, **kw)
-                self.upload_ids = self.env.open_db(b"upload_ids", txn=txn, **kw)
-                self.cutnames = self.env.open_db(b"cutnames", txn=txn, **kw)
+                for name in DB_NAMES:
+                    setattr(self, name, self.env.open_db(name.encode(), txn=txn, create=True,
+                                                         dupsort=name == "refs"))
             except lmdb.NotFoundError:
                 raise StoreFormatError("index is incomplete (run 'eidetic fsck --repair')", self.path) from None
             fmt = txn.get(b"format", db=self.meta)
@@ -135,33 +258,140 @@ class Index:
             elif fmt not in (None, INDEX_FORMAT):
                 raise StoreFormatError(f"index format {fmt!r} is not understood", self.path)
 
+    def _open_existing(self, durable: bool, write: bool) -> None:
+        data = os.path.join(self.path, "data.mdb")
+        try:
+            size = os.stat(data).st_size
+        except FileNotFoundError:
+            raise IndexUnusable("its index is missing", self.study) from None
+        except OSError as e:
+            raise io_fault(e.errno or errno.EIO, "opened", self.path, self.study) from None
+        if size < _MIN_FILE:    # LMDB would take an empty file for a new environment and write one
+            raise IndexUnusable(f"its index is damaged (data.mdb is {size} bytes: empty or cut short)", self.study)
+        lockless = not write and not os.path.exists(os.path.join(self.path, "lock.mdb"))
+        self.env = _open_env(self.path, durable, create=False, lockless=lockless)
+        self.ident = _idents.get(self.path)
+        try:
+            self._check_size(data)
+            if not lockless:
+                self.env.reader_check()   # slots of readers killed mid-read: else LMDB cannot reuse their pages
+            name = ""
+            try:
+                for name in DB_NAMES:
+                    setattr(self, name, self.env.open_db(name.encode(), create=False, dupsort=name == "refs"))
+            except lmdb.NotFoundError:
+                raise IndexUnusable(f"its index is damaged (it has no {name!r} database)", self.study) from None
+            fmt = self.state().format
+            if fmt is None:
+                raise IndexUnusable("its index is damaged (it records no format)", self.study)
+            if fmt != INDEX_FORMAT:
+                raise IndexUnusable(f"its index has format {fmt.decode('ascii', 'replace')!r}, which this "
+                                    "eidetic does not read", self.study)
+        except BaseException:
+            self.close()    # a damaged environment is not kept for the next open
+            raise
+
+    def _check_size(self, data: str) -> None:
+        """LMDB maps data.mdb and trusts its meta page: a page past the end of
+        a file cut short would kill the process (SIGBUS) when touched."""
+        need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        size = os.stat(data).st_size
+        if size < need:
+            raise IndexUnusable(f"its index is damaged (data.mdb is {size} bytes, its last page ends at "
+                                f"{need}: cut short)", self.study)
+
     # ---------------------------------------------------------------- state
 
-    def applied(self) -> tuple[int, str | None]:
-        with self.env.begin() as txn:
-            seq = txn.get(b"applied", db=self.meta)
-            head = txn.get(b"head", db=self.meta)
-        return (struct.unpack(">Q", seq)[0] if seq else 0), (head.decode() if head else None)
+    @_reads
+    def state(self, txn: lmdb.Transaction | None = None) -> IndexState:
+        if txn is not None:
+            return self._state_in(txn)
+        with self.env.begin() as t:
+            return self._state_in(t)
 
+    def _state_in(self, txn: lmdb.Transaction) -> IndexState:
+        seq = txn.get(b"applied", db=self.meta)
+        head = txn.get(b"head", db=self.meta)
+        partial = txn.get(b"partial", db=self.meta)
+        return IndexState(_SEQ.unpack(seq)[0] if seq else 0, head.decode("ascii") if head else None,
+                          struct.unpack(">QQQ", partial) if partial else None, txn.get(b"format", db=self.meta))
+
+    def applied(self) -> tuple[int, str | None]:
+        st = self.state()
+        return st.applied, st.head
+
+    @staticmethod
+    def _limit(txn: lmdb.Transaction, meta) -> int:
+        """The last manifest a reader may see in *txn*: the last one applied whole."""
+        v = txn.get(b"applied", db=meta)
+        return _SEQ.unpack(v)[0] if v else 0
+
+    @_reads
     def is_trusted(self, oid: str) -> bool:
         with self.env.begin() as txn:
             return txn.get(bytes.fromhex(oid), db=self.objects) is not None
 
+    @_reads
     def size_seen(self, size: int) -> bool:
         if size < LARGE_OBJECT:
             return False
         with self.env.begin() as txn:
             return txn.get(_seq(size), db=self.bysize) is not None
 
+    def writable(self) -> bool:
+        """Still open, read-write, and on the data.mdb in place (a writer may keep using it)."""
+        with _envs_lock:
+            if _envs.get(self.path) is not self.env:
+                return False
+        try:
+            if self.env.flags()["readonly"]:
+                return False
+        except lmdb.Error:
+            return False
+        return not self.replaced()
+
+    def replaced(self) -> bool:
+        """Is data.mdb no longer the file this environment has open (swapped
+        by 'fsck --repair' in another process, or removed)?"""
+        return _ident(os.path.join(self.path, "data.mdb")) != self.ident
+
+    def verify_structure(self) -> list[str]:
+        """Every structural problem of data.mdb, [] when sound: lmdb's own
+        offline verifier, in pure Python, so damage that would make LMDB abort
+        the process (its assertions do) is found without LMDB touching it."""
+        from lmdb import verify as lmdb_verify
+
+        try:
+            problems = lmdb_verify.verify(self.path)
+        except lmdb_verify.VerifyError as e:
+            problems = [str(e)]
+        except OSError as e:
+            raise io_fault(e.errno or errno.EIO, "read", self.path, self.study) from None
+        self.verified = not problems
+        return problems
+
+    @_reads
+    def last_txnid(self) -> int:
+        return self.env.info()["last_txnid"]
+
+    @_reads
+    def begin_read(self) -> lmdb.Transaction:
+        """A read transaction to pin (fsck): one snapshot for every query given it."""
+        return self.env.begin()
+
     # ---------------------------------------------------------------- apply
 
-    def apply_manifest(self, path: str | bytes, visit: Callable[[Version], None] | None = None) -> int:
+    @_writes
+    def apply_manifest(self, path: str | bytes, visit: Callable[[Version], None] | None = None,
+                       stop_after: int | None = None) -> int:
         """Apply one committed manifest (the next in sequence); idempotent and
         resumable: progress is committed every CHUNK_RECORDS records.
 
         *visit* is called with each new version before the chunk holding it
         commits (ingest places tree names there, so a committed chunk always
-        has its names).  Returns the number of new path-versions."""
+        has its names).  *stop_after* commits after that many records and
+        stops, as if interrupted there (fsck: to compare with an index caught
+        half-way).  Returns the number of new path-versions."""
         reader = ManifestReader(path)
         h = reader.header
         done_seq, _ = self.applied()
@@ -178,6 +408,9 @@ class Index:
             pseq, start, new_versions = struct.unpack(">QQQ", partial)
             if pseq != h.seq:
                 start, new_versions = 0, 0
+        if stop_after is not None and stop_after <= start:
+            reader.close()
+            return new_versions
         pos = 0
         txn = self._begin_write()
         try:
@@ -191,9 +424,12 @@ class Index:
                         new_versions += 1
                         if visit is not None:
                             visit(v)
-                if pos % CHUNK_RECORDS == 0:
+                if pos % CHUNK_RECORDS == 0 or pos == stop_after:
                     txn.put(b"partial", struct.pack(">QQQ", h.seq, pos, new_versions), db=self.meta)
                     txn.commit()
+                    if pos == stop_after:
+                        reader.close()
+                        return new_versions
                     txn = self._begin_write()
             info = reader.info
             assert info is not None
@@ -218,7 +454,10 @@ class Index:
             txn.delete(b"partial", db=self.meta)
             txn.commit()
         except BaseException:
-            txn.abort()
+            try:
+                txn.abort()
+            except lmdb.Error:   # already ended by the failed commit: the error being raised says why
+                pass
             raise
         return new_versions
 
@@ -244,9 +483,19 @@ class Index:
         for key, value in _cut_name_entries(path, n, stamp):
             txn.put(path_key(key), value, db=self.cutnames)
 
-    # ---------------------------------------------------------------- query
+    @_writes
+    def sync(self) -> None:
+        """Make everything committed durable (after building with durable=False)."""
+        self.env.sync(True)
 
-    def _latest_in(self, txn: lmdb.Transaction, path: bytes) -> Version | None:
+    # ---------------------------------------------------------------- query
+    #
+    # Each query filters to versions whose seq is at most `applied`, read in
+    # its own transaction: a manifest being applied (seq applied+1) is seen
+    # whole or not at all.  A path has at most one version per manifest.
+
+    def _latest_in(self, txn: lmdb.Transaction, path: bytes, limit: int | None = None) -> Version | None:
+        """The path's latest version; *limit* None (the writer, mid-apply) sees every one."""
         pk = path_key(path)
         cur = txn.cursor(db=self.versions)
         if not cur.set_range(pk + b"\0\xff\xff\xff\xff"):
@@ -254,119 +503,269 @@ class Index:
                 return None
         elif not cur.prev():
             return None
-        key = cur.key()
-        if key[:-5] != pk or key[-5:-4] != b"\0":
-            return None
-        return _decode_version(key, cur.value())
+        while True:
+            key = cur.key()
+            if key[:-5] != pk or key[-5:-4] != b"\0":
+                return None
+            value = cur.value()
+            if limit is None or _SEQ.unpack_from(value)[0] <= limit:
+                return _decode_version(key, value)
+            if not cur.prev():
+                return None
 
+    @_reads
     def latest(self, path: bytes) -> Version | None:
         with self.env.begin() as txn:
-            return self._latest_in(txn, path)
+            return self._latest_in(txn, path, self._limit(txn, self.meta))
 
+    @_reads
     def versions_of(self, path: bytes) -> list[Version]:
         out = []
         prefix = path_key(path) + b"\0"
         with self.env.begin() as txn:
+            limit = self._limit(txn, self.meta)
             cur = txn.cursor(db=self.versions)
             if cur.set_range(prefix):
                 for k, v in cur:
-                    if not k.startswith(prefix) or len(k) != len(prefix) + 4:
+                    if not k.startswith(prefix) or len(k) != len(prefix) + 4 or _SEQ.unpack_from(v)[0] > limit:
                         break
                     out.append(_decode_version(k, v))
         return out
 
+    @_reads
     def version(self, path: bytes, n: int) -> Version | None:
         with self.env.begin() as txn:
             v = txn.get(_vkey(path, n), db=self.versions)
-        return _decode_version(_vkey(path, n), v) if v else None
+            if v is None or _SEQ.unpack_from(v)[0] > self._limit(txn, self.meta):
+                return None
+        return _decode_version(_vkey(path, n), v)
 
+    @_streams
     def iter_versions(self, prefix: bytes = b"") -> Iterator[Version]:
         """Every version of every path under directory *prefix* (b"" = all), in key order.
         Streams: a read transaction per call, no list in memory."""
+        with self.env.begin() as txn:
+            yield from self._iter_in(txn, prefix, self._limit(txn, self.meta))
+
+    def _iter_in(self, txn: lmdb.Transaction, prefix: bytes, limit: int) -> Iterator[Version]:
         dprefix = prefix.rstrip(b"/") + b"/" if prefix else b""
         scan = dprefix[:KEY_ROOM]   # a long key keeps only its path's first KEY_ROOM bytes
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self.versions)
-            if not cur.set_range(scan):
-                return
-            for k, v in cur:
-                if not k.startswith(scan):
-                    break
-                ver = _decode_version(k, v)
-                if ver.path.startswith(dprefix):
-                    yield ver
+        cur = txn.cursor(db=self.versions)
+        if not cur.set_range(scan):
+            return
+        for k, v in cur:
+            if not k.startswith(scan):
+                break
+            if _SEQ.unpack_from(v)[0] > limit:
+                continue
+            ver = _decode_version(k, v)
+            if ver.path.startswith(dprefix):
+                yield ver
 
+    @_reads
     def path_count(self) -> int:
         """How many distinct paths have a version: keys only, nothing decoded
-        (every path has exactly one version 1)."""
+        (every path has exactly one version 1), unless a manifest is being
+        applied (then the seq of each version 1 is read too)."""
         first = b"\0" + struct.pack(">I", 1)
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.versions)
-            return sum(1 for k in cur.iternext(keys=True, values=False) if k.endswith(first))
+            if txn.get(b"partial", db=self.meta) is None:
+                return sum(1 for k in cur.iternext(keys=True, values=False) if k.endswith(first))
+            limit = self._limit(txn, self.meta)
+            return sum(1 for k, v in cur if k.endswith(first) and _SEQ.unpack_from(v)[0] <= limit)
 
-    def has_path(self, path: bytes) -> bool:
+    def _has_path_in(self, txn: lmdb.Transaction, path: bytes, limit: int) -> bool:
         prefix = path_key(path) + b"\0"
+        cur = txn.cursor(db=self.versions)
+        # the first key of a path is its version 1, the oldest: visible if any is
+        return (cur.set_range(prefix) and cur.key().startswith(prefix)
+                and _SEQ.unpack_from(cur.value())[0] <= limit)
+
+    @_reads
+    def has_path(self, path: bytes) -> bool:
         with self.env.begin() as txn:
-            cur = txn.cursor(db=self.versions)
-            return cur.set_range(prefix) and cur.key().startswith(prefix)
+            return self._has_path_in(txn, path, self._limit(txn, self.meta))
 
+    @_reads
     def has_dir(self, path: bytes) -> bool:
-        return next(self.iter_versions(path), None) is not None
+        with self.env.begin() as txn:
+            return next(self._iter_in(txn, path, self._limit(txn, self.meta)), None) is not None
 
+    @_reads
     def resolve_cut(self, tree_rel: bytes) -> tuple[bytes, int | None] | None:
         with self.env.begin() as txn:
             v = txn.get(path_key(tree_rel), db=self.cutnames)
-        if v is None:
+            if v is None:
+                return None
+            limit = self._limit(txn, self.meta)
+            if len(v) > 5 and v[-5:-4] == b"\0":
+                path, n = v[:-5], struct.unpack(">I", v[-4:])[0]
+                ver = txn.get(_vkey(path, n), db=self.versions)
+                return (path, n) if ver is not None and _SEQ.unpack_from(ver)[0] <= limit else None
+            if self._has_path_in(txn, v, limit) or next(self._iter_in(txn, v, limit), None) is not None:
+                return v, None
             return None
-        if len(v) > 5 and v[-5:-4] == b"\0":
-            return v[:-5], struct.unpack(">I", v[-4:])[0]
-        return v, None
 
+    @_reads
     def upload(self, seq: int) -> dict | None:
         with self.env.begin() as txn:
+            if seq > self._limit(txn, self.meta):
+                return None
             v = txn.get(_seq(seq), db=self.uploads)
         return json.loads(v) if v else None
 
+    @_reads
     def upload_seq(self, upload_id: str) -> int | None:
         with self.env.begin() as txn:
             v = txn.get(upload_id.encode(), db=self.upload_ids)
-        return struct.unpack(">Q", v)[0] if v else None
+            seq = _SEQ.unpack(v)[0] if v else None
+            return seq if seq is not None and seq <= self._limit(txn, self.meta) else None
 
+    @_streams
     def iter_objects(self) -> Iterator[tuple[str, int]]:
         with self.env.begin() as txn:
+            limit = self._limit(txn, self.meta)
             for k, v in txn.cursor(db=self.objects):
-                yield k.hex(), struct.unpack(">QQ", v)[0]
+                size, seq = struct.unpack(">QQ", v)
+                if seq <= limit:
+                    yield k.hex(), size
 
+    @_reads
     def stats(self) -> dict:
         with self.env.begin() as txn:
-            return {"path_versions": txn.stat(self.versions)["entries"],
-                    "objects": txn.stat(self.objects)["entries"],
+            versions = txn.stat(self.versions)["entries"]
+            objects = txn.stat(self.objects)["entries"]
+            partial = txn.get(b"partial", db=self.meta)
+            if partial:   # leave out what the manifest being applied added so far
+                versions -= struct.unpack(">QQQ", partial)[2]
+                limit = self._limit(txn, self.meta)
+                objects -= sum(1 for v in txn.cursor(db=self.objects).iternext(keys=False, values=True)
+                               if struct.unpack_from(">QQ", v)[1] > limit)
+            return {"path_versions": versions, "objects": objects,
                     "uploads": txn.stat(self.uploads)["entries"]}
 
-    def dump(self) -> Iterator[tuple[str, bytes, bytes]]:
-        """Every (db, key, value) in a fixed order: for comparing two indexes."""
-        names = ["meta", "versions", "objects", "refs", "bysize", "uploads", "upload_ids", "cutnames"]
-        with self.env.begin() as txn:
-            for name in names:
-                cur = txn.cursor(db=getattr(self, name))
-                for k, v in cur:  # MDB_NEXT visits every duplicate too
-                    yield name, bytes(k), bytes(v)
+    @_streams
+    def dump(self, txn: lmdb.Transaction | None = None) -> Iterator[tuple[str, bytes, bytes]]:
+        """Every (db, key, value) in a fixed order, unfiltered (in *txn*, if
+        given): for comparing two indexes."""
+        if txn is not None:
+            yield from self._dump_in(txn)
+            return
+        with self.env.begin() as t:
+            yield from self._dump_in(t)
+
+    def _dump_in(self, txn: lmdb.Transaction) -> Iterator[tuple[str, bytes, bytes]]:
+        for name in DB_NAMES:
+            cur = txn.cursor(db=getattr(self, name))
+            for k, v in cur:  # MDB_NEXT visits every duplicate too
+                yield name, bytes(k), bytes(v)
 
     def close(self) -> None:
+        env = getattr(self, "env", None)
+        if env is None:
+            return
         with _envs_lock:
-            env = _envs.pop(self.path, None)
-        if env is not None:
-            env.close()
+            if _envs.get(self.path) is env:
+                del _envs[self.path]
+                _idents.pop(self.path, None)
+        env.close()
 
 
-def _open_env(path: str, durable: bool = True) -> lmdb.Environment:
-    # LMDB must not be opened twice in one process (FACTS.md): share one.
+class EmptyIndex:
+    """What readers see of a study with no upload and no index file yet:
+    nothing (and nothing is created for them)."""
+
+    path = ""
+    verified = True
+
+    def state(self, txn=None) -> IndexState:
+        return IndexState(0, None, None, INDEX_FORMAT)
+
+    def applied(self) -> tuple[int, str | None]:
+        return 0, None
+
+    def latest(self, path: bytes) -> None:
+        return None
+
+    def version(self, path: bytes, n: int) -> None:
+        return None
+
+    def versions_of(self, path: bytes) -> list[Version]:
+        return []
+
+    def iter_versions(self, prefix: bytes = b"") -> Iterator[Version]:
+        return iter(())
+
+    def iter_objects(self) -> Iterator[tuple[str, int]]:
+        return iter(())
+
+    def path_count(self) -> int:
+        return 0
+
+    def has_path(self, path: bytes) -> bool:
+        return False
+
+    def has_dir(self, path: bytes) -> bool:
+        return False
+
+    def resolve_cut(self, tree_rel: bytes) -> None:
+        return None
+
+    def upload(self, seq: int) -> None:
+        return None
+
+    def upload_seq(self, upload_id: str) -> None:
+        return None
+
+    def stats(self) -> dict:
+        return {"path_versions": 0, "objects": 0, "uploads": 0}
+
+    def replaced(self) -> bool:
+        return True      # never kept by a writer: prepare_index opens or makes the real one
+
+    def close(self) -> None:
+        pass
+
+
+def _ident(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_env(path: str, durable: bool = True, create: bool = True, lockless: bool = False) -> lmdb.Environment:
+    """This process's environment on the index at *path* (one per data file:
+    FACTS.md), opened anew if data.mdb is not the file it has open."""
+    data = os.path.join(path, "data.mdb")
     with _envs_lock:
         env = _envs.get(path)
-        if env is None:
+        if env is not None:
+            if _ident(data) == _idents.get(path) and (lockless or not env.flags()["readonly"]):
+                return env
+            # Swapped in by 'fsck --repair' elsewhere, removed, or a read-only view a writer
+            # now needs: the old environment is of no more use (and may hold the same lock.mdb).
+            del _envs[path]
+            _idents.pop(path, None)
+            env.close()
+        if create:
             os.makedirs(path, mode=0o700, exist_ok=True)
-            env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=16, subdir=True, readahead=False,
-                            sync=durable, metasync=durable)
-            _envs[path] = env
+        env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=16, subdir=True, readahead=False,
+                        sync=durable, metasync=durable, create=create, readonly=lockless, lock=not lockless)
+        _envs[path] = env
+        ident = _ident(data)
+        if ident is not None:
+            _idents[path] = ident
         return env
 
+
+def close_env_at(path: str) -> None:
+    """Close this process's environment on the index at *path*, if open (before it is swapped)."""
+    path = os.path.realpath(path)
+    with _envs_lock:
+        env = _envs.pop(path, None)
+        _idents.pop(path, None)
+    if env is not None:
+        env.close()

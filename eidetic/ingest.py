@@ -251,8 +251,8 @@ class Ingester:
         """Bring the store to a consistent state and finish claimed entries.
         Call with the store lock held."""
         store.clean_tmp()
-        seq, _ = store.recover_head()
-        self.catch_up_index(store, seq)
+        store.recover_head()
+        store.prepare_index(self.log)   # caught up, or rebuilt if missing/damaged/stale (said in one line)
         results = []
         for cl in self.state.claims(store.name):
             if self.should_stop():
@@ -262,9 +262,8 @@ class Ingester:
         return results
 
     def catch_up_index(self, store: Store, head_seq: int) -> None:
-        applied, _ = store.index.applied()
-        for s in range(applied + 1, head_seq + 1):
-            store.index.apply_manifest(store.manifest_path(s))
+        """Bring the index to HEAD (*head_seq*), repairing it if need be (lock held)."""
+        store.prepare_index(self.log)
 
     # ------------------------------------------------------------ process
 

@@ -1,10 +1,11 @@
 """What each study's inbox, state and store look like right now (``eidetic status``).
 
 Read-only and lock-free: it never takes a store lock, so it works while a
-daemon ingests (LMDB readers do not block its writer).  It never creates
-anything either: a store whose index was never opened (no ``data.mdb``) is
-reported without one, because an index created by root here would later be
-unwritable for the service user.
+daemon ingests (LMDB readers do not block its writer; an upload being applied
+is counted once it is whole).  It never creates anything either (an index
+created by root here would later be unwritable for the service user): an
+index that is missing, damaged or out of step with HEAD is reported as such
+(``index_error``, exit status 3), with the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from . import inbox as inbox_mod
 from .config import Config, StudyConfig
-from .errors import EideticError
+from .errors import EideticError, IndexUnusable
 from .fsutil import disk_percent_used
 from .inbox import RECORD_KINDS, Candidate, Claim, PartialEntry, StateDir, user_name
 from .manifest import encode_bytes
@@ -125,6 +126,7 @@ class StudyStatus:
     total_bytes: int | None = None
     daemon_pid: int | None = None          # -1: running, pid unknown
     errors: list[str] = field(default_factory=list)
+    index_error: str | None = None         # the index may not be used (IndexUnusable's message)
 
     @property
     def daemon_running(self) -> bool:
@@ -148,6 +150,7 @@ class StudyStatus:
             "daemon": {"running": self.daemon_running,
                        "pid": self.daemon_pid if self.daemon_pid and self.daemon_pid > 0 else None},
             "errors": list(self.errors),
+            "index_error": self.index_error,
         }
 
 
@@ -159,6 +162,10 @@ class Status:
     @property
     def daemon_running(self) -> bool:
         return any(s.daemon_running for s in self.studies.values())
+
+    @property
+    def index_unusable(self) -> bool:
+        return any(s.index_error is not None for s in self.studies.values())
 
     @property
     def has_failed(self) -> bool:
@@ -261,20 +268,14 @@ def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
         manifests = [store.manifest_path(n) for n in store.manifest_seqs()]
         manifest_bytes = sum(os.lstat(p).st_size for p in manifests)
         index_dir = os.path.join(s.store, "index")
-        if not os.path.exists(os.path.join(index_dir, "data.mdb")):
-            # Never opened: nothing was ingested yet, or it was removed for a rebuild.
-            st.uploads = len(manifests)
-            if not manifests:
-                st.paths = st.versions = st.objects = 0
-                st.store_bytes = 0
-            return
-        idx = store.index
+        idx = store.index      # checked against HEAD; nothing is made (IndexUnusable otherwise)
         stats = idx.stats()
         st.uploads = stats["uploads"]
         st.versions = stats["path_versions"]
         st.objects = stats["objects"]
         st.paths = idx.path_count()
-        index_bytes = sum(os.lstat(os.path.join(index_dir, n)).st_size for n in os.listdir(index_dir))
+        index_bytes = sum(os.lstat(os.path.join(index_dir, n)).st_size for n in os.listdir(index_dir)) \
+            if os.path.isdir(index_dir) else 0
         st.store_bytes = sum(size for _oid, size in idx.iter_objects()) + manifest_bytes + index_bytes
         if st.last_ingest is None and st.uploads:
             applied, _ = idx.applied()
@@ -283,6 +284,11 @@ def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
                 st.last_ingest = LastIngest(up.get("received", ""), up.get("upload", ""),
                                             str(up.get("entry", "")).encode("utf-8", "surrogateescape"),
                                             int(up.get("files", 0)), int(up.get("bytes", 0)), applied)
+    except IndexUnusable as e:
+        # What the store holds is unknown; never a count of 0 for a study with uploads.
+        st.uploads = st.paths = st.versions = st.objects = st.store_bytes = None
+        st.index_error = e.message
+        st.errors.append(e.message)
     except (OSError, EideticError) as e:
         msg = e.message if isinstance(e, EideticError) else f"{e.strerror}: {e.filename}"
         st.errors.append(f"store {s.store}: {msg}")

@@ -18,15 +18,19 @@ import fcntl
 import os
 import shutil
 import stat
+import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from . import layout
 from .config import StudyConfig
-from .errors import LockBusy, StoreFormatError, StoreIOError
-from .fsutil import AtomicFile, SyncFailed, makedirs, syncfs, write_atomic
+from .errors import IndexUnusable, IntegrityError, LockBusy, StoreFormatError, StoreIOError
+from .fsutil import TEMP_PREFIX, AtomicFile, SyncFailed, fsync_dir, makedirs, syncfs, write_atomic
 from .manifest import Header, ManifestWriter
 from .objects import ObjectStore
+
+if TYPE_CHECKING:   # lmdb (through index) is loaded only by whoever opens an index
+    from .index import EmptyIndex, Index, IndexState
 
 def describe_io_error(e: OSError, doing: str, root: str) -> str:
     """One line for an I/O error of a store: what failed, and what to do."""
@@ -76,6 +80,7 @@ class Store:
                          mode=0o444)
         store = cls(study)
         store.check_format()
+        store._create_empty_index()
         return store
 
     @classmethod
@@ -100,17 +105,211 @@ class Store:
             raise StoreFormatError(f"this store belongs to study {lines.get('study')!r}, not {self.name!r}",
                                    self.root)
 
+    # ---------------------------------------------------------------- index
+    #
+    # The index is a cache of the manifests (store_format.md, "Index").  A
+    # reader (log, checkout, status) never writes to the store and never
+    # makes an index: it opens the one there, checks it is in step with HEAD
+    # and refuses it (IndexUnusable) if not.  A writer, holding the store
+    # lock, calls prepare_index(): it catches a merely-behind index up and
+    # rebuilds any other from the manifests.
+
     @property
-    def index(self):
+    def index(self) -> "Index | EmptyIndex":
+        """The index: the writer's after :meth:`prepare_index`, else opened for
+        reading (checked against HEAD; IndexUnusable when it may not be used)."""
         if self._index is None:
-            from .index import Index  # lmdb only when needed
-            self._index = Index(os.path.join(self.root, "index"))
+            self._index = self._open_for_reading()
         return self._index
 
     def close(self) -> None:
         if self._index is not None:
             self._index.close()
             self._index = None
+
+    @property
+    def index_path(self) -> str:
+        return os.path.join(self.root, "index")
+
+    def _open_for_reading(self) -> "Index | EmptyIndex":
+        from .index import EmptyIndex, Index  # lmdb only when needed
+
+        if not os.path.exists(os.path.join(self.index_path, "data.mdb")):
+            head_seq, _ = self.head()
+            if head_seq == 0 and not self.manifest_seqs():
+                return EmptyIndex()        # nothing uploaded yet: nothing to show, nothing made
+            raise IndexUnusable("its index is missing", self.name)
+        idx = Index(self.index_path, study=self.name, create=False, write=False)
+        try:
+            self._check_in_step(idx)
+        except BaseException:
+            idx.close()
+            raise
+        return idx
+
+    def _check_in_step(self, idx: "Index") -> None:
+        """Refuse an index out of step with HEAD.  HEAD is read after the
+        index: a writer finishing in between shows as a change, and the check
+        is made again rather than report a state that never was."""
+        problem = None
+        for _ in range(5):
+            st = idx.state()
+            head = self.head()
+            kind, problem = self._index_problem(st, *head)
+            if kind is None:
+                return
+            if kind == "behind" and st.applied == head[0] - 1 and self.lock_busy():
+                # An ingest is applying manifest HEAD: readers see the state as of
+                # `applied` (whole uploads only; index.py filters every query to it).
+                return
+            if idx.state() == st and self.head() == head:
+                break
+        raise IndexUnusable(problem or "its index is out of step with HEAD", self.name)
+
+    def _index_problem(self, st: "IndexState", head_seq: int, head_digest: str | None) -> tuple[str | None, str]:
+        """(None, "") when the index state *st* is in step with HEAD; else
+        ("behind", detail) when it is of this chain but has not applied every
+        manifest (catching up fixes it), or ("bad", detail) (a rebuild does)."""
+        if st.partial is not None and st.partial[0] != st.applied + 1:
+            return "bad", (f"its index is damaged (it has applied {st.applied} uploads and part of "
+                           f"upload {st.partial[0]})")
+        if st.applied > head_seq:
+            return "bad", (f"its index is ahead of HEAD: it has applied {st.applied} uploads, HEAD names "
+                           f"{head_seq} (it is not of these manifests)")
+        want = head_digest if st.applied == head_seq else self._digest_of(st.applied)
+        if st.applied and want is not None and st.head != want:
+            return "bad", (f"its index does not match the manifests (another history: it records manifest "
+                           f"{st.applied} as {st.head}, the manifests say {want})")
+        if st.applied < head_seq:
+            return "behind", f"its index is behind HEAD: it has applied {st.applied} of {head_seq} uploads"
+        return None, ""
+
+    def _digest_of(self, seq: int) -> str | None:
+        """The digest of manifest *seq*, as the next manifest's prev records it
+        (one header read); None if that cannot be read (the caller's apply or
+        fsck will say why)."""
+        from .manifest import ManifestReader
+
+        try:
+            r = ManifestReader(self.manifest_path(seq + 1))
+            r.close()
+        except (IntegrityError, OSError):
+            return None
+        return r.header.prev
+
+    def lock_busy(self) -> bool:
+        """Does another process hold the store lock now?  Probed with a
+        shared, non-blocking flock on a read-only descriptor, released at
+        once: a reader never waits for a writer, nor makes the lock file."""
+        try:
+            fd = os.open(os.path.join(self.root, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        finally:
+            os.close(fd)    # closing releases the probe
+        return False
+
+    def prepare_index(self, log: Callable[[str], None] | None = None) -> "Index":
+        """The index, fit for the writer: call with the store lock held.
+
+        An index merely behind HEAD (of this chain) is caught up; a missing,
+        empty, cut short, damaged, stale (of another history) or ahead-of-HEAD
+        one is rebuilt from every manifest and swapped in.  Either is said in
+        one *log* line.  An environment this process kept open across lock
+        sessions (the daemon) is reopened if 'fsck --repair' swapped the
+        index meanwhile; a newly opened one is verified page by page first."""
+        from .index import Index
+
+        say = log or (lambda _line: None)
+        idx = self._index if isinstance(self._index, Index) and self._index.writable() else None
+        if self._index is not None and (idx is None or idx.replaced()):
+            self.close()       # not ours to write, or no longer the file in place
+            idx = None
+        head_seq, head_digest = self.head()
+        problem: str | None = None
+        if idx is None:
+            if not os.path.exists(os.path.join(self.index_path, "data.mdb")):
+                problem = "its index was missing"
+            else:
+                try:
+                    idx = Index(self.index_path, study=self.name, create=False)
+                except IndexUnusable as e:
+                    problem = _past(str(e.kwargs["detail"]))
+        if idx is not None and problem is None and not idx.verified:
+            bad = idx.verify_structure()
+            if bad:
+                problem = f"its index was damaged ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})"
+        if idx is not None and problem is None:
+            try:
+                st = idx.state()
+                kind, detail = self._index_problem(st, head_seq, head_digest)
+                if kind == "behind":
+                    for seq in range(st.applied + 1, head_seq + 1):
+                        idx.apply_manifest(self.manifest_path(seq))
+                    say(f"study {self.name}: {_past(detail)}; caught it up")
+                elif kind == "bad":
+                    problem = _past(detail)
+            except IndexUnusable as e:
+                problem = _past(str(e.kwargs["detail"]))
+        if problem is None:
+            self._index = idx
+            return idx
+        self.close()
+        if idx is not None:
+            idx.close()
+        n = self.rebuild_index()
+        if problem != "its index was missing" or n:
+            say(f"study {self.name}: {problem}; rebuilt it from {n} manifest(s)")
+        assert self._index is not None
+        return self._index  # type: ignore[return-value]
+
+    def rebuild_index(self) -> int:
+        """Build a new index from every manifest up to HEAD in tmp/ and swap
+        it in (call with the store lock held).  Returns how many manifests it
+        applied.  The build skips LMDB's fsync per chunk and syncs once."""
+        from .index import Index, close_env_at
+
+        head, _ = self.head()
+        tmp = os.path.join(self.root, "tmp")
+        makedirs(os.fsencode(tmp), 0o700)
+        work = tempfile.mkdtemp(prefix=TEMP_PREFIX + "index-", dir=tmp)
+        try:
+            new_path = os.path.join(work, "index")
+            new = Index(new_path, durable=False, study=self.name)
+            try:
+                for seq in range(1, head + 1):
+                    new.apply_manifest(self.manifest_path(seq))
+                new.sync()
+            finally:
+                new.close()
+            fsync_dir(new_path)
+            live = self.index_path
+            self.close()
+            close_env_at(live)     # this process's environment on the old files, if any
+            if os.path.lexists(live):
+                os.rename(live, os.path.join(work, "old-index"))
+            os.rename(new_path, live)
+            fsync_dir(self.root)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        idx = Index(live, study=self.name, create=False)
+        idx.verified = True        # just built by this process
+        self._index = idx
+        return head
+
+    def _create_empty_index(self) -> None:
+        """init: a new store gets its (empty) index now, made by whoever runs
+        init (the service user's, after init's chown), not later by a reader.
+        A store with manifests and no index is left for a writer to rebuild."""
+        from .index import Index
+
+        if os.path.exists(os.path.join(self.index_path, "data.mdb")) or self.manifest_seqs():
+            return
+        Index(self.index_path, study=self.name).close()
 
     # ----------------------------------------------------------------- lock
 
@@ -238,3 +437,10 @@ class Store:
     def sync(self) -> None:
         syncfs(self.root)
 
+
+def _past(detail: str) -> str:
+    """An index problem's detail told in the past tense (it is being repaired)."""
+    for now, then in (("its index is ", "its index was "), ("its index has ", "its index had "),
+                      ("its index does not", "its index did not"), ("it has applied", "it had applied")):
+        detail = detail.replace(now, then)
+    return detail

@@ -559,12 +559,14 @@ def test_missing_tree_is_reported_and_recreated(two):
     assert list(two.check()) == []
 
 
-def test_interrupted_ingest_before_the_index_leaves_warnings_only(env, monkeypatch):
+def test_interrupted_ingest_before_the_index_is_an_error_because_readers_refuse_it(env, monkeypatch):
+    # No ingest holds the lock, so nothing will catch the index up by itself, and log/checkout
+    # refuse an index behind HEAD: an error (E044), no longer the warning W042 it was.
     crash_second_upload(env, monkeypatch, Index, "apply_manifest")
     findings = env.check()
-    assert set(codes_of(findings)) == {"W042", "W036"}
-    assert not findings.errors
-    env.repair()
+    assert set(codes_of(findings)) == {"E044", "W036"}
+    rep = env.repair()
+    assert any("caught it up" in line for line in rep.done), rep.done
     assert list(env.check()) == []
 
 

@@ -40,13 +40,14 @@ class _Bars:
             self.bar = None
 
 
-def _check(store, name: str, quick: bool):
-    """fsck.check with progress bars on a terminal (tqdm(disable=None) would be silent anyway)."""
+def _check(store, name: str, quick: bool, lock: bool):
+    """fsck.check with progress bars on a terminal (tqdm(disable=None) would be silent anyway).
+    Only --repair holds the store lock while checking: a plain check never makes an ingest wait."""
     from eidetic import fsck
 
     bars = _Bars(name) if is_tty() else None
     try:
-        return fsck.check(store, quick=quick, progress=bars, lock=True)
+        return fsck.check(store, quick=quick, progress=bars, lock=lock)
     finally:
         if bars is not None:
             bars.close()
@@ -78,7 +79,7 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
     out = warn if as_json else say
     for name in names:
         store = Store(cfg.study(name))
-        findings = _check(store, name, quick)
+        findings = _check(store, name, quick, repair)
         if repair and findings:
             rep = fsck.repair(store, findings)
             for line in rep.done:
@@ -89,7 +90,7 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
                 out(f"{name}: note: {line}")
             if rep.lost_and_found:
                 out(f"{name}: files moved aside are in {rep.lost_and_found}")
-            findings = _check(store, name, quick)
+            findings = _check(store, name, quick, repair)
         hashed += findings.stats["hashed_bytes"]
         objects += findings.stats["objects"]
         for f in findings:

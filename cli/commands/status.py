@@ -23,16 +23,19 @@ def command(ctx: Ctx, study: str | None, as_json: bool) -> None:
     uploads, the last ingest, what the store holds, how full its file system
     is, and whether a daemon serves it; then entries that map to no study.
 
-    Takes no lock: safe while the daemon runs.  Exit status 1 when a failed
-    entry is waiting in an inbox for someone to act on it, else 0.
+    Takes no lock: safe while the daemon runs.  Exit status 3 when a
+    study's index may not be used (it says which command rebuilds it), else
+    1 when a failed entry is waiting in an inbox for someone to act on it,
+    else 0.
     """
     from eidetic.layout import display
     from eidetic.status import status
 
     st = status(ctx.cfg, study)
+    code = 3 if st.index_unusable else 1 if st.has_failed else 0
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=1, sort_keys=False))
-        sys.exit(1 if st.has_failed else 0)
+        sys.exit(code)
     for name, s in st.studies.items():
         daemon = ("daemon running" + (f" (pid {s.daemon_pid})" if s.daemon_pid and s.daemon_pid > 0 else "")
                   if s.daemon_running else "no daemon running")
@@ -69,4 +72,4 @@ def command(ctx: Ctx, study: str | None, as_json: bool) -> None:
         say("entries that map to no study:")
         for u in st.unknown:
             say(f"  {display(u.entry)} in {u.inbox}: {u.state}" + (f" ({u.reason})" if u.reason else ""))
-    sys.exit(1 if st.has_failed else 0)
+    sys.exit(code)
