@@ -8,27 +8,32 @@ unknown store marker is fatal (nothing else can be read safely).
 What is compared with what:
 
 * the manifests are read in sequence order, their chain checked (``prev``,
-  sequence numbers, HEAD) and replayed into a *fresh* index in the store's
-  ``tmp/`` (not fsynced, thrown away afterwards): the truth about the store;
-* the live index is compared with the fresh one (``Index.dump()``) at the
-  point where both have applied the same number of manifests;
-* the tree is checked as one merge of two streams: the index's versions in
-  key order (a depth-first order of the uploaded paths) against one
-  ``scandir`` listing per directory (names, kinds and inode numbers in one
-  go).  Expected names are popped from the listings; what is not there is
-  missing, what is left over no version accounts for;
+  sequence numbers, HEAD) and replayed into a *fresh* index in the system's
+  temp directory (not fsynced, thrown away afterwards): the truth about the
+  store;
+* the live index is read through one pinned read transaction (a snapshot:
+  plain fsck takes no lock, and an ingest may go on beside it) after lmdb's
+  offline verifier found its pages sound, and compared with the fresh one
+  (``Index.dump()``) at the point where both have applied the same
+  manifests, and the same records of a manifest caught half-applied;
+* the tree is checked against the fresh index as one merge of two streams:
+  the versions in key order (a depth-first order of the uploaded paths)
+  against one ``scandir`` listing per directory (names, kinds and inode
+  numbers in one go).  Expected names are popped from the listings; what is
+  not there is missing, what is left over no version accounts for;
 * objects/ is merged with the objects the manifests need (both sorted), and
   every object is re-hashed (unless *quick*).
 
-For a store with many objects the work runs in two helper processes next to
-this one (which rebuilds the index): one re-hashes every object (small ones
-read whole, large ones with blake3's own threads), then merges objects/ with
-the rebuilt index and compares the live index with it; the other checks the
-tree against the live index, and its findings count only if the two indexes
-turn out equal (otherwise the tree is checked here, against the rebuild).
-Processes rather than threads: the work is mostly Python, and under the GIL
-threads would take as long as doing it in turn.  Small stores are checked in
-this process.
+For a store with many objects the re-hash runs in a helper process (small
+objects read whole, large ones with blake3's own threads), which then merges
+objects/ with the fresh index, while this process replays the manifests and
+checks the tree.  A process rather than a thread: the work is mostly Python,
+and under the GIL a thread would take as long as doing it in turn.  Small
+stores are checked in this process.
+
+Findings an ingest running beside a lock-free check can cause are looked at
+again at the end (:meth:`_Checker._settle`) and dropped when the ingest
+explains them.
 
 Nothing is loaded whole: manifests and indexes are streamed, one directory
 listing per level is held.  :func:`repair` fixes what can be derived again
@@ -360,8 +365,7 @@ class _Checker:
             if detail == "its index is missing":
                 self.index_missing = True      # an error only if there are manifests to index
             else:
-                self.add("E043", ipath, f"{detail.removeprefix('its index is ')}; 'fsck --repair' rebuilds it "
-                                        "from the manifests")
+                self.add("E043", ipath, f"{_what_damage(e)}; 'fsck --repair' rebuilds it from the manifests")
             return
         except EideticError as e:   # cannot open it: permissions, or the disk
             msg = str(e.kwargs.get("detail", e))
@@ -404,8 +408,7 @@ class _Checker:
         return True     # it kept changing under an ingest: the comparison still finds real damage
 
     def _damaged(self, e: IndexUnusable) -> None:
-        detail = str(e.kwargs["detail"]).removeprefix("its index is ")
-        self.add("E043", self.ipath, f"{detail}; 'fsck --repair' rebuilds it from the manifests")
+        self.add("E043", self.ipath, f"{_what_damage(e)}; 'fsck --repair' rebuilds it from the manifests")
         self._drop_live()
 
     def _drop_live(self) -> None:
@@ -777,6 +780,13 @@ class _Checker:
             return self.store.head()[0]
         except StoreFormatError:
             return 0
+
+
+def _what_damage(e: IndexUnusable) -> str:
+    """"its index is damaged (X)" as X: the finding's title already says damaged."""
+    detail = str(e.kwargs["detail"])
+    inner = detail.removeprefix("its index is damaged (")
+    return inner[:-1] if inner != detail and inner.endswith(")") else detail
 
 
 # Findings an ingest writing beside a lock-free check can cause.

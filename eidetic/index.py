@@ -356,15 +356,9 @@ class Index:
         return _ident(os.path.join(self.path, "data.mdb")) != self.ident
 
     def verify_structure(self) -> list[str]:
-        """Every structural problem of data.mdb, [] when sound: lmdb's own
-        offline verifier, in pure Python, so damage that would make LMDB abort
-        the process (its assertions do) is found without LMDB touching it."""
-        from lmdb import verify as lmdb_verify
-
+        """Every structural problem of data.mdb, [] when sound (see :func:`verify_file`)."""
         try:
-            problems = lmdb_verify.verify(self.path)
-        except lmdb_verify.VerifyError as e:
-            problems = [str(e)]
+            problems = verify_file(self.path)
         except OSError as e:
             raise io_fault(e.errno or errno.EIO, "read", self.path, self.study) from None
         self.verified = not problems
@@ -726,6 +720,19 @@ class EmptyIndex:
 
     def close(self) -> None:
         pass
+
+
+def verify_file(path: str) -> list[str]:
+    """Every structural problem of the index at *path* (a directory), [] when
+    sound: lmdb's own offline verifier, in pure Python, so damage that would
+    make LMDB abort the process (its assertions do) is found without LMDB
+    touching the file.  About 0.2 s for the index of 30,000 paths."""
+    from lmdb import verify as lmdb_verify
+
+    try:
+        return lmdb_verify.verify(path)
+    except lmdb_verify.VerifyError as e:
+        return [str(e)]
 
 
 def _ident(path: str) -> tuple[int, int] | None:

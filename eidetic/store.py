@@ -226,7 +226,7 @@ class Store:
 
         say = log or (lambda _line: None)
         idx = self._index if isinstance(self._index, Index) and self._index.writable() else None
-        if self._index is not None and (idx is None or idx.replaced()):
+        if self._index is not None and idx is None:
             self.close()       # not ours to write, or no longer the file in place
             idx = None
         head_seq, head_digest = self.head()

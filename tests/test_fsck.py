@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import stat
 import subprocess
@@ -647,6 +648,12 @@ def test_every_code_is_documented_with_a_title_and_a_meaning():
         title, _, rest = meaning.partition(": ")
         assert title and rest, code
     assert fsck.CHAIN_BROKEN <= set(fsck.CODES)
+
+
+def test_every_code_is_in_the_table_of_store_format_md():
+    text = (pathlib.Path(__file__).resolve().parent.parent / "store_format.md").read_text()
+    for code, meaning in fsck.CODES.items():
+        assert f"| `{code}` | {meaning.split(': ', 1)[0]} |" in text, code
 
 
 def test_library_does_not_import_the_cli():
