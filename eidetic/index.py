@@ -528,6 +528,8 @@ class Index:
 
     @_reads
     def version(self, path: bytes, n: int) -> Version | None:
+        if not 0 < n < 1 << 32:     # a number typed by a user, not one of a stored version
+            return None
         with self.env.begin() as txn:
             v = txn.get(_vkey(path, n), db=self.versions)
             if v is None or _SEQ.unpack_from(v)[0] > self._limit(txn, self.meta):

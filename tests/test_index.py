@@ -412,6 +412,34 @@ def test_progress_is_committed_per_chunk(fast_tmp, open_index, monkeypatch):
     assert all(v.seq == 1 for v in idx.iter_versions())
 
 
+def _what_readers_see(idx: Index, upload2: str) -> dict:
+    return {"latest": idx.latest(b"d/f01"), "versions_of": idx.versions_of(b"d/f01"),
+            "version": idx.version(b"d/f01", 2), "has_path": idx.has_path(b"e/new00"),
+            "has_dir": idx.has_dir(b"e"), "iter_versions": list(idx.iter_versions()),
+            "path_count": idx.path_count(), "stats": idx.stats(), "upload": idx.upload(2),
+            "upload_seq": idx.upload_seq(upload2), "objects": sorted(idx.iter_objects())}
+
+
+def test_every_query_shows_whole_uploads_only_while_a_manifest_is_half_applied(fast_tmp, open_index, monkeypatch):
+    m = _two_manifests(fast_tmp)
+    idx = open_index()
+    idx.apply_manifest(m.paths[0])
+    upload2 = "20261122T000000Z-00000002"
+    before = _what_readers_see(idx, upload2)
+    monkeypatch.setattr(index_mod, "CHUNK_RECORDS", 4)
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, 9)          # two chunks of manifest 2 committed: f01, f02, f04 v2 and e/new00 v1
+        with pytest.raises(Interrupt):
+            idx.apply_manifest(m.paths[1])
+    with idx.env.begin() as txn:
+        assert struct.unpack(">QQQ", txn.get(b"partial", db=idx.meta))[:2] == (2, 8)
+        assert idx._latest_in(txn, b"d/f01").n == 2          # the writer sees its own chunks
+    assert _what_readers_see(idx, upload2) == before
+    idx.apply_manifest(m.paths[1])
+    after = _what_readers_see(idx, upload2)
+    assert after["latest"].n == 2 and after["has_dir"] and after["upload"]["upload"] == upload2
+
+
 # ---------------------------------------------------------------- a cache
 
 def _rebuild(index_dir: str, manifest_paths: list[str]) -> list:

@@ -235,6 +235,18 @@ def test_a_study_with_uploads_never_shows_0_versions_without_an_index(archive):
     assert not (archive.lay.store() / "index").exists()      # readers make nothing
 
 
+def test_a_study_with_no_upload_and_no_index_file_shows_empty_and_gets_none(tmp_path):
+    lay = make_layout(tmp_path, studies=("s1",))
+    assert (lay.store() / "index" / "data.mdb").exists()        # init makes it, as its owner
+    shutil.rmtree(lay.store() / "index")                        # (a store made before it did)
+    r = lay.cli("log", "s1:")
+    assert r.returncode == 0 and "0 version(s)" in r.stdout, r.stderr
+    r = lay.cli("status", "--study", "s1", "--json")
+    assert r.returncode == 0 and _store_numbers(json.loads(r.stdout)) == {"uploads": 0, "paths": 0,
+                                                                          "versions": 0, "objects": 0}
+    assert not (lay.store() / "index").exists()
+
+
 # ------------------------------------------------------ beside an ingest
 
 BIG = 30_000
