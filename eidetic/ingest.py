@@ -343,7 +343,8 @@ class Ingester:
             self._finish_later(store, cl, disp, store.io_error(e, "applying it to the index and the tree",
                                                                committed=True), t0, path)
         except EideticError as e:
-            self._finish_later(store, cl, disp, StoreIOError(e.message, store.name, committed=True), t0, path)
+            msg = e.message.removeprefix(f"study {store.name}: ")    # StoreIOError names the study again
+            self._finish_later(store, cl, disp, StoreIOError(msg, store.name, committed=True), t0, path)
         res = EntryResult(disp, cl.study, "ingested", upload=cl.upload, files=info["files"],
                           bytes=info["bytes"], new_bytes=stats.new_bytes, new_versions=new_versions,
                           skipped=info["skipped"], seconds=time.monotonic() - t0,
