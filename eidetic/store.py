@@ -53,6 +53,7 @@ def describe_io_error(e: OSError, doing: str, root: str) -> str:
 
 MARKER_TEXT = "eidetic store\nformat: {version}\nstudy: {study}\n"
 STORE_DIRS = ("objects", "manifests", "index", "tmp")
+INDEX_VERDICT = "verified"    # <store>/index/verified: see Store._note_verdict
 
 
 class Store:
@@ -64,6 +65,7 @@ class Store:
         self.tree = study.tree
         self.objects = ObjectStore(self.root, os.path.join(self.root, "tmp"))
         self._index = None
+        self._index_sound = False   # prepare_index found (or made) the index sound: note it at unlock
 
     # ------------------------------------------------------------ lifecycle
 
@@ -123,6 +125,7 @@ class Store:
         return self._index
 
     def close(self) -> None:
+        self._index_sound = False
         if self._index is not None:
             self._index.close()
             self._index = None
@@ -239,7 +242,7 @@ class Store:
                     idx = Index(self.index_path, study=self.name, create=False)
                 except IndexUnusable as e:
                     problem = _past(str(e.kwargs["detail"]))
-        if idx is not None and problem is None and not idx.verified:
+        if idx is not None and problem is None and not idx.verified and not self._verdict_fresh():
             bad = idx.verify_structure()
             if bad:
                 problem = f"its index was damaged ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})"
@@ -257,6 +260,7 @@ class Store:
                 problem = _past(str(e.kwargs["detail"]))
         if problem is None:
             self._index = idx
+            self._index_sound = True
             return idx
         self.close()
         if idx is not None:
@@ -264,6 +268,7 @@ class Store:
         n = self.rebuild_index()
         if problem != "its index was missing" or n:
             say(f"study {self.name}: {problem}; rebuilt it from {n} manifest(s)")
+        self._index_sound = True
         assert self._index is not None
         return self._index  # type: ignore[return-value]
 
@@ -326,7 +331,41 @@ class Store:
                 raise
             yield
         finally:
+            if self._index_sound and self._index is not None:
+                self._note_verdict()      # still under the lock: the file as this writer left it
             os.close(fd)
+
+    # The page-by-page verification of data.mdb (index.verify_file) costs time
+    # in proportion to the index, which would make every 'ingest --once' of an
+    # old study slower.  A writer that found the index sound, and wrote to it
+    # only through LMDB, notes the file's identity, size and mtime when it lets
+    # go of the lock; the next writer verifies again only if the file changed
+    # in between (an edit, a copy put back, a swap): damage by hand changes
+    # them.  Decay that changes no metadata is fsck's to find (it always verifies).
+
+    def _index_stamp(self) -> bytes | None:
+        try:
+            st = os.stat(os.path.join(self.index_path, "data.mdb"))
+        except OSError:
+            return None
+        return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}\n".encode()
+
+    def _verdict_fresh(self) -> bool:
+        stamp = self._index_stamp()
+        try:
+            with open(os.path.join(self.index_path, INDEX_VERDICT), "rb") as f:
+                return stamp is not None and f.read(200) == stamp
+        except OSError:
+            return False
+
+    def _note_verdict(self) -> None:
+        stamp = self._index_stamp()
+        if stamp is None:
+            return
+        try:
+            write_atomic(os.path.join(self.index_path, INDEX_VERDICT), stamp, mode=0o600)
+        except OSError:     # a hint only: without it the next writer verifies again
+            pass
 
     # ------------------------------------------------------------ manifests
 
