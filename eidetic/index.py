@@ -38,6 +38,7 @@ import json
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -171,16 +172,23 @@ def _undecodable(e: Exception, study: str) -> IndexUnusable:
 _DECODE_ERRORS = (struct.error, UnicodeDecodeError, ValueError)   # json.JSONDecodeError is a ValueError
 
 
+@contextmanager
+def _reading(index: "Index") -> Iterator[None]:
+    """Every LMDB or decoding error met while reading becomes one eidetic error."""
+    try:
+        yield
+    except lmdb.Error as e:
+        raise _fault(e, "read", index.path, index.study) from None
+    except _DECODE_ERRORS as e:
+        raise _undecodable(e, index.study) from None
+
+
 def _reads(fn):
-    """A query: every LMDB or decoding error it meets becomes one eidetic error."""
+    """A query, under :func:`_reading`."""
     @functools.wraps(fn)
     def wrapper(self: "Index", *args, **kw):
-        try:
+        with _reading(self):
             return fn(self, *args, **kw)
-        except lmdb.Error as e:
-            raise _fault(e, "read", self.path, self.study) from None
-        except _DECODE_ERRORS as e:
-            raise _undecodable(e, self.study) from None
     return wrapper
 
 
@@ -188,12 +196,8 @@ def _streams(fn):
     """:func:`_reads` for a generator."""
     @functools.wraps(fn)
     def wrapper(self: "Index", *args, **kw):
-        try:
+        with _reading(self):
             yield from fn(self, *args, **kw)
-        except lmdb.Error as e:
-            raise _fault(e, "read", self.path, self.study) from None
-        except _DECODE_ERRORS as e:
-            raise _undecodable(e, self.study) from None
     return wrapper
 
 
