@@ -143,16 +143,21 @@ def syscall_counts(tmp_path_factory) -> dict[str, int]:
     why = _strace_usable()
     if why:
         pytest.skip(why)
+    return count_calls(tmp_path_factory, SYSCALLS)
+
+
+def count_calls(tmp_path_factory, syscalls) -> dict[str, int]:
+    """How often an uninterrupted ingest of the workload makes each of *syscalls* (strace -c)."""
     lay = _prepare(tmp_path_factory.mktemp("count"))
     out = tmp_path_factory.mktemp("count-out") / "strace.txt"
     res = run_cli("ingest", "--once", "--settle", "0", config=lay.config_path,
-                  prefix=["strace", "-f", "-qq", "-c", "-o", str(out), "-e", "trace=" + ",".join(SYSCALLS)])
+                  prefix=["strace", "-f", "-qq", "-c", "-o", str(out), "-e", "trace=" + ",".join(syscalls)])
     assert res.returncode == 0, res.stderr
     _assert_complete(lay)
     counts = {}
     for line in out.read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 5 and parts[-1] in SYSCALLS and parts[3].isdigit():
+        if len(parts) >= 5 and parts[-1] in syscalls and parts[3].isdigit():
             counts[parts[-1]] = int(parts[3])
     from conftest import close_indexes
     close_indexes()

@@ -24,7 +24,7 @@ import subprocess
 import pytest
 from conftest import close_indexes, drop, make_layout, run_cli, tree_files
 from daemon_helpers import set_study, small_tmpfs
-from test_crash import ENTRIES, _assert_complete, _prepare, _rerun, _strace_usable
+from test_crash import ENTRIES, _assert_complete, _prepare, _rerun, _strace_usable, count_calls
 
 from eidetic.inbox import Claim, StateDir
 from eidetic.manifest import read_all
@@ -48,18 +48,7 @@ def call_counts(tmp_path_factory) -> dict[str, int]:
     why = _strace_usable()
     if why:
         pytest.skip(why)
-    lay = _prepare(tmp_path_factory.mktemp("count"))
-    out = tmp_path_factory.mktemp("count-out") / "strace.txt"
-    res = run_cli("ingest", "--once", "--settle", "0", config=lay.config_path,
-                  prefix=["strace", "-f", "-qq", "-c", "-o", str(out), "-e", "trace=" + ",".join(FAULT_POINTS)])
-    assert res.returncode == 0, res.stderr
-    counts = {}
-    for line in out.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 5 and parts[-1] in FAULT_POINTS and parts[3].isdigit():
-            counts[parts[-1]] = int(parts[3])
-    close_indexes()
-    return counts
+    return count_calls(tmp_path_factory, FAULT_POINTS)
 
 
 def _cases():
