@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from eidetic import config as _config
-from eidetic.layout import human_bytes  # noqa: F401 - re-exported for the commands
+from eidetic.server import config as _config
+from eidetic.core.layout import human_bytes  # noqa: F401 - re-exported for the commands
 
 
 class Ctx:

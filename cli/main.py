@@ -10,8 +10,8 @@ import sys
 import click
 
 from eidetic import __version__
-from eidetic.errors import EideticError
-from eidetic.layout import display
+from eidetic.core.errors import EideticError
+from eidetic.core.layout import display
 
 from .common import Ctx
 

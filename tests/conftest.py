@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-import eidetic.config
-import eidetic.deploy
-import eidetic.index
-from eidetic import layout as L
+import eidetic.server.config
+import eidetic.server.deploy
+import eidetic.store.index
+from eidetic.core import layout as L
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -52,7 +52,7 @@ def fs(p) -> bytes:
 class Layout:
     root: Path
     config_path: Path
-    cfg: eidetic.config.Config
+    cfg: eidetic.server.config.Config
 
     @property
     def inbox(self) -> Path:
@@ -75,11 +75,11 @@ class Layout:
         return Path(self.cfg.study(study).store)
 
     def open_store(self, study: str = "s1"):
-        from eidetic.store import Store
-        return Store.open(self.cfg.study(study))
+        from eidetic.store.store import Store
+        return Store.open(*self.cfg.study(study).store_args())
 
     def ingest(self, study: str | None = None, settle_seconds: float | None = 0, **kw):
-        from eidetic.ingest import Ingester
+        from eidetic.server.ingest import Ingester
         return Ingester(self.cfg, **kw).run_once(study=study, settle_seconds=settle_seconds)
 
     def cli(self, *args, **kw) -> subprocess.CompletedProcess:
@@ -116,9 +116,9 @@ def make_layout(root: Path, studies: Iterable[str] = ("s1", "s2"), own_inbox: It
         doc["studies"][s] = body
     config_path = root / "eidetic.yaml"
     config_path.write_text(json.dumps(doc, indent=1) + "\n")   # JSON is YAML
-    cfg = eidetic.config.load(str(config_path))
+    cfg = eidetic.server.config.load(str(config_path))
     if init:
-        eidetic.deploy.init(cfg)
+        eidetic.server.deploy.init(cfg)
     return Layout(root, config_path, cfg)
 
 
@@ -137,9 +137,9 @@ def _close_lmdb_environments():
 
 
 def close_indexes() -> None:
-    with eidetic.index._envs_lock:
-        envs = list(eidetic.index._envs.values())
-        eidetic.index._envs.clear()
+    with eidetic.store.index._envs_lock:
+        envs = list(eidetic.store.index._envs.values())
+        eidetic.store.index._envs.clear()
     for env in envs:
         env.close()
 
@@ -237,8 +237,8 @@ def check_store(lay: Layout, study: str = "s1") -> None:
     applied them all; every version has its version name in the tree, a
     hardlink of its object, and every plain name is the latest version;
     tmp/ is empty.  Then ``eidetic fsck`` when it is available."""
-    from eidetic.manifest import FileRecord, read_all
-    from eidetic.objects import hash_bytes
+    from eidetic.store.manifest import FileRecord, read_all
+    from eidetic.core.hashing import hash_bytes
 
     store_dir = lay.store(study)
     tree_dir = fs(lay.tree(study))

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import Layout, clean_env, eidetic_argv
 
-import eidetic.config
-import eidetic.deploy
+import eidetic.server.config
+import eidetic.server.deploy
 
 
 def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition",
@@ -121,7 +121,7 @@ def set_config(lay: Layout, **keys) -> Layout:
     doc = json.loads(lay.config_path.read_text())
     doc.update(keys)
     lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
-    lay.cfg = eidetic.config.load(str(lay.config_path))
+    lay.cfg = eidetic.server.config.load(str(lay.config_path))
     return lay
 
 
@@ -131,9 +131,9 @@ def set_study(lay: Layout, study: str, init: bool = False, **keys) -> Layout:
     doc = json.loads(lay.config_path.read_text())
     doc["studies"].setdefault(study, {}).update(keys)
     lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
-    lay.cfg = eidetic.config.load(str(lay.config_path))
+    lay.cfg = eidetic.server.config.load(str(lay.config_path))
     if init:
-        eidetic.deploy.init(lay.cfg)
+        eidetic.server.deploy.init(lay.cfg)
     return lay
 
 

@@ -13,8 +13,19 @@ LIB = ROOT / "eidetic"
 CLI_PACKAGES = {"click", "eidetic_cli", "cli"}
 
 # Each third-party library belongs to exactly one module.
-OWNERS = {"blake3": "objects.py", "lmdb": "index.py", "yaml": "config.py", "watchdog": "watch.py",
-          "paramiko": "transport.py", "sdnotify": "daemon.py"}
+OWNERS = {"blake3": "core/hashing.py", "lmdb": "store/index.py", "yaml": "core/yamlfile.py",
+          "watchdog": "server/watch.py", "paramiko": "client/transport.py", "sdnotify": "server/daemon.py"}
+
+# Which packages of the library each package may import: the arrows point
+# one way, down.  core knows no store; store knows no server and no config;
+# the client (a lab PC's uploader) knows only core; fsck checks stores.
+MAY_IMPORT = {
+    "core": {"core"},
+    "store": {"core", "store"},
+    "client": {"core", "client"},
+    "fsck": {"core", "store", "fsck"},
+    "server": {"core", "store", "server"},
+}
 
 # os functions that are pure string/number work (everything else on os does I/O).
 PURE_OS = {"fsencode", "fsdecode", "sep", "altsep", "extsep", "curdir", "pardir", "fspath"}
@@ -72,7 +83,63 @@ def third_party(names: set[str]) -> set[str]:
     return {n for n in names if n and n not in sys.stdlib_module_names and n != "eidetic"}
 
 
-@pytest.mark.parametrize("path", modules(), ids=lambda p: p.name)
+def package_of(path: Path) -> str:
+    """'core', 'store', ... for a module of the library; '' for eidetic/__init__.py."""
+    parts = path.relative_to(LIB).parts
+    return parts[0] if len(parts) > 1 else ""
+
+
+def eidetic_imports(path: Path, lib: Path = LIB) -> set[str]:
+    """Dotted names under ``eidetic`` that *path* imports (relative imports resolved),
+    e.g. {'eidetic.core.layout', 'eidetic.store'}."""
+    pkg_parts = ["eidetic", *path.relative_to(lib).parts[:-1]]   # '.' in an __init__ is its own package
+    out: set[str] = set()
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg_parts[:len(pkg_parts) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod == "eidetic" or mod.startswith("eidetic."):
+                if node.module is None or mod.count(".") < 2:   # "from .. import x": x may be a module
+                    out.update(f"{mod}.{a.name}" for a in node.names)
+                else:
+                    out.add(mod)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("eidetic"))
+    return out
+
+
+def test_the_library_has_the_packages_of_the_architecture():
+    found = {p.name for p in LIB.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert found == set(MAY_IMPORT), found
+    flat = sorted(p.name for p in LIB.glob("*.py") if p.name != "__init__.py")
+    assert flat == [], f"modules outside the packages: {flat}"
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if package_of(p)],
+                         ids=lambda p: str(p.relative_to(LIB)))
+def test_each_package_imports_only_the_layers_below_it(path):
+    pkg = package_of(path)
+    reached = set()
+    for name in eidetic_imports(path):
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[1] in MAY_IMPORT:
+            reached.add(parts[1])
+        elif name != "eidetic.__version__":
+            reached.add(name)
+    assert reached <= MAY_IMPORT[pkg], f"{path.relative_to(LIB)} imports {sorted(reached - MAY_IMPORT[pkg])}"
+
+
+def test_the_layer_check_sees_a_wrong_arrow(tmp_path):
+    (tmp_path / "store").mkdir()
+    bad = tmp_path / "store" / "probe.py"
+    bad.write_text("from ..server.config import Config\nfrom ..core import layout\nfrom . import tree\n")
+    assert eidetic_imports(bad, tmp_path) == {"eidetic.server.config", "eidetic.core.layout", "eidetic.store.tree"}
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(LIB)))
 def test_the_library_never_imports_the_cli_or_click(path):
     assert not imported_top_levels(path) & CLI_PACKAGES
 
@@ -97,9 +164,8 @@ def test_each_third_party_library_is_imported_by_one_module():
 
 
 def test_the_known_libraries_are_where_style_md_puts_them():
-    assert "blake3" in imported_top_levels(LIB / "objects.py")
-    assert "lmdb" in imported_top_levels(LIB / "index.py")
-    assert "yaml" in imported_top_levels(LIB / "config.py")
+    for name, owner in OWNERS.items():
+        assert name in imported_top_levels(LIB / owner), (name, owner)
 
 
 def test_cli_imports_the_library_not_the_other_way_round():
@@ -133,7 +199,7 @@ LAYOUT_MAY_IMPORT = {"__future__", "re", "datetime", "hashlib", "typing", "datac
 
 
 def test_layout_does_not_touch_the_file_system():
-    path = LIB / "layout.py"
+    path = LIB / "core" / "layout.py"
     imports = imported_top_levels(path)
     assert not imports & IO_MODULES, imports & IO_MODULES
     assert imports <= LAYOUT_MAY_IMPORT, imports - LAYOUT_MAY_IMPORT

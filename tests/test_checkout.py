@@ -16,8 +16,8 @@ import time
 import pytest
 from conftest import drop, fs, one_line_error, tree_files
 
-from eidetic import fsutil
-from eidetic.objects import hash_bytes
+from eidetic.core import fsutil
+from eidetic.core.hashing import hash_bytes
 
 FILES = {"eprime/a.txt": b"a2", "eprime/sub/b.txt": b"b2", "top.txt": b"t"}
 

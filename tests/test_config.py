@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
-from eidetic import config
-from eidetic.config import Config, ConfigError, parse
+from eidetic.server import config
+from eidetic.server.config import Config, ConfigError, parse
+from eidetic.client.settings import load_client_settings
 
 
 def good(tmp, **top) -> dict:
@@ -273,9 +274,9 @@ def test_load_rejects_a_list_as_a_key_with_line_and_column(tmp_path, clean_env):
 def test_a_bad_client_settings_file_is_one_line_with_line_and_column(tmp_path):
     p = write(tmp_path / "eidetic-client.yaml", "location: [labA\n")
     with pytest.raises(ConfigError) as ei:
-        config.load_client_settings(p)
+        load_client_settings(p)
     assert "\n" not in str(ei.value) and re.search(r"line \d+, column \d+", str(ei.value)), str(ei.value)
-    assert config.load_client_settings(str(tmp_path / "absent.yaml")) == {}
+    assert load_client_settings(str(tmp_path / "absent.yaml")) == {}
 
 
 def test_load_reports_yaml_syntax_errors_with_line(tmp_path, clean_env):

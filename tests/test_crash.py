@@ -26,8 +26,8 @@ from conftest import (
     run_cli,
 )
 
-from eidetic import layout as L
-from eidetic.manifest import FileRecord, read_all
+from eidetic.core import layout as L
+from eidetic.store.manifest import FileRecord, read_all
 
 # --------------------------------------------------------------- workload
 
@@ -92,7 +92,7 @@ def _assert_complete(lay) -> None:
     got: dict[bytes, list[str]] = {}
     for v in store.index.iter_versions(b""):
         got.setdefault(v.path, []).append(v.blake3)
-    from eidetic.objects import hash_bytes
+    from eidetic.core.hashing import hash_bytes
     assert got == {p: [hash_bytes(c) for c in cs] for p, cs in expected.items()}
     final = {p: cs[-1] for p, cs in expected.items()}
     assert plain_files(lay.tree()) == {L.tree_relpath(p): c for p, c in final.items()}

@@ -39,7 +39,7 @@ from daemon_helpers import (
     wait_until,
 )
 
-from eidetic.inbox import StateDir
+from eidetic.server.inbox import StateDir
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d ")

@@ -20,8 +20,8 @@ from conftest import (
     run_as,
 )
 
-import eidetic.config
-from eidetic import deploy
+import eidetic.server.config
+from eidetic.server import deploy
 
 STUDY_GID = 61003           # throwaway ids: no /etc/group entry is needed
 OTHER_UPLOADER_UID = 61004
@@ -35,7 +35,7 @@ def configured(root: Path, top: dict | None = None, study: dict | None = None, i
     doc.update(top or {})
     doc["studies"]["s1"].update(study or {})
     lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
-    cfg = eidetic.config.load(str(lay.config_path))
+    cfg = eidetic.server.config.load(str(lay.config_path))
     if init:
         deploy.init(cfg)
     return Layout(lay.root, lay.config_path, cfg)
@@ -267,7 +267,7 @@ def test_setgid_inbox_lets_the_daemon_read_an_upload_other_uploaders_cannot(worl
 
 
 def test_the_annotated_example_config_is_a_valid_config():
-    cfg = eidetic.config.load(str(Path(__file__).resolve().parent.parent / "contrib" / "eidetic.yaml.example"))
+    cfg = eidetic.server.config.load(str(Path(__file__).resolve().parent.parent / "contrib" / "eidetic.yaml.example"))
     assert (cfg.user, cfg.group) == ("eidetic", "eidetic")
     assert cfg.studies["foo"].group == "foo-grp" and cfg.studies["bar"].inbox == "/data-dropbox/bar/inbox"
     assert cfg.notify.enabled

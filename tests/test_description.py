@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eidetic import layout
-from eidetic.description import (DESCRIPTION_NAME, MAX_LINE, DescribedFile, DescriptionError,
+from eidetic.core import layout
+from eidetic.core.description import (DESCRIPTION_NAME, MAX_LINE, DescribedFile, DescriptionError,
                                  DescriptionHeader, DescriptionReader, DescriptionWriter, open_description,
                                  walk_key)
-from eidetic.objects import hash_bytes
+from eidetic.core.hashing import hash_bytes
 
 settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
 settings.load_profile("eidetic")

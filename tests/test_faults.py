@@ -26,8 +26,8 @@ from conftest import close_indexes, drop, make_layout, run_cli, tree_files
 from daemon_helpers import set_study, small_tmpfs
 from test_crash import ENTRIES, _assert_complete, _prepare, _rerun, _strace_usable, count_calls
 
-from eidetic.inbox import Claim, StateDir
-from eidetic.manifest import read_all
+from eidetic.server.inbox import Claim, StateDir
+from eidetic.store.manifest import read_all
 
 # Points per system call, spread over a full run's calls; the i-th point
 # injects EIO when i is even, ENOSPC when odd, so both errors meet every call.

@@ -19,11 +19,13 @@ import pytest
 import yaml
 from conftest import DAEMON_UID, run_as
 
-from eidetic import config, deploy, fsck, layout
-from eidetic.index import Index
-from eidetic.ingest import Ingester
-from eidetic.objects import hash_bytes
-from eidetic.store import Store
+from eidetic.server import config, deploy
+from eidetic import fsck
+from eidetic.core import layout
+from eidetic.store.index import Index
+from eidetic.server.ingest import Ingester
+from eidetic.core.hashing import hash_bytes
+from eidetic.store.store import Store
 
 STUDY = "s"
 
@@ -59,7 +61,7 @@ class Env:
 
     # -- the store
     def store(self) -> Store:
-        return Store(self.cfg.study(STUDY))
+        return Store(*self.cfg.study(STUDY).store_args())
 
     def check(self, **kw) -> fsck.Findings:
         return fsck.check(self.store(), **kw)
@@ -109,7 +111,7 @@ class Env:
 
 
 def _close_envs(prefix: str) -> None:
-    from eidetic import index as index_mod
+    from eidetic.store import index as index_mod
 
     with index_mod._envs_lock:
         paths = [p for p in index_mod._envs if p.startswith(prefix)]

@@ -13,16 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import eidetic.config
-import eidetic.deploy
-import eidetic.ingest
-from eidetic import index as index_mod
-from eidetic import layout
-from eidetic.errors import StoreFormatError
-from eidetic.index import Index
-from eidetic.manifest import FileRecord, Header, ManifestWriter, SkipRecord
-from eidetic.objects import hash_bytes
-from eidetic.store import Store
+import eidetic.server.config
+import eidetic.server.deploy
+import eidetic.server.ingest
+from eidetic.store import index as index_mod
+from eidetic.core import layout
+from eidetic.core.errors import StoreFormatError
+from eidetic.store.index import Index
+from eidetic.store.manifest import FileRecord, Header, ManifestWriter, SkipRecord
+from eidetic.core.hashing import hash_bytes
+from eidetic.store.store import Store
 
 settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
 settings.load_profile("eidetic")
@@ -469,11 +469,11 @@ def test_the_index_is_a_cache_rebuilt_from_manifests(fast_tmp, open_index):
 
 @pytest.fixture
 def deployment(fast_tmp):
-    cfg = eidetic.config.parse({
+    cfg = eidetic.server.config.parse({
         "inbox": str(fast_tmp / "inbox"), "state": str(fast_tmp / "state"),
         "studies": {"foo": {"tree": str(fast_tmp / "tree"), "store": str(fast_tmp / "store")}},
     }, "test")
-    eidetic.deploy.init(cfg)
+    eidetic.server.deploy.init(cfg)
     yield cfg
     Index(os.path.join(cfg.study("foo").store, "index")).close()
 
@@ -488,7 +488,7 @@ def send(cfg, name: str, files: dict[bytes, bytes]):
         with open(p, "wb") as f:
             f.write(data)
     os.rename(partial, inbox + b"/" + name.encode())
-    results = eidetic.ingest.Ingester(cfg).run_once(settle_seconds=0)
+    results = eidetic.server.ingest.Ingester(cfg).run_once(settle_seconds=0)
     assert [r.outcome for r in results] == ["ingested"], [r.reason for r in results]
     return results[0]
 
@@ -500,7 +500,7 @@ def test_ingesting_a_b_a_gives_three_versions_and_a_resend_none(deployment):
     r3 = send(cfg, "foo-labA-3", {b"eprime/s1.txt": b"A", b"eprime/other": b"same"})
     r4 = send(cfg, "foo-labA-4", {b"eprime/s1.txt": b"A", b"eprime/other": b"same"})
     assert [r.new_versions for r in (r1, r2, r3, r4)] == [2, 1, 1, 0]
-    store = Store.open(cfg.study("foo"))
+    store = Store.open(*cfg.study("foo").store_args())
     idx = store.index
     vs = idx.versions_of(b"eprime/s1.txt")
     assert [(v.n, v.blake3, v.seq) for v in vs] == [(1, oid(b"A"), 1), (2, oid(b"B"), 2), (3, oid(b"A"), 3)]
@@ -520,7 +520,7 @@ def test_a_deleted_index_is_rebuilt_identically_after_real_ingests(deployment):
     send(cfg, "foo-labA-1", {b"a/x": b"1", b"a/y": b"2", "ü/é.txt".encode(): b"3", b"raw/\xff": b"4"})
     send(cfg, "foo-labB-2", {b"a/x": b"1b", b"a/y": b"2", b"big": b"\0" * (index_mod.LARGE_OBJECT + 1)})
     send(cfg, "foo-labA-3", {b"a/x": b"1"})
-    store = Store.open(cfg.study("foo"))
+    store = Store.open(*cfg.study("foo").store_args())
     original = dump(store.index)
     index_dir = os.path.join(cfg.study("foo").store, "index")
     store.index.close()
@@ -528,7 +528,7 @@ def test_a_deleted_index_is_rebuilt_identically_after_real_ingests(deployment):
     assert _rebuild(index_dir, [store.manifest_path(s) for s in store.manifest_seqs()]) == original
     # and the next ingest run rebuilds it by itself
     shutil.rmtree(index_dir)
-    eidetic.ingest.Ingester(cfg).run_once(settle_seconds=0)
+    eidetic.server.ingest.Ingester(cfg).run_once(settle_seconds=0)
     idx = Index(index_dir)
     assert dump(idx) == original
 
@@ -538,7 +538,7 @@ def test_an_upload_with_a_very_deep_path_is_ingested(deployment):
     deep = b"/".join([b"d" * 200] * 3) + b"/f.txt"
     send(cfg, "foo-labA-1", {deep: b"A", b"fine": b"y"})
     send(cfg, "foo-labA-2", {deep: b"B"})
-    store = Store.open(cfg.study("foo"))
+    store = Store.open(*cfg.study("foo").store_args())
     assert [v.n for v in store.index.versions_of(deep)] == [1, 2]
     tree = os.fsencode(cfg.study("foo").tree)
     with open(tree + b"/" + layout.tree_relpath(deep), "rb") as f:

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import Layout, clean_env, close_indexes, drop, eidetic_argv, make_layout, one_line_error
 
-from eidetic.index import verify_file
-from eidetic.ingest import Ingester
+from eidetic.store.index import verify_file
+from eidetic.server.ingest import Ingester
 
 HINT = "run 'eidetic fsck --repair --study s1' (as the service user)"
 
@@ -363,9 +363,9 @@ def test_a_stopped_fsck_holds_no_lock_and_is_clean_after_an_ingest_beside_it(arc
 
 READER = """
 import sys, time
-from eidetic.config import load
-from eidetic.store import Store
-store = Store.open(load(sys.argv[1]).study("s1"))
+from eidetic.server.config import load
+from eidetic.store.store import Store
+store = Store.open(*load(sys.argv[1]).study("s1").store_args())
 txn = store.index.begin_read() if sys.argv[2] == "txn" else None
 print("ready", flush=True)
 for line in sys.stdin:

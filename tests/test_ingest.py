@@ -27,9 +27,9 @@ from conftest import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from eidetic import layout as L
-from eidetic.manifest import FileRecord, SkipRecord, read_all
-from eidetic.objects import ObjectStore, hash_bytes
+from eidetic.core import layout as L
+from eidetic.store.manifest import FileRecord, SkipRecord, read_all
+from eidetic.store.objects import ObjectStore, hash_bytes
 
 
 def ingest_ok(lay, **kw):
@@ -263,7 +263,7 @@ def test_parts_swapped_for_links_after_listing_are_never_followed(layout, tmp_pa
     secret = tmp_path / "secret"
     secret.mkdir()
     (secret / "s.txt").write_bytes(b"SECRET")
-    import eidetic.ingest as ingest_mod
+    import eidetic.server.ingest as ingest_mod
     orig = ingest_mod._listing
     swapped = []
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from eidetic import fsutil, layout
+from eidetic.core import fsutil, layout
 
 settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
 settings.load_profile("eidetic")

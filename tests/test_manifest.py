@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eidetic import layout
-from eidetic.errors import IntegrityError
-from eidetic.manifest import (DESCRIPTION_KEYS, SKIP_KINDS, FileRecord, Header, ManifestReader, ManifestWriter,
+from eidetic.core import layout
+from eidetic.core.errors import IntegrityError
+from eidetic.store.manifest import (DESCRIPTION_KEYS, SKIP_KINDS, FileRecord, Header, ManifestReader, ManifestWriter,
                               SkipRecord, digest_of, read_all)
 
 settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-import eidetic.config
-import eidetic.deploy
+import eidetic.server.config
+import eidetic.server.deploy
 from conftest import Layout, drop
 from daemon_helpers import set_study, small_tmpfs
-from eidetic import layout as L
-from eidetic.fsutil import disk_percent_used
-from eidetic.ingest import EntryResult, Ingester
-from eidetic.notify import GIVE_UP_SECONDS, Notifier
+from eidetic.core import layout as L
+from eidetic.core.fsutil import disk_percent_used
+from eidetic.server.ingest import EntryResult, Ingester
+from eidetic.server.notify import GIVE_UP_SECONDS, Notifier
 from smtp_peer import SMTPServer
 
 ADMIN = "datamanager@example.org"
@@ -50,8 +50,8 @@ def notify_layout(root: Path, port: int, studies: tuple[str, ...] = ("s1", "s2")
         doc["studies"][s] = body
     path = root / "eidetic.yaml"
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    cfg = eidetic.config.load(str(path))
-    eidetic.deploy.init(cfg)
+    cfg = eidetic.server.config.load(str(path))
+    eidetic.server.deploy.init(cfg)
     return Layout(root, path, cfg)
 
 

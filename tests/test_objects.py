@@ -10,9 +10,10 @@ import stat
 import blake3
 import pytest
 
-from eidetic import layout, objects
-from eidetic.errors import IntegrityError
-from eidetic.objects import EMPTY_ID, SMALL_FILE, ObjectStore
+from eidetic.core import layout
+from eidetic.store import objects
+from eidetic.core.errors import IntegrityError
+from eidetic.store.objects import EMPTY_ID, SMALL_FILE, ObjectStore
 
 MiB = 1 << 20
 

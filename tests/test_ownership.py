@@ -39,8 +39,8 @@ from conftest import (
 )
 from daemon_helpers import DaemonProc
 
-import eidetic.config
-from eidetic import deploy
+import eidetic.server.config
+from eidetic.server import deploy
 
 STUDY_GID = 61003           # throwaway gid: no /etc/group entry is needed
 
@@ -84,7 +84,7 @@ def deployment(world_tmp, nonroot_venv) -> Deployment:
     doc["studies"]["s1"]["group"] = STUDY_GID
     lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
     os.chmod(lay.config_path, 0o644)
-    lay = Layout(lay.root, lay.config_path, eidetic.config.load(str(lay.config_path)))
+    lay = Layout(lay.root, lay.config_path, eidetic.server.config.load(str(lay.config_path)))
     d = Deployment(world_tmp, lay, nonroot_venv)
     res = d.as_root("init")
     assert res.returncode == 0, res.stderr
@@ -233,7 +233,7 @@ def test_init_check_counts_every_file_but_names_only_the_first_few(tmp_path):
     doc = json.loads(lay.config_path.read_text())
     doc.update(user=DAEMON_UID, group=DAEMON_UID)
     lay.config_path.write_text(json.dumps(doc))
-    cfg = eidetic.config.load(str(lay.config_path))
+    cfg = eidetic.server.config.load(str(lay.config_path))
     deploy.init(cfg)
     for i in range(40):
         (Path(cfg.study("s1").store) / "tmp" / f"left-by-root-{i}").write_bytes(b"")
@@ -304,7 +304,7 @@ def test_root_run_purge_stays_root_removes_the_uploaders_entry_and_keeps_every_o
 
 _SWITCH = textwrap.dedent("""
     import json, os, sys
-    from eidetic import config, deploy
+    from eidetic.server import config, deploy
     os.umask(int(sys.argv[2], 8))
     switched = deploy.become_service_user(config.load(sys.argv[1]))
     try:
@@ -347,7 +347,7 @@ def test_without_a_configured_user_or_as_that_user_nothing_is_switched(tmp_path,
     bare = make_layout(tmp_path, studies=("s1",), init=False)
     assert deploy.become_service_user(bare.cfg) is False and os.geteuid() == 0
     res = run_as(DAEMON_UID, [str(deployment.venv / "bin" / "python"), "-c",
-                              "import os, sys; from eidetic import config, deploy; "
+                              "import os, sys; from eidetic.server import config, deploy; "
                               "print(deploy.become_service_user(config.load(sys.argv[1])), os.getgroups())",
                               str(deployment.lay.config_path)], cwd=deployment.base)
     assert res.returncode == 0, res.stderr

@@ -27,7 +27,7 @@ from conftest import (
     tree_files,
 )
 
-from eidetic.manifest import read_all
+from eidetic.store.manifest import read_all
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from conftest import DAEMON_UID, check_store, drop
 
-from eidetic import inbox
-from eidetic import layout as L
-from eidetic.description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter, walk_key
-from eidetic.inbox import StateDir
-from eidetic.objects import hash_bytes
-from eidetic.purge import purge
+from eidetic.server import inbox
+from eidetic.core import layout as L
+from eidetic.core.description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter, walk_key
+from eidetic.server.inbox import StateDir
+from eidetic.core.hashing import hash_bytes
+from eidetic.server.purge import purge
 
 
 def now_iso() -> str:

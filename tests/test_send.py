@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_env, eidetic_argv, one_line_error, plain_files
-from eidetic.description import DESCRIPTION_NAME, open_description
-from eidetic.errors import SendError
-from eidetic.objects import hash_bytes
-from eidetic.send import SendHooks, SendOptions, send
+from eidetic.core.description import DESCRIPTION_NAME, open_description
+from eidetic.core.errors import SendError
+from eidetic.core.hashing import hash_bytes
+from eidetic.client.send import SendHooks, SendOptions, send
 from sshd_peer import SSHServer, keygen, need_sshd
 
 ENTRY_RE = re.compile(r"^s1-(\w+)-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")

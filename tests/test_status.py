@@ -9,9 +9,9 @@ import time
 
 from conftest import drop
 
-from eidetic import inbox
-from eidetic.inbox import StateDir
-from eidetic.status import status
+from eidetic.server import inbox
+from eidetic.server.inbox import StateDir
+from eidetic.server.status import status
 
 
 def status_json(layout, *args) -> tuple[int, dict]:

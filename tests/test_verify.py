@@ -18,12 +18,12 @@ from typing import Callable
 import pytest
 from conftest import Layout, check_store, fs, make_layout, plain_files, run_cli, tree_files
 
-from eidetic import config as C
-from eidetic import layout as L
-from eidetic.description import (DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter,
+from eidetic.server import config as C
+from eidetic.core import layout as L
+from eidetic.core.description import (DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter,
                                  walk_key)
-from eidetic.manifest import FileRecord, read_all
-from eidetic.objects import hash_bytes
+from eidetic.store.manifest import FileRecord, read_all
+from eidetic.core.hashing import hash_bytes
 
 CLIENT = "eidetic 0.2.0"
 
@@ -444,7 +444,7 @@ def test_the_index_rebuilt_from_manifests_equals_the_live_one_with_descriptions(
 
 
 def test_a_verified_ingest_abandoned_on_shutdown_is_redone_and_verified(layout):
-    from eidetic.ingest import Ingester
+    from eidetic.server.ingest import Ingester
 
     send(layout.inbox, "s1-labA-1", FILES)
     polls = iter(range(1000))

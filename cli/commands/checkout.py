@@ -30,7 +30,7 @@ def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: st
     (at DEST or inside it; links are never followed); a file where the
     checkout has a folder, or a folder where it has a file, even with --force.
     """
-    from eidetic.checkout import checkout
+    from eidetic.server.checkout import checkout
 
     r = checkout(ctx.cfg, path, version=version, at=at, upload=upload, dest=dest, force=force)
     say(f"restored {r.files} file(s), {human_bytes(r.bytes)}, verified, to {r.dest}")

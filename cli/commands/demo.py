@@ -22,7 +22,7 @@ def _drop(inbox: str, name: str, files: dict[str, bytes]) -> None:
 
 
 def _ingest(cfg) -> None:
-    from eidetic.ingest import Ingester
+    from eidetic.server.ingest import Ingester
 
     for r in Ingester(cfg).run_once(study="demo", settle_seconds=0):
         if r.outcome == "ingested":
@@ -39,9 +39,10 @@ def command(ctx: Ctx) -> None:
     Creates the layout if needed, drops two uploads of study 'demo' into the
     inbox, ingests them and shows the history.  Safe to run repeatedly.
     """
-    from eidetic import deploy, fsck
-    from eidetic.history import history, resolve
-    from eidetic.store import Store
+    from eidetic.server import deploy
+    from eidetic import fsck
+    from eidetic.server.history import history, resolve
+    from eidetic.store.store import Store
 
     cfg = ctx.cfg
     if "demo" not in cfg.studies:
@@ -69,7 +70,7 @@ def command(ctx: Ctx) -> None:
         v = e.version
         say(f"   v{v.n}  {v.received[:19]}Z  upload {e.upload}  {human_bytes(v.size)}  {v.blake3[:12]}")
     say("5. eidetic fsck")
-    store = Store.open(study)
+    store = Store.open(*study.store_args())
     errors = [f for f in fsck.check(store) if f.severity == "error"]
     say("   clean" if not errors else f"   {len(errors)} problem(s): run 'eidetic fsck' for details")
     say("Try: eidetic log demo:eprime   eidetic checkout demo:eprime/sub-01_run-1.txt --version 1")

@@ -66,10 +66,10 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
 
     Codes E0NN are errors (exit status 1), W0NN warnings (exit status 0).
     """
-    from eidetic.deploy import become_service_user
+    from eidetic.server.deploy import become_service_user
     become_service_user(ctx.cfg)   # as root: go on as the configured service user, before any write
     from eidetic import fsck
-    from eidetic.store import Store
+    from eidetic.store.store import Store
 
     cfg = ctx.cfg
     names = [cfg.study(study).name] if study else sorted(cfg.studies)
@@ -78,7 +78,7 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
     hashed = objects = 0
     out = warn if as_json else say
     for name in names:
-        store = Store(cfg.study(name))
+        store = Store(*cfg.study(name).store_args())
         findings = _check(store, name, quick, repair)
         if repair and findings:
             rep = fsck.repair(store, findings)

@@ -40,12 +40,12 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     stays in the inbox (not committed: taken again by the next run;
     committed: finished by the next run) and is never reported failed.
     """
-    from eidetic.deploy import become_service_user
+    from eidetic.server.deploy import become_service_user
     become_service_user(ctx.cfg)   # as root: go on as the configured service user, before any write
     if not once:
         sys.exit(_daemon(ctx, study, settle))
-    from eidetic.ingest import Ingester
-    from eidetic.notify import Notifier
+    from eidetic.server.ingest import Ingester
+    from eidetic.server.notify import Notifier
 
     cfg = ctx.cfg
 
@@ -87,7 +87,7 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
 
 
 def _daemon(ctx: Ctx, study: str | None, settle: float | None) -> int:
-    from eidetic.daemon import Daemon
+    from eidetic.server.daemon import Daemon
 
     return Daemon(ctx.cfg, _line_logger(ctx.verbose), config_path=ctx.config_path, study=study,
                   settle=settle).run()

@@ -35,7 +35,7 @@ def command(ctx: Ctx, check: bool, as_json: bool, systemd_dropin: bool) -> None:
     without them nothing is chowned.  Safe to run again: it says what it
     created or changed, and 'ok' for what was already right.
     """
-    from eidetic import deploy
+    from eidetic.server import deploy
 
     cfg = ctx.cfg
     if systemd_dropin:

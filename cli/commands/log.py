@@ -19,7 +19,8 @@ def command(ctx: Ctx, path: str, as_json: bool) -> None:
     PATH is a file or folder in a study's tree (plain name or any version
     name) or STUDY:relative/path.
     """
-    from eidetic import history, layout
+    from eidetic.server import history
+    from eidetic.core import layout
 
     t = history.resolve(ctx.cfg, path)
     entries = history.history(t)

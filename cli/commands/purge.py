@@ -31,8 +31,8 @@ def command(ctx: Ctx, days: float, dry_run: bool, study: str | None, as_json: bo
     Exit status 0 when every candidate was removed (or would be, with
     --dry-run), 1 when some had to be kept.
     """
-    from eidetic.layout import display
-    from eidetic.purge import purge
+    from eidetic.core.layout import display
+    from eidetic.server.purge import purge
 
     def show(r) -> None:
         if as_json:

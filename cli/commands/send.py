@@ -33,7 +33,7 @@ def command(ctx: Ctx, source: str, study: str, to: str, location: str | None, ch
     sent, 1 failed, 2 usage error, 3 cannot reach or use the destination,
     130 interrupted.
     """
-    from eidetic.send import SendHooks, SendOptions, send
+    from eidetic.client.send import SendHooks, SendOptions, send
 
     # Never ctx.cfg: the lab PC has no server config.
     interactive = sys.stdin.isatty() and sys.stderr.isatty()

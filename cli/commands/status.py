@@ -28,8 +28,8 @@ def command(ctx: Ctx, study: str | None, as_json: bool) -> None:
     1 when a failed entry is waiting in an inbox for someone to act on it,
     else 0.
     """
-    from eidetic.layout import display
-    from eidetic.status import status
+    from eidetic.core.layout import display
+    from eidetic.server.status import status
 
     st = status(ctx.cfg, study)
     code = 3 if st.index_unusable else 1 if st.has_failed else 0

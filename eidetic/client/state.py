@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from .errors import LockBusy
+from ..core.errors import LockBusy
 
 SETTINGS_NAME = "eidetic-client.yaml"
 KNOWN_HOSTS_NAME = "known_hosts"

@@ -32,16 +32,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NoReturn
 
-from . import layout
+from ..core import layout
 from .config import Config
-from .description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
-from .errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy, StoreIOError
-from .fsutil import SyncFailed, open_regular_nofollow, raise_nofile_limit
+from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
+from ..core.errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy, StoreIOError
+from ..core.fsutil import SyncFailed, open_regular_nofollow, raise_nofile_limit
 from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
-from .manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
-from .objects import PutResult
-from .store import Store
-from .tree import Tree
+from ..store.manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
+from ..store.objects import PutResult
+from ..store.store import Store
+from ..store.tree import Tree
 
 MAX_FILE_ATTEMPTS = 3
 LOCK_POLL = 0.5          # while another process holds a store lock, look again this often
@@ -108,7 +108,7 @@ class Ingester:
         """The study's store, opened once per Ingester (one LMDB environment
         per process, as lmdb requires)."""
         if study not in self._stores:
-            self._stores[study] = Store.open(self.cfg.study(study))
+            self._stores[study] = Store.open(*self.cfg.study(study).store_args())
         return self._stores[study]
 
     def close(self) -> None:
@@ -465,7 +465,7 @@ class Ingester:
         try:
             st = os.stat(DESCRIPTION_NAME, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
-            if store.study.require_description:
+            if self.cfg.study(store.name).require_description:
                 raise EntryRejected(f"study {store.name} requires an upload description ({name} at the "
                                     "top of the entry, written by 'eidetic send') and this entry has none; "
                                     "send it again with 'eidetic send'") from None

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 from . import inbox as inbox_mod
 from .config import Config, StudyConfig
-from .errors import EideticError, IndexUnusable
-from .fsutil import disk_percent_used
+from ..core.errors import EideticError, IndexUnusable
+from ..core.fsutil import disk_percent_used
 from .inbox import RECORD_KINDS, Candidate, Claim, PartialEntry, StateDir, user_name
-from .manifest import encode_bytes
-from .store import Store
+from ..core.jsonl import encode_bytes
+from ..store.store import Store
 
 
 def _named(d: dict, key: str, value: bytes) -> dict:
@@ -262,7 +262,7 @@ def _ok(records: list[dict] | OSError) -> list[dict]:
 
 
 def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
-    store = Store(s)
+    store = Store(*s.store_args())
     try:
         store.check_format()
         manifests = [store.manifest_path(n) for n in store.manifest_seqs()]

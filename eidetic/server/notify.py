@@ -43,13 +43,13 @@ from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
 from typing import TYPE_CHECKING, Callable, Collection
 
-from . import layout
+from ..core import layout
 from .config import Config, StudyConfig
-from .fsutil import disk_percent_used, is_temp_name, makedirs, write_atomic
+from ..core.fsutil import disk_percent_used, is_temp_name, makedirs, write_atomic
 from .inbox import PartialEntry, partial_entries
 
 if TYPE_CHECKING:   # ingest pulls in the whole store stack; only its record type is needed
-    from .errors import StoreIOError
+    from ..core.errors import StoreIOError
     from .ingest import EntryResult
 
 Log = Callable[[str], None]

@@ -21,7 +21,7 @@ from typing import IO, Iterator
 
 from . import layout
 from .fsutil import open_regular_nofollow
-from .manifest import decode_bytes, dumps, encode_bytes, parse_json_line
+from .jsonl import decode_bytes, dumps, encode_bytes, parse_json_line
 
 DESCRIPTION_NAME = b".eidetic-description.jsonl"
 DESCRIPTION_VERSION = 1

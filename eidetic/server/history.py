@@ -12,11 +12,12 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 
-from . import layout
+from ..core import layout
+from ..core.jsonl import encode_bytes
 from .config import Config
-from .errors import NotFound
-from .index import Version
-from .store import Store
+from ..core.errors import NotFound
+from ..store.index import Version
+from ..store.store import Store
 
 
 @dataclass
@@ -42,25 +43,21 @@ class Entry:
              "upload": self.upload, "tree_path": self.tree_path, "study": study,
              "mtime_ns": v.mtime_ns, "mode": v.mode, "source": self.provenance["location"],
              "provenance": self.provenance}
-        try:
-            d["path"] = v.path.decode("utf-8")
-        except UnicodeDecodeError:
-            import base64
-            d["path_b64"] = base64.b64encode(v.path).decode()
+        encode_bytes(d, "path", v.path)
         return d
 
 
 def resolve(cfg: Config, arg: str) -> Target:
     study_name, sep, rest = arg.partition(":")
     if sep and study_name in cfg.studies and not os.path.lexists(arg):
-        store = Store.open(cfg.study(study_name))
+        store = Store.open(*cfg.study(study_name).store_args())
         rel = os.fsencode(rest.strip("/"))
         return _resolve_rel(store, rel, os.fsencode(store.tree) + (b"/" + rel if rel else b""))
     absp = os.fsencode(os.path.abspath(arg))
     for s in cfg.studies.values():
         for root in {os.fsencode(os.path.abspath(s.tree)), os.fsencode(os.path.realpath(s.tree))}:
             if absp == root or absp.startswith(root + b"/"):
-                store = Store.open(s)
+                store = Store.open(*s.store_args())
                 return _resolve_rel(store, absp[len(root) + 1:], absp)
     trees = ", ".join(s.tree for s in cfg.studies.values())
     raise NotFound(f"{arg} is not inside a study's tree ({trees}); "

@@ -31,11 +31,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 
-from . import layout
+from ..core import layout
 from .config import Config
-from .errors import ConfigError, LockBusy
-from .fsutil import fsync_dir, is_temp_name, makedirs, write_atomic
-from .manifest import decode_bytes, encode_bytes
+from ..core.errors import ConfigError, LockBusy
+from ..core.fsutil import fsync_dir, is_temp_name, makedirs, write_atomic
+from ..core.jsonl import decode_bytes, encode_bytes
 
 RECORD_KINDS = ("claims", "done", "failed")
 

@@ -31,15 +31,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from . import layout
+from ..core import layout
 from .config import Config, StudyConfig
-from .description import DESCRIPTION_NAME
-from .errors import EideticError, UsageError
-from .fsutil import AtomicFile, open_regular_nofollow
+from ..core.description import DESCRIPTION_NAME
+from ..core.errors import EideticError, UsageError
+from ..core.fsutil import AtomicFile, open_regular_nofollow
 from .inbox import Claim, StateDir
-from .manifest import FileRecord, ManifestReader, encode_bytes
-from .objects import hash_fd
-from .store import Store
+from ..core.jsonl import encode_bytes
+from ..store.manifest import FileRecord, ManifestReader
+from ..store.objects import hash_fd
+from ..store.store import Store
 
 MAX_REASONS = 5
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -163,7 +164,7 @@ def _one(cfg: Config, state: StateDir, rec: dict, busy: set, dry_run: bool, now:
 
 def _expected(s: StudyConfig, seq: int, upload: str) -> tuple[dict[bytes, tuple[str, int]], tuple[str, int] | None, Store]:
     """path -> (blake3, size) of the upload's manifest, and its description's (blake3, size)."""
-    store = Store.open(s)
+    store = Store.open(*s.store_args())
     r = ManifestReader(store.manifest_path(seq))
     if r.header.upload != upload:
         r.close()

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-from . import layout
+from ..core import layout
 from .config import Config
-from .errors import DestinationExists, IntegrityError, NotFound, UsageError
-from .fsutil import AtomicFile, fsync, mkdir_open, open_dir_nofollow, rename_at, temp_name
+from ..core.errors import DestinationExists, IntegrityError, NotFound, UsageError
+from ..core.fsutil import AtomicFile, fsync, mkdir_open, open_dir_nofollow, rename_at, temp_name
 from .history import Target, resolve, select
-from .index import Version
+from ..store.index import Version
 
 # Walking up from DEST's parent needs no read permission on its ancestors.
 _UP = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)

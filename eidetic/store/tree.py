@@ -12,9 +12,9 @@ import errno
 import os
 import stat
 
-from . import layout
-from .errors import EideticError
-from .fsutil import makedirs, temp_name
+from ..core import layout
+from ..core.errors import EideticError
+from ..core.fsutil import makedirs, temp_name
 from .index import Version
 from .objects import ObjectStore
 

@@ -44,8 +44,8 @@ from typing import Callable, Iterator
 
 import lmdb
 
-from . import layout
-from .errors import EideticError, IndexUnusable, StoreFormatError, StoreIOError
+from ..core import layout
+from ..core.errors import EideticError, IndexUnusable, StoreFormatError, StoreIOError
 from .manifest import FileRecord, Header, ManifestReader
 
 INDEX_FORMAT = b"1"

@@ -60,12 +60,12 @@ from datetime import datetime, timezone
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from . import layout
-from .errors import EideticError, IndexUnusable, IntegrityError, StoreFormatError
-from .fsutil import TEMP_PREFIX, fsync_dir, is_temp_name, makedirs, open_regular_nofollow
-from .objects import SMALL_FILE, ObjectStore, hash_bytes, hash_fd
+from ..core import layout
+from ..core.errors import EideticError, IndexUnusable, IntegrityError, StoreFormatError
+from ..core.fsutil import TEMP_PREFIX, fsync_dir, is_temp_name, makedirs, open_regular_nofollow
+from ..store.objects import SMALL_FILE, ObjectStore, hash_bytes, hash_fd
 if TYPE_CHECKING:   # the re-hashing child imports this module: keep its start-up light
-    from .store import Store
+    from ..store.store import Store
 
 # ------------------------------------------------------------------- codes
 #
@@ -352,7 +352,7 @@ class _Checker:
         nothing into the store) and the live one, with one read transaction
         pinned on it: every look at the live index is this one snapshot
         (LMDB's MVCC), however an ingest goes on meanwhile."""
-        from .index import Index   # lmdb only when needed
+        from ..store.index import Index   # lmdb only when needed
 
         self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-")
         self.fresh = Index(os.path.join(self.fresh_dir, "index"), durable=False,   # thrown away: no fsyncs
@@ -542,7 +542,7 @@ class _Checker:
 
     def _replay(self, seq: int, state: "_ChainState", total: int) -> None:
         """Validate manifest *seq* against the chain and apply it to the fresh index."""
-        from .manifest import ManifestReader
+        from ..store.manifest import ManifestReader
 
         path = self.store.manifest_path(seq)
         bpath = os.fsencode(path)
@@ -892,7 +892,7 @@ def _with_last(it: Iterator) -> Iterator[tuple[Any, bool]]:
 
 def _affected(idx, oid: str, limit: int = _REF_LIMIT) -> tuple[list[tuple[bytes, int, str]], int]:
     """(path, version, stamp) of the versions using *oid* (up to *limit*), and their number."""
-    from .index import _decode_version
+    from ..store.index import _decode_version
 
     out: list[tuple[bytes, int, str]] = []
     total = 0
@@ -1451,7 +1451,7 @@ def _rehash_main() -> None:
     hasher.run()
     req = sys.stdin.buffer.readline().split()
     if req and req[0] == b"M":
-        from .index import Index
+        from ..store.index import Index
 
         fresh = Index(os.fsdecode(bytes.fromhex(req[1].decode())), durable=False)
         count, need = _merge_objects(objects, fresh, False,
@@ -1721,7 +1721,7 @@ class _Repairer:
             return False
         changed = False
         if self.has("E017"):
-            from .manifest import digest_of
+            from ..store.manifest import digest_of
             seqs = store.manifest_seqs()
             if seqs:
                 digest = digest_of(store.manifest_path(seqs[-1]))
@@ -1814,7 +1814,7 @@ class _Repairer:
     def _materialize(self) -> None:
         """Give every version its names again (idempotent: existing right
         names are left alone, stale plain names replaced)."""
-        from .tree import Tree, TreeConflict
+        from ..store.tree import Tree, TreeConflict
 
         store = self.store
         tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))

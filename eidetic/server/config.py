@@ -15,10 +15,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import yaml
-
-from .errors import ConfigError
-from .layout import STUDY_NAME_RE
+from ..core.errors import ConfigError
+from ..core.yamlfile import no_unknown_keys, read_yaml
+from ..core.layout import STUDY_NAME_RE
 
 SYSTEM_CONFIG = "/etc/eidetic/eidetic.yaml"
 DEFAULT_SETTLE_SECONDS = 5.0   # the rename out of the dot name is the real signal; this catches hand copies
@@ -67,6 +66,10 @@ class StudyConfig:
     notify_uploads: str = "none"        # "none" | "each" (a mail per upload) | "digest" (daily)
     require_description: bool = False   # refuse entries without an upload description
     group: str | None = None            # group that may read the tree
+
+    def store_args(self) -> tuple[str, str, str]:
+        """What ``Store(...)`` is handed: the store knows no config."""
+        return self.name, self.store, self.tree
 
 
 @dataclass(frozen=True)
@@ -136,45 +139,7 @@ def load(explicit: str | None = None) -> Config:
     path = find_config_path(explicit)
     if path is None:
         return default_layout()
-    return parse(_read_yaml(path), path)
-
-
-def _read_yaml(path: str) -> object:
-    """The YAML document at *path*; any problem is one ConfigError (with line and column)."""
-    try:
-        with open(path, "rb") as f:
-            return yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", path) from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{where}{e.problem or e}", path) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}", path) from None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            hash(key)
-        except TypeError:   # "? [a, b]": a list or mapping as a key
-            raise yaml.constructor.ConstructorError(
-                None, None, "a key must be a plain value, not a list or mapping", key_node.start_mark) from None
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen[key] = True
-    return loader.construct_mapping(node, deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    return parse(read_yaml(path), path)
 
 
 def parse(doc: object, source: str) -> Config:
@@ -229,10 +194,7 @@ def parse(doc: object, source: str) -> Config:
     return cfg
 
 
-def _no_unknown(body: dict, allowed: set[str], prefix: str, source: str) -> None:
-    for k in body:
-        if k not in allowed:
-            raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(allowed))})", source)
+_no_unknown = no_unknown_keys
 
 
 def _number(body: dict, key: str, default: float, source: str, minimum: float = 0,
@@ -374,19 +336,3 @@ def _check_same_filesystem(s: StudyConfig, source: str) -> None:
         raise ConfigError(f"keys 'studies.{s.name}.tree' ({s.tree}) and 'studies.{s.name}.store' "
                           f"({s.store}) are on different file systems; tree files are hardlinks to "
                           "store objects, so they must share one", source)
-
-
-def load_client_settings(path: str) -> dict:
-    """The lab PC's ``eidetic-client.yaml`` (only key: ``location``); {} when absent."""
-    if not os.path.exists(path):
-        return {}
-    doc = _read_yaml(path)
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ConfigError("the top level must be a mapping of keys", path)
-    _no_unknown(doc, {"location"}, "", path)
-    loc = doc.get("location")
-    if loc is not None and not isinstance(loc, str):
-        raise ConfigError("'location' must be a text, e.g. location: labA", path)
-    return {"location": loc} if loc else {}

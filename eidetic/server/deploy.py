@@ -37,12 +37,12 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from . import layout
+from ..core import layout
 from .config import Config, StudyConfig
-from .errors import ConfigError
-from .fsutil import disk_percent_used, makedirs
+from ..core.errors import ConfigError
+from ..core.fsutil import disk_percent_used, makedirs
 from .inbox import StateDir
-from .store import STORE_DIRS, Store
+from ..store.store import STORE_DIRS, Store
 
 INBOX_MODE = 0o3777
 STATE_MODE = 0o700
@@ -234,7 +234,7 @@ def _init(cfg: Config, wants: list[Want]) -> list[Action]:
     StateDir(cfg.state).init()
     chowning = _service_ids(wants).uid is not None
     for s in cfg.studies.values():
-        Store.init(s)
+        Store.init(*s.store_args())
         if chowning:
             _precreate(s)
     actions: list[Action] = []
@@ -267,7 +267,7 @@ def _precreate(s: StudyConfig) -> None:
     fd = os.open(os.path.join(s.store, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     os.close(fd)
     if not os.path.exists(os.path.join(s.store, "index", "data.mdb")):
-        store = Store(s)
+        store = Store(*s.store_args())
         store.index   # noqa: B018 - opening creates data.mdb and lock.mdb
         store.close()
 

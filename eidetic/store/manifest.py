@@ -12,65 +12,18 @@ streams and validates every line.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 from dataclasses import dataclass, field
 from typing import IO, Iterator
 
-from . import layout
-from .errors import IntegrityError
+from ..core import layout
+from ..core.errors import IntegrityError
+from ..core.hashing import new_hasher
+from ..core.jsonl import decode_bytes, dumps, encode_bytes, parse_json_line
 
 MANIFEST_VERSION = 2                  # what this eidetic writes
 READABLE_VERSIONS = (1, 2)            # 2 added the optional "description" header key
 SKIP_KINDS = ("symlink", "fifo", "socket", "chardev", "blockdev", "unknown")
-
-
-# ------------------------------------------------------------ byte strings
-
-def encode_bytes(obj: dict, key: str, value: bytes) -> None:
-    """Store *value* under *key* when it is valid UTF-8, else under *key*_b64."""
-    try:
-        obj[key] = value.decode("utf-8")
-    except UnicodeDecodeError:
-        obj[key + "_b64"] = base64.b64encode(value).decode("ascii")
-
-
-def decode_bytes(obj: dict, key: str) -> bytes:
-    if key in obj:
-        v = obj[key]
-        if not isinstance(v, str):
-            raise ValueError(f"{key} must be a string")
-        return v.encode("utf-8")
-    v = obj.get(key + "_b64")
-    if not isinstance(v, str):
-        raise ValueError(f"missing {key}")
-    raw = base64.b64decode(v.encode("ascii"), validate=True)
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw
-    raise ValueError(f"{key}_b64 holds valid UTF-8; it must be written as {key}")
-
-
-def parse_json_line(line: bytes) -> dict:
-    """One line of a JSON Lines file (manifests, upload descriptions) as a
-    dict; ValueError saying what is wrong with it."""
-    if not line.endswith(b"\n"):
-        raise ValueError("truncated")
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):   # RecursionError: nesting deeper than the parser's stack
-        raise ValueError("not JSON") from None
-    if not isinstance(obj, dict):
-        raise ValueError("not a JSON object")
-    return obj
-
-
-def dumps(obj: dict) -> bytes:
-    # ensure_ascii keeps every manifest pure ASCII, so its bytes (and hash)
-    # do not depend on an encoder's choices.
-    return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 # ------------------------------------------------------------------ records
@@ -232,7 +185,7 @@ class ManifestWriter:
 
     def __init__(self, f: IO[bytes], header: Header) -> None:
         self._f = f
-        self._h = _hasher()
+        self._h = new_hasher()
         self.header = header
         self.files = 0
         self.bytes = 0
@@ -259,11 +212,6 @@ class ManifestWriter:
         return self._h.hexdigest()
 
 
-def _hasher():
-    from .objects import new_hasher  # blake3 is imported by objects.py only
-    return new_hasher()
-
-
 # ------------------------------------------------------------------- reader
 
 @dataclass
@@ -284,7 +232,7 @@ class ManifestReader:
     def __init__(self, path: str | bytes) -> None:
         self.path = os.fsdecode(path)
         self._f = open(path, "rb")
-        self._h = _hasher()
+        self._h = new_hasher()
         self._lineno = 0
         first = self._next_line()
         if first is None:

@@ -29,13 +29,13 @@ from collections.abc import Callable
 import sdnotify
 
 from . import config as _config
-from . import layout
+from ..core import layout
 from .config import Config, StudyConfig
-from .errors import ConfigError, EideticError, LockBusy, StoreIOError
+from ..core.errors import ConfigError, EideticError, LockBusy, StoreIOError
 from .inbox import StateDir
 from .ingest import EntryResult, Ingester
 from .notify import Notifier
-from .store import Store
+from ..store.store import Store
 from .watch import InboxWatch
 
 # sd-daemon / syslog priorities (the CLI turns them into "<3>" etc. for journald)

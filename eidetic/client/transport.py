@@ -32,10 +32,10 @@ from paramiko.sftp import (CMD_CLOSE, CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, CMD_ST
                           SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, int64)
 from paramiko.sftp_attr import SFTPAttributes
 
-from .client import local_user
-from .errors import HostKeyError, TransportError, UsageError
-from .fsutil import fsync_dir, syncfs
-from .objects import hash_fd
+from .state import local_user
+from ..core.errors import HostKeyError, TransportError, UsageError
+from ..core.fsutil import fsync_dir, syncfs
+from ..core.hashing import hash_fd
 
 # paramiko logs the errors we report ourselves ("Socket exception: ...");
 # without a handler, logging's last resort would print them to stderr.

@@ -15,77 +15,17 @@ before it counts.
 from __future__ import annotations
 
 import errno
-import io
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import blake3
+from ..core import layout
+from ..core.errors import IntegrityError
+from ..core.fsutil import fsync, makedirs, temp_name
+from ..core.hashing import (CHUNK, EMPTY_ID, SMALL_FILE, hash_bytes, hash_fd, hash_path_parallel, new_hasher, pump,
+                            write_all as _write_all)
 
-from . import layout
-from .errors import IntegrityError
-from .fsutil import fsync, makedirs, temp_name
-
-EMPTY_ID = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-SMALL_FILE = 1 << 20        # read in one go, hash before writing anything
-CHUNK = 4 << 20             # streaming buffer for larger files
 OBJECT_MODE = 0o444
-_AUTO = blake3.blake3.AUTO  # FACTS.md: blake3.AUTO does not exist
-
-
-def new_hasher():
-    # Single-threaded for streaming: ~6 GB/s is more than the copy loop's I/O,
-    # and on 2 cores blake3's pool spins in sched_yield between chunks.
-    return blake3.blake3()
-
-
-def hash_bytes(data: bytes | memoryview) -> str:
-    return blake3.blake3(data).hexdigest()
-
-
-_buffers = threading.local()
-
-
-def _buffer() -> bytearray:
-    # One buffer per thread, reused for every file: allocating 4 MiB per file
-    # cost more than hashing a small one (bench/daemon_send.py profile).
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = bytearray(CHUNK)
-    return buf
-
-
-if hasattr(os, "readv"):
-    def _readinto(fd: int, buf: bytearray) -> int:
-        return os.readv(fd, [buf])
-else:  # pragma: no cover - Windows, where the sending client hashes too
-    def _readinto(fd: int, buf: bytearray) -> int:
-        with io.FileIO(fd, "rb", closefd=False) as f:
-            return f.readinto(buf) or 0
-
-
-def pump(src: int, h, dst: int | None = None) -> int:
-    """Stream everything readable from *src* into hasher *h* (and *dst*);
-    one reused buffer, so memory stays flat for any size.  Returns bytes read."""
-    buf = _buffer()
-    mv = memoryview(buf)
-    total = 0
-    while True:
-        n = _readinto(src, buf)
-        if n == 0:
-            return total
-        h.update(mv[:n])
-        if dst is not None:
-            _write_all(dst, mv[:n])
-        total += n
-
-
-def hash_fd(fd: int) -> tuple[str, int]:
-    """Hash everything readable from *fd* (streamed); returns (id, bytes read)."""
-    h = new_hasher()
-    total = pump(fd, h)
-    return h.hexdigest(), total
 
 
 @dataclass
@@ -215,10 +155,8 @@ class ObjectStore:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            if st.st_size > 16 * CHUNK:
-                h = blake3.blake3(max_threads=_AUTO)   # our own file: mmap and threads are safe
-                h.update_mmap(os.fsdecode(p))  # blake3 wants a str path
-                return h.hexdigest(), st.st_size
+            if st.st_size > 16 * CHUNK:   # our own file: mmap and threads are safe
+                return hash_path_parallel(p), st.st_size
             return hash_fd(fd)
         finally:
             os.close(fd)
@@ -323,13 +261,6 @@ def _read_all(fd: int, size_hint: int) -> bytes:
             break
         want = CHUNK
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
 
 
 def _unlink_quiet(p: bytes) -> None:

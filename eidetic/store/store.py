@@ -22,10 +22,9 @@ import tempfile
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from . import layout
-from .config import StudyConfig
-from .errors import IndexUnusable, IntegrityError, LockBusy, StoreFormatError, StoreIOError
-from .fsutil import TEMP_PREFIX, AtomicFile, SyncFailed, fsync_dir, makedirs, syncfs, write_atomic
+from ..core import layout
+from ..core.errors import IndexUnusable, IntegrityError, LockBusy, StoreFormatError, StoreIOError
+from ..core.fsutil import TEMP_PREFIX, AtomicFile, SyncFailed, fsync_dir, makedirs, syncfs, write_atomic
 from .manifest import Header, ManifestWriter
 from .objects import ObjectStore
 
@@ -57,12 +56,15 @@ INDEX_VERDICT = "verified"    # <store>/index/verified: see Store._note_verdict
 
 
 class Store:
-    def __init__(self, study: StudyConfig) -> None:
-        self.study = study
-        self.name = study.name
-        self.root = study.store
-        self.broot = os.fsencode(study.store)
-        self.tree = study.tree
+    """One study's store at *root*, its browsable tree at *tree*.  It is handed
+    the three things it needs, not the server's config: the store knows no
+    config file."""
+
+    def __init__(self, name: str, root: str, tree: str) -> None:
+        self.name = name
+        self.root = root
+        self.broot = os.fsencode(root)
+        self.tree = tree
         self.objects = ObjectStore(self.root, os.path.join(self.root, "tmp"))
         self._index = None
         self._index_sound = False   # prepare_index found (or made) the index sound: note it at unlock
@@ -70,24 +72,24 @@ class Store:
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def init(cls, study: StudyConfig) -> "Store":
+    def init(cls, name: str, root: str, tree: str) -> "Store":
         """Create the store and tree directories (idempotent)."""
-        makedirs(os.fsencode(study.store), 0o700)
+        makedirs(os.fsencode(root), 0o700)
         for d in STORE_DIRS:
-            makedirs(os.fsencode(os.path.join(study.store, d)), 0o700)
-        makedirs(os.fsencode(study.tree), 0o755)
-        marker = os.path.join(study.store, layout.STORE_MARKER)
+            makedirs(os.fsencode(os.path.join(root, d)), 0o700)
+        makedirs(os.fsencode(tree), 0o755)
+        marker = os.path.join(root, layout.STORE_MARKER)
         if not os.path.exists(marker):
-            write_atomic(marker, MARKER_TEXT.format(version=layout.FORMAT_VERSION, study=study.name).encode(),
+            write_atomic(marker, MARKER_TEXT.format(version=layout.FORMAT_VERSION, study=name).encode(),
                          mode=0o444)
-        store = cls(study)
+        store = cls(name, root, tree)
         store.check_format()
         store._create_empty_index()
         return store
 
     @classmethod
-    def open(cls, study: StudyConfig) -> "Store":
-        store = cls(study)
+    def open(cls, name: str, root: str, tree: str) -> "Store":
+        store = cls(name, root, tree)
         store.check_format()
         return store
 

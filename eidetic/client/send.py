@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-from . import __version__, layout
-from .client import ClientLock, Pending, SendState, client_dir, local_user, open_state, sanitize_location
-from .config import load_client_settings
-from .description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
-from .errors import SendError, UsageError
-from .fsutil import open_regular_nofollow
-from .objects import hash_fd, new_hasher
+from .. import __version__
+from ..core import layout
+from .state import ClientLock, Pending, SendState, client_dir, local_user, open_state, sanitize_location
+from .settings import load_client_settings
+from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
+from ..core.errors import SendError, UsageError
+from ..core.fsutil import open_regular_nofollow
+from ..core.hashing import hash_fd, new_hasher
 from .transport import (Destination, HostKeyInfo, LocalTransport, SFTPOptions, Transport, open_transport,
                         parse_destination)
 

@@ -1,0 +1,1 @@
+"""The bottom layer: errors, durable writes, naming, hashing, line formats. Knows no store."""

@@ -1,0 +1,1 @@
+"""The server side: config, inbox, ingest, daemon, mail, status, purge, deploy, reading history."""

@@ -1,0 +1,1 @@
+"""One study's store: objects, manifests, index, tree. Imports only eidetic.core."""
