@@ -29,11 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 import eidetic.server.config
 import eidetic.server.deploy
 import eidetic.store.index
 from eidetic.core import layout as L
+
+# One hypothesis profile for every property test: derandomized (a CI run
+# tries the same examples as the run before it), no deadline (CI machines
+# are slow and shared); tests that need fewer examples say so themselves.
+settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
+settings.load_profile("eidetic")
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -22,8 +22,6 @@ from eidetic.core.description import (DESCRIPTION_NAME, MAX_LINE, DescribedFile,
                                  walk_key)
 from eidetic.core.hashing import hash_bytes
 
-settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
-settings.load_profile("eidetic")
 
 REPO = Path(__file__).resolve().parent.parent
 EMPTY_ID = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"

@@ -24,8 +24,6 @@ from eidetic.store.manifest import FileRecord, Header, ManifestWriter, SkipRecor
 from eidetic.core.hashing import hash_bytes
 from eidetic.store.store import Store
 
-settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
-settings.load_profile("eidetic")
 
 RECEIVED = ["2026-11-21T20:44:55.000001Z", "2026-11-22T09:00:00.000002Z", "2026-11-23T10:15:00.000003Z",
             "2026-11-24T11:00:00.000004Z", "2026-11-25T12:00:00.000005Z", "2026-11-26T13:00:00.000006Z"]

@@ -16,8 +16,6 @@ from hypothesis import strategies as st
 
 from eidetic.core import fsutil, layout
 
-settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
-settings.load_profile("eidetic")
 
 EMPTY_ID = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 NAME_MAX = 255

@@ -23,8 +23,6 @@ from eidetic.core.errors import IntegrityError
 from eidetic.store.manifest import (DESCRIPTION_KEYS, SKIP_KINDS, FileRecord, Header, ManifestReader, ManifestWriter,
                               SkipRecord, digest_of, read_all)
 
-settings.register_profile("eidetic", derandomize=True, deadline=None, max_examples=300)
-settings.load_profile("eidetic")
 
 EMPTY_ID = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 _DIR = tempfile.mkdtemp(prefix="eidetic-test-manifest-")
