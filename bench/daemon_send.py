@@ -20,7 +20,7 @@ OpenSSH server on 127.0.0.1 (a throwaway sshd started and stopped here):
 4. verification: ``ingest --once`` of the sent entry (with its upload
    description, checked file by file) vs the same bytes dropped bare.
 
-Rules kept (see /work/shared/FACTS.md, "Measuring here"): every measured run
+Rules kept (see docs/design.md, "Measuring here"): every measured run
 writes into a fresh directory and nothing is deleted before the end; a
 ``sync`` precedes every timed command; only ratios measured in the same run
 are compared.  Helpers (timing, rusage, bytecode cache, machine notes) come

@@ -8,7 +8,7 @@ Everything is measured in ONE run on the SAME generated data set, so only the
 ratios matter (absolute times swing from run to run on shared VMs).  See
 bench/README.md for what each number means.
 
-Rules kept here (see /work/shared/FACTS.md, "Measuring here"):
+Rules kept here (see docs/design.md, "Measuring here"):
 * every measured run writes into a fresh directory; nothing is deleted
   between measured runs (only at the very end);
 * the copies a tool reads or ingests are made before the timed part, and a

@@ -10,7 +10,7 @@
   inodes), plus ``eidetic fsck`` once that exists.
 * ``nonroot_venv`` / ``world_tmp`` / ``run_as`` - for tests that must run as
   uids other than root (root reads everything, so permission tests need
-  real unprivileged processes).  FACTS.md: a venv built from a Python under
+  real unprivileged processes).  docs/design.md, "Test peers": a venv built from a Python under
   root's home cannot be run by other uids, so a session-scoped fixture builds
   one from the system python in a world-readable place.
 """

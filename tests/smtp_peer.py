@@ -1,4 +1,4 @@
-"""A real SMTP server on 127.0.0.1 for tests (FACTS.md, "Real peers for tests").
+"""A real SMTP server on 127.0.0.1 for tests (docs/design.md, "Test peers").
 
 ``SMTPServer(workdir, starttls=False, auth=None)`` picks a free port at
 construction (aiosmtpd's ``Controller(port=0)`` fails) and keeps it across

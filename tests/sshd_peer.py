@@ -1,4 +1,4 @@
-"""A real OpenSSH server for the SFTP tests (FACTS.md, "Real peers for tests").
+"""A real OpenSSH server for the SFTP tests (docs/design.md, "Test peers").
 
 ``SSHServer(workdir)`` writes a throwaway ed25519 host key, a throwaway user
 key authorised for the current user (root), and an sshd config that listens on

@@ -1,6 +1,6 @@
 """The inbox lifecycle with the daemon and the uploader as two different,
 unprivileged uids (root reads and renames everything, so only real uids
-prove it).  FACTS.md: in a sticky inbox the service user cannot move an
+prove it).  docs/design.md, "The kernel": in a sticky inbox the service user cannot move an
 uploader's 0755 directory to another parent, so entries are renamed in
 place; the uploader keeps owning its entry and can never write the tree.
 """
@@ -127,7 +127,7 @@ def test_daemon_uid_ingests_an_uploader_uids_entry_renamed_in_place(two_uids):
     st = os.lstat(entry)
     # The setgid inbox gives the entry the service group (and its directories the setgid bit).
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UPLOADER_UID, DAEMON_UID, 0o2755)
-    # The premise (FACTS.md): the daemon cannot move the entry out of the inbox.
+    # The premise (docs/design.md, "The kernel"): the daemon cannot move the entry out of the inbox.
     res = run_as(DAEMON_UID, ["mv", str(entry), str(lay.root / "taken")])
     assert res.returncode != 0 and entry.exists()
 

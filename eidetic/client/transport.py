@@ -845,7 +845,7 @@ class SFTPTransport:
         if self.exists(new):
             raise TransportError(f"{new.decode('utf-8', 'replace')} already exists in {self.display}")
         try:
-            # FACTS.md: sftp.rename onto an existing name fails; posix_rename works
+            # docs/design.md, "paramiko": sftp.rename onto an existing name fails; posix_rename works
             # (the target was just checked to be absent, and its name is random).
             self.sftp.posix_rename(self._r(old), self._r(new))
         except (OSError, paramiko.SSHException, EOFError) as e:

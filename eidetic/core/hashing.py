@@ -16,7 +16,7 @@ import blake3
 EMPTY_ID = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 SMALL_FILE = 1 << 20        # read in one go, hash before writing anything
 CHUNK = 4 << 20             # streaming buffer for larger files
-_AUTO = blake3.blake3.AUTO  # FACTS.md: blake3.AUTO does not exist
+_AUTO = blake3.blake3.AUTO  # docs/design.md, "BLAKE3": blake3.AUTO does not exist
 
 
 def new_hasher():

@@ -51,13 +51,13 @@ from .manifest import FileRecord, Header, ManifestReader
 INDEX_FORMAT = b"1"
 CHUNK_RECORDS = 5000
 LARGE_OBJECT = 1 << 20
-_MAP_SIZE = 1 << 40            # virtual address space only (FACTS.md: the 10 MiB default fails)
+_MAP_SIZE = 1 << 40            # virtual address space only (docs/design.md, "LMDB": the 10 MiB default fails)
 _VREC = struct.Struct(">QQqI32s")  # seq, size, mtime_ns, mode, blake3
 _SEQ = struct.Struct(">Q")
 DB_NAMES = ("meta", "versions", "objects", "refs", "bysize", "uploads", "upload_ids", "cutnames")
 _MIN_FILE = 2 * 4096           # two meta pages: anything shorter was never an LMDB file
 
-# One environment per data file per process (FACTS.md: never open one twice);
+# One environment per data file per process (docs/design.md, "LMDB": never open one twice);
 # _idents remembers which data.mdb (st_dev, st_ino) each was opened on, so a
 # directory swapped in by 'fsck --repair' in another process is noticed.
 _envs: dict[str, lmdb.Environment] = {}
@@ -751,7 +751,7 @@ def _ident(path: str) -> tuple[int, int] | None:
 
 def _open_env(path: str, durable: bool = True, create: bool = True, lockless: bool = False) -> lmdb.Environment:
     """This process's environment on the index at *path* (one per data file:
-    FACTS.md), opened anew if data.mdb is not the file it has open."""
+    docs/design.md, "LMDB"), opened anew if data.mdb is not the file it has open."""
     data = os.path.join(path, "data.mdb")
     with _envs_lock:
         env = _envs.get(path)
