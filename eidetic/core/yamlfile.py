@@ -48,6 +48,40 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def key_lines(path: str) -> dict[tuple, int]:
+    """The line (1-based) of every mapping key in the YAML file at *path*, by
+    its key path (``("destinations", "foo", "to")``), so that a message about
+    a bad value can name the line.  {} when the file cannot be composed (the
+    caller has already read it with :func:`read_yaml`, which said why)."""
+    try:
+        with open(path, "rb") as f:
+            root = yaml.compose(f, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except (OSError, yaml.YAMLError):
+        return {}
+    lines: dict[tuple, int] = {}
+
+    def visit(node, prefix: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = prefix + (k.value if isinstance(k, yaml.ScalarNode) else None,)
+                lines.setdefault(key, k.start_mark.line + 1)
+                visit(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines.setdefault(prefix + (i,), v.start_mark.line + 1)
+                visit(v, prefix + (i,))
+
+    if root is not None:
+        visit(root, ())
+    return lines
+
+
+def dump_yaml(doc: object) -> bytes:
+    """*doc* as block-style YAML in its own key order, for settings files a
+    program writes and a person may read and edit afterwards."""
+    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False).encode("utf-8")
+
+
 def no_unknown_keys(body: dict, allowed: set[str], prefix: str, source: str) -> None:
     for k in body:
         if k not in allowed:
