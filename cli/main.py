@@ -3,6 +3,8 @@ errors become exit statuses and one-line messages (never a traceback)."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import os
 import sys
@@ -10,13 +12,16 @@ import sys
 import click
 
 from eidetic import __version__
-from eidetic.core.errors import EideticError
+from eidetic.core.errors import EideticError, ServerNotInstalled
 from eidetic.core.layout import display
 
-from .common import Ctx
+from .common import SERVER_LIBRARIES, Ctx, require_server, server_install_command
 
 # Subcommands are imported only when used: `eidetic log` must start fast.
 COMMANDS = ("init", "ingest", "status", "log", "checkout", "fsck", "purge", "send", "demo")
+# What the client-only install (a lab PC's, without the [server] extra) can run;
+# every other command first checks that the server libraries are installed.
+CLIENT_COMMANDS = ("send",)
 
 
 class LazyGroup(click.Group):
@@ -26,7 +31,29 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        return importlib.import_module(f"{__package__}.commands.{name}").command
+        command = importlib.import_module(f"{__package__}.commands.{name}").command
+        if name in CLIENT_COMMANDS:
+            return command
+        # Checked when the command runs, after its options are parsed: its --help
+        # works in the client-only install too.
+        checked = copy.copy(command)
+        checked.callback = _needs_server(f"eidetic {name}", command.callback)
+        return checked
+
+
+def _needs_server(command: str, callback):
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        require_server(command)
+        try:
+            return callback(*args, **kwargs)
+        except ImportError as e:
+            # A server library found by the check but broken on import: the same one line.
+            top = (e.name or "").split(".")[0]
+            if top not in SERVER_LIBRARIES:
+                raise
+            raise ServerNotInstalled(command, [top], server_install_command()) from e
+    return run
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -171,3 +171,24 @@ class TransportError(EideticError):
 
 class HostKeyError(TransportError):
     """An SSH host key that is unknown (and not accepted) or has changed."""
+
+
+class ServerNotInstalled(EideticError):
+    """A server command run where only the client (the lab PC's uploader)
+    is installed: the server's own libraries are missing.  The one remedy is
+    an install, so the message is that install's command line (exit status
+    3: the environment stops us; systemd does not restart the daemon for it).
+
+    '{command}' needs the server libraries ({missing} not installed): {install}"""
+
+    exit_code = 3
+
+    def __init__(self, command: str, missing: list[str], install: str) -> None:
+        names = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+        super().__init__("", command=command, missing=f"{names} {'are' if len(missing) > 1 else 'is'}",
+                         install=install)
+
+    @property
+    def message(self) -> str:
+        k = self.kwargs
+        return f"'{k['command']}' needs the server libraries ({k['missing']} not installed): {k['install']}"
