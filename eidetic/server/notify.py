@@ -1,15 +1,10 @@
-"""Email notifications: failed uploads, full disks, abandoned uploads, and
-(optionally) successful uploads, one by one or as a daily digest.
+"""Email notifications: who is told what, and in which words.  Failed
+uploads, store faults, full disks, abandoned uploads, and (optionally)
+successful uploads, one by one or as a daily digest.
 
-Nothing here may slow down or fail an ingest.  Every mail is first written
-to a durable outbox (``<state>/notify/outbox/<id>.eml``, a complete RFC 5322
-message); a background thread delivers it over SMTP and deletes it once the
-server accepted it.  A mail that could not be delivered gets a sidecar
-``<id>.json`` (attempts, next try, first failure, last error) and is retried
-with a doubling back-off; after seven days it is moved to ``failed/`` and the
-log says so loudly.
-
-The rest of ``<state>/notify/`` remembers what was already said, so that a
+Nothing here may slow down or fail an ingest.  Every mail goes into the
+durable outbox of :mod:`.outbox`, whose thread delivers it over SMTP.  The
+rest of ``<state>/notify/`` remembers what was already said, so that a
 restart does not say it again::
 
     disk/<study>.json        highest warning threshold crossed (0 = none)
@@ -25,28 +20,25 @@ from __future__ import annotations
 import email.utils
 import errno
 import functools
-import json
 import os
 import pwd
 import secrets
 import shlex
 import shutil
-import smtplib
-import ssl
-import stat
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
 from typing import TYPE_CHECKING, Callable, Collection
 
 from ..core import layout
+from ..core.fsutil import disk_percent_used, is_temp_name, makedirs
 from .config import Config, StudyConfig
-from ..core.fsutil import disk_percent_used, is_temp_name, makedirs, write_atomic
 from .inbox import PartialEntry, partial_entries
+from .outbox import GIVE_UP_SECONDS, Outbox, discard, read_json, write_json
+
+__all__ = ["GIVE_UP_SECONDS", "Notifier"]   # GIVE_UP_SECONDS: the outbox's, named here too
 
 if TYPE_CHECKING:   # ingest pulls in the whole store stack; only its record type is needed
     from ..core.errors import StoreIOError
@@ -54,8 +46,6 @@ if TYPE_CHECKING:   # ingest pulls in the whole store stack; only its record typ
 
 Log = Callable[[str], None]
 
-GIVE_UP_SECONDS = 7 * 24 * 3600          # an undeliverable mail is kept trying this long
-MAX_BACKOFF_SECONDS = 4 * 3600           # retry interval doubles up to this
 MAX_SUBJECT_NAME = 80                    # entry names are cut to this in subject lines
 STALE_CHECK_SECONDS = 300                # tick() walks unfinished uploads at most this often
 
@@ -82,21 +72,9 @@ def _side_channel(method=None, *, default=None):
     return decorate(method) if method is not None else decorate
 
 
-@dataclass
-class _Queued:
-    name: str              # file name stem in the outbox
-    attempts: int = 0
-    next_try: float = 0.0
-    first_failure: float | None = None
-    last_error: str = ""
-
-
-class _DeliveryProblem(Exception):
-    """Delivery cannot even start (credentials unreadable, ...): retry later."""
-
-
 class Notifier:
-    """Queues mails in a durable outbox and delivers them in the background.
+    """Decides which mails an event calls for, writes them, and queues them
+    in the outbox, which delivers them in the background.
 
     *clock* (seconds since the epoch) is injectable so tests can reach a
     retry time or an idle threshold without waiting; *debug* receives the
@@ -116,15 +94,8 @@ class Notifier:
         self._debug = debug or _quiet
         self._clock = clock
         self.root = os.path.join(cfg.state, "notify")
-        self.outbox = os.path.join(self.root, "outbox")
-        self.failed_dir = os.path.join(self.root, "failed")
+        self.outbox = Outbox(self.root, self.n, log, clock=clock)
         self._lock = threading.RLock()          # state read-modify-write
-        self._deliver_lock = threading.Lock()   # one delivery pass at a time
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._next_due: float | None = None
-        self._warned_mode = False
         self._last_stale_check: float | None = None
 
     @property
@@ -197,7 +168,7 @@ class Notifier:
         level = max((t for t in self.n.disk_warn_percent if percent >= t), default=0)
         with self._lock:
             path = os.path.join(self.root, "disk", study + ".json")
-            before = int(_read_json(path, {}).get("level", 0))
+            before = int(read_json(path).get("level", 0))
             if level == before:
                 return
             if level > before:   # mail first: a crash in between repeats a mail rather than losing it
@@ -206,8 +177,7 @@ class Notifier:
                             self._disk_body(s, percent, level, usage.free, usage.total), s.notify + self.n.admin)
                 self.log(f"mail: study {study}: disk {percent}% full, crossed {level}%")
             self._ensure_dir("disk")
-            write_atomic(path, _dump({"level": level, "percent": percent,
-                                      "at": _utc(self._clock())}), mode=0o600)
+            write_json(path, {"level": level, "percent": percent, "at": _utc(self._clock())})
 
     @_side_channel
     def check_stale(self, now: float | None = None) -> None:
@@ -223,7 +193,7 @@ class Notifier:
             reported: dict[str | None, list] = {}
             known: set[tuple] = set()
             for key_study in self._served_keys():
-                old[key_study] = _read_json(self._stale_path(key_study), {}).get("reported", [])
+                old[key_study] = read_json(self._stale_path(key_study)).get("reported", [])
                 reported[key_study] = [k for k in old[key_study] if _same_inode(k)]
                 known |= {(k["inbox"], k["name_hex"], k["ino"]) for k in reported[key_study]}
             for p in partial_entries(self.cfg, idle_at_least=self.cfg.stale_hours * 3600, now=now):
@@ -249,7 +219,7 @@ class Notifier:
             for key_study, now_reported in reported.items():
                 if now_reported != old[key_study]:
                     self._ensure_dir("stale")
-                    write_atomic(self._stale_path(key_study), _dump({"reported": now_reported}), mode=0o600)
+                    write_json(self._stale_path(key_study), {"reported": now_reported})
 
     def _served_keys(self) -> list[str | None]:
         """Studies whose periodic mail is ours; None stands for entries of no study."""
@@ -276,7 +246,7 @@ class Notifier:
                 if s.notify_uploads != "digest" or s.name not in served:
                     continue
                 marker = os.path.join(self.root, "digest", s.name + ".day")
-                if _read_json(marker, {}).get("day") == day:
+                if read_json(marker).get("day") == day:
                     continue
                 pending_dir = os.path.join(self.root, "digest", s.name)
                 items = _pending(pending_dir)
@@ -288,9 +258,9 @@ class Notifier:
                                 f"since the last digest ({layout.human_bytes(n_bytes)})",
                                 self._digest_body(s, items, n_bytes), s.notify, mail_id=f"digest-{s.name}-{day}")
                 for i in items:
-                    _unlink(os.path.join(pending_dir, i["_file"]))
+                    discard(os.path.join(pending_dir, i["_file"]))
                 self._ensure_dir("digest")
-                write_atomic(marker, _dump({"day": day}), mode=0o600)
+                write_json(marker, {"day": day})
 
     @_side_channel
     def tick(self) -> None:
@@ -304,225 +274,22 @@ class Notifier:
             self._last_stale_check = now
             self.check_stale(now)
         self.digests()
-        self._wake.set()
-
-    # ---------------------------------------------------------- delivery
+        self.outbox.wake()
 
     @_side_channel(default=0)
     def deliver(self, now: float | None = None) -> int:
-        """One synchronous pass: send every mail whose time has come; returns
-        how many the server accepted.  Never raises."""
-        with self._deliver_lock:
-            return self._deliver(self._clock() if now is None else now)
-
-    def _deliver(self, now: float) -> int:
-        queued = self._list_outbox()
-        due = [q for q in queued if q.next_try <= now]
-        later = [q.next_try for q in queued if q.next_try > now]
-        self._next_due = min(later) if later else None
-        if not due:
-            return 0
-        sent = 0
-        failed: list[_Queued] = []
-        error = ""
-        smtp: smtplib.SMTP | None = None
-        try:
-            smtp = self._connect()
-            for i, q in enumerate(due):
-                outcome = self._send_one(smtp, q)
-                if outcome == "sent":
-                    sent += 1
-                elif outcome.startswith("retry:"):
-                    failed.append(q)
-                    error = outcome[6:]
-                elif outcome.startswith("broken:"):
-                    failed.extend(due[i:])
-                    error = outcome[7:]
-                    break
-        except _DeliveryProblem as e:
-            failed, error = due, str(e)
-        except (OSError, smtplib.SMTPException) as e:
-            failed, error = due, _describe(e)
-        finally:
-            if smtp is not None:
-                try:
-                    smtp.quit()
-                except (OSError, smtplib.SMTPException):
-                    smtp.close()
-        if failed:
-            waits = [self._reschedule(q, now, error) for q in failed]
-            waits = [w for w in waits if w is not None]
-            nxt = f"; next try in {min(waits):.0f} s" if waits else ""
-            self.log(f"mail: could not deliver {len(failed)} mail(s) via {self.n.smtp_host}:"
-                     f"{self.n.smtp_port}: {error}{nxt} (kept in {self.outbox})")
-            if waits:
-                due_at = now + min(waits)
-                self._next_due = due_at if self._next_due is None else min(self._next_due, due_at)
-        return sent
-
-    def _connect(self) -> smtplib.SMTP:
-        creds = self._credentials() if self.n.credentials_file else None
-        smtp = smtplib.SMTP(self.n.smtp_host, self.n.smtp_port, timeout=self.n.timeout_seconds)
-        try:
-            smtp.ehlo()
-            if self.n.starttls:
-                smtp.starttls(context=ssl.create_default_context())
-                smtp.ehlo()
-            if creds is not None:
-                smtp.login(*creds)
-        except BaseException:
-            smtp.close()
-            raise
-        return smtp
-
-    def _send_one(self, smtp: smtplib.SMTP, q: _Queued) -> str:
-        """'sent', 'gone' (moved to failed/), 'retry:<why>' or 'broken:<why>' (connection lost)."""
-        eml = os.path.join(self.outbox, q.name + ".eml")
-        try:
-            with open(eml, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            _unlink(eml[:-4] + ".json")
-            return "gone"
-        headers = BytesHeaderParser(policy=SMTP_POLICY).parsebytes(data)
-        sender = email.utils.parseaddr(str(headers.get("From", "")))[1]
-        rcpts = [a for _, a in email.utils.getaddresses([str(v) for v in headers.get_all("To", [])]) if a]
-        try:
-            refused = smtp.sendmail(sender, rcpts, data)
-        except smtplib.SMTPRecipientsRefused as e:
-            return self._permanent_or_retry(q, e, f"every recipient was refused: {_refusals(e.recipients)}")
-        except smtplib.SMTPServerDisconnected as e:
-            return f"broken:{_describe(e)}"
-        except smtplib.SMTPResponseException as e:
-            return self._permanent_or_retry(q, e, _describe(e))
-        except (OSError, smtplib.SMTPException) as e:
-            return f"broken:{_describe(e)}"
-        _unlink(eml)          # accepted: the mail is the server's now
-        _unlink(eml[:-4] + ".json")
-        if refused:
-            self.log(f"mail: {headers.get('Subject', '')!s}: server refused {_refusals(refused)}")
-        return "sent"
-
-    def _permanent_or_retry(self, q: _Queued, e: Exception, why: str) -> str:
-        code = getattr(e, "smtp_code", None)
-        if code is None and isinstance(e, smtplib.SMTPRecipientsRefused):
-            codes = [c for c, _ in e.recipients.values()]
-            code = min(codes) if codes else None
-        if code is not None and code >= 500:   # the server will never take it
-            self._give_up(q, f"refused by the server: {why}")
-            return "gone"
-        return f"retry:{why}"
-
-    def _reschedule(self, q: _Queued, now: float, error: str) -> float | None:
-        """Record a failed attempt; returns seconds to the next try, None when given up."""
-        q.attempts += 1
-        q.first_failure = now if q.first_failure is None else q.first_failure
-        q.last_error = error
-        if now - q.first_failure >= GIVE_UP_SECONDS:
-            self._give_up(q, f"undeliverable for {(now - q.first_failure) / 86400:.0f} days: {error}")
-            return None
-        wait = min(self.n.retry_seconds * 2 ** min(q.attempts - 1, 30),
-                   max(MAX_BACKOFF_SECONDS, self.n.retry_seconds))
-        q.next_try = now + wait
-        write_atomic(os.path.join(self.outbox, q.name + ".json"),
-                     _dump({"attempts": q.attempts, "next_try": q.next_try,
-                            "first_failure": q.first_failure, "last_error": q.last_error}), mode=0o600)
-        return wait
-
-    def _give_up(self, q: _Queued, why: str) -> None:
-        self._ensure_dir("failed")
-        src = os.path.join(self.outbox, q.name + ".eml")
-        dst = os.path.join(self.failed_dir, q.name + ".eml")
-        try:
-            with open(src, "rb") as f:
-                headers = BytesHeaderParser(policy=SMTP_POLICY).parsebytes(f.read())
-            os.rename(src, dst)
-        except FileNotFoundError:
-            return
-        write_atomic(dst[:-4] + ".json", _dump({"attempts": q.attempts, "gave_up": _utc(self._clock()),
-                                                "reason": why}), mode=0o600)
-        _unlink(src[:-4] + ".json")
-        self.log(f"MAIL NOT DELIVERED, GIVING UP: {headers.get('Subject', '')!s} "
-                 f"(to {headers.get('To', '')!s}): {why}; kept in {dst}")
-
-    def _list_outbox(self) -> list[_Queued]:
-        try:
-            names = sorted(os.listdir(self.outbox))
-        except FileNotFoundError:
-            return []
-        mails = {n[:-4] for n in names if n.endswith(".eml") and not is_temp_name(n)}
-        out = []
-        for n in names:
-            if n.endswith(".json") and not is_temp_name(n) and n[:-5] not in mails:
-                _unlink(os.path.join(self.outbox, n))    # its mail was sent; the crash left this
-        for stem in sorted(mails):
-            side = _read_json(os.path.join(self.outbox, stem + ".json"), {})
-            out.append(_Queued(stem, int(side.get("attempts", 0)), float(side.get("next_try", 0.0)),
-                               side.get("first_failure"), str(side.get("last_error", ""))))
-        return out
-
-    def _credentials(self) -> tuple[str, str]:
-        path = self.n.credentials_file
-        assert path is not None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise _DeliveryProblem(f"credentials file {path}: {e.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read(64 * 1024)
-        if not self._warned_mode and (st.st_mode & stat.S_IROTH or
-                                      (st.st_mode & stat.S_IRGRP and st.st_gid != os.getegid())):
-            self._warned_mode = True
-            self.log(f"mail: WARNING: credentials file {path} is readable by other users "
-                     f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it (or 640 with the service's group)")
-        try:
-            lines = data.decode("utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise _DeliveryProblem(f"credentials file {path} is not UTF-8 text") from None
-        if len(lines) < 2 or not lines[0].strip() or not lines[1]:
-            raise _DeliveryProblem(f"credentials file {path} must hold the user name on line 1 "
-                                   "and the password on line 2")
-        return lines[0].strip(), lines[1]
-
-    # ---------------------------------------------------------- thread
+        """One synchronous pass over the outbox; returns how many mails the
+        server accepted.  Never raises."""
+        return self.outbox.deliver(now)
 
     def start(self) -> None:
-        """Deliver in a background thread: when woken (a mail was queued) and
-        at least every retry_seconds."""
-        if not self.enabled or (self._thread is not None and self._thread.is_alive()):
-            return
-        self._stopping.clear()
-        self._wake.set()      # deliver what a previous run left in the outbox
-        self._thread = threading.Thread(target=self._run, name="eidetic-mail", daemon=True)
-        self._thread.start()
+        """Deliver in a background thread (see :meth:`Outbox.start`)."""
+        if self.enabled:
+            self.outbox.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread; unsent mails stay in the outbox for the next start."""
-        t = self._thread
-        if t is None:
-            return
-        self._stopping.set()
-        self._wake.set()
-        t.join(timeout)
-        if t.is_alive():
-            self.log(f"mail: delivery thread still busy after {timeout:.0f} s (left to finish on its own)")
-        else:
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self._wait_seconds())
-            if self._stopping.is_set():
-                break
-            self._wake.clear()   # before the pass: a mail queued during it wakes us again
-            self.deliver()
-
-    def _wait_seconds(self) -> float:
-        wait = self.n.retry_seconds
-        if self._next_due is not None:
-            wait = min(wait, max(1.0, self._next_due - self._clock()))
-        return wait
+        self.outbox.stop(timeout)
 
     # ---------------------------------------------------------- queueing
 
@@ -540,14 +307,11 @@ class Notifier:
         msg["Subject"] = subject
         msg["Auto-Submitted"] = "auto-generated"     # RFC 3834: no vacation replies
         msg.set_content(body)
-        self._ensure_dir("outbox")
-        name = mail_id or f"{time.time_ns():020d}-{secrets.token_hex(4)}"
-        write_atomic(os.path.join(self.outbox, name + ".eml"), msg.as_bytes(policy=SMTP_POLICY), mode=0o600)
+        self.outbox.put(msg.as_bytes(policy=SMTP_POLICY), mail_id)
         self._debug(f"mail queued: {subject} (to {', '.join(to)})")
-        self._wake.set()
 
-    def _ensure_dir(self, sub: str = "") -> None:
-        makedirs(os.fsencode(os.path.join(self.root, sub) if sub else self.root), 0o700, 0o700)
+    def _ensure_dir(self, sub: str) -> None:
+        makedirs(os.fsencode(os.path.join(self.root, sub)), 0o700, 0o700)
 
     def _remember_for_digest(self, r: EntryResult, s: StudyConfig) -> None:
         d = os.path.join(self.root, "digest", s.name)
@@ -556,7 +320,7 @@ class Notifier:
             rec = {"entry": r.entry, "upload": r.upload, "files": r.files, "bytes": r.bytes,
                    "new_bytes": r.new_bytes, "new_versions": r.new_versions, "skipped": r.skipped,
                    "seconds": r.seconds, "finished": _utc(self._clock())}
-            write_atomic(os.path.join(d, (r.upload or secrets.token_hex(8)) + ".json"), _dump(rec), mode=0o600)
+            write_json(os.path.join(d, (r.upload or secrets.token_hex(8)) + ".json"), rec)
 
     # ---------------------------------------------------------- texts
 
@@ -696,19 +460,6 @@ def _clean(text: str) -> str:
     return layout.display(os.fsencode(text))
 
 
-def _describe(e: BaseException) -> str:
-    if isinstance(e, smtplib.SMTPResponseException):
-        msg = e.smtp_error.decode("utf-8", "replace") if isinstance(e.smtp_error, bytes) else str(e.smtp_error)
-        return f"{e.smtp_code} {msg}".replace("\n", " ")
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return (str(e) or type(e).__name__).replace("\n", " ")
-
-
-def _refusals(recipients: dict) -> str:
-    return ", ".join(f"{a} ({c})" for a, (c, _) in recipients.items())
-
-
 def _utc(t: float) -> str:
     return layout.utc_iso(datetime.fromtimestamp(t, timezone.utc))
 
@@ -718,26 +469,6 @@ def _local(iso: str) -> str:
         return layout.parse_utc_iso(iso).astimezone().strftime("%Y-%m-%d %H:%M")
     except ValueError:
         return iso
-
-
-def _dump(obj: dict) -> bytes:
-    return json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
-
-
-def _read_json(path: str, default: dict) -> dict:
-    try:
-        with open(path, "rb") as f:
-            d = json.load(f)
-        return d if isinstance(d, dict) else default
-    except (OSError, ValueError):
-        return default
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _same_inode(key: dict) -> bool:
@@ -757,7 +488,7 @@ def _pending(d: str) -> list[dict]:
     out = []
     for n in names:
         if n.endswith(".json") and not is_temp_name(n):
-            rec = _read_json(os.path.join(d, n), {})
+            rec = read_json(os.path.join(d, n))
             if rec:
                 rec["_file"] = n
                 out.append(rec)
