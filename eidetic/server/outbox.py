@@ -8,8 +8,8 @@ server accepted it, so a crash can send a mail twice but never lose one.  A
 failed attempt leaves a sidecar ``<id>.json`` (attempts, next try, first
 failure, last error) and is retried with a doubling back-off; a mail refused
 for good (5xx), or undeliverable for GIVE_UP_SECONDS, is moved to
-``failed/`` with a loud log line.  Nothing here raises into its caller:
-problems are logged, one line each.
+``failed/`` with a loud log line.  Delivery never raises: problems are
+logged, one line each; only queuing a mail says so when it cannot be done.
 """
 
 from __future__ import annotations
