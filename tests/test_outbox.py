@@ -195,6 +195,18 @@ def test_a_permanent_refusal_gives_up_at_once_and_the_other_mails_still_go(tmp_p
 
 # ------------------------------------------------------- damaged outboxes
 
+def test_an_unreadable_retry_record_does_not_hold_its_mail_back(tmp_path, server):
+    box = tmp_path / "state" / "notify" / "outbox"
+    outbox = make_outbox(tmp_path, server.port)
+    for name, record in [("a", "not json {"), ("b", '{"attempts": "many", "next_try": "soon"}'),
+                         ("c", '{"first_failure": "yesterday"}'), ("d", "[1, 2]")]:
+        outbox.put(mail(name), name)
+        (box / (name + ".json")).write_text(record)
+    assert outbox.deliver() == 4
+    assert sorted(m.data for m in server.wait_for(4)) == [mail(n) for n in "abcd"]
+    assert listing(tmp_path) == []
+
+
 def test_a_mail_file_without_recipients_is_kept_and_retried_and_does_not_stop_the_others(tmp_path, server):
     clock = Clock()
     logs: list[str] = []

@@ -242,8 +242,12 @@ class Outbox:
                 discard(os.path.join(self.dir, n))    # its mail was sent; the crash left this
         for stem in sorted(mails):
             side = read_json(os.path.join(self.dir, stem + ".json"))
-            out.append(_Queued(stem, int(side.get("attempts", 0)), float(side.get("next_try", 0.0)),
-                               side.get("first_failure"), str(side.get("last_error", ""))))
+            try:
+                first = side.get("first_failure")
+                out.append(_Queued(stem, int(side.get("attempts", 0)), float(side.get("next_try", 0.0)),
+                                   None if first is None else float(first), str(side.get("last_error", ""))))
+            except (TypeError, ValueError):   # a damaged retry record counts as none, like an unreadable one
+                out.append(_Queued(stem))
         return out
 
     def _credentials(self) -> tuple[str, str]:
