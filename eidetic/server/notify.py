@@ -33,7 +33,7 @@ from email.policy import SMTP as SMTP_POLICY
 from typing import TYPE_CHECKING, Callable, Collection
 
 from ..core import layout
-from ..core.fsutil import disk_percent_used, is_temp_name, makedirs
+from ..core.fsutil import disk_percent_used, is_temp_name
 from .config import Config, StudyConfig
 from .inbox import PartialEntry, partial_entries
 from .outbox import GIVE_UP_SECONDS, Outbox, discard, read_json, write_json
@@ -176,7 +176,6 @@ class Notifier:
                 self._queue(f"[eidetic] {study}: disk {percent}% full (warning at {level}%)",
                             self._disk_body(s, percent, level, usage.free, usage.total), s.notify + self.n.admin)
                 self.log(f"mail: study {study}: disk {percent}% full, crossed {level}%")
-            self._ensure_dir("disk")
             write_json(path, {"level": level, "percent": percent, "at": _utc(self._clock())})
 
     @_side_channel
@@ -218,7 +217,6 @@ class Notifier:
                                           "reported": _utc(now)})
             for key_study, now_reported in reported.items():
                 if now_reported != old[key_study]:
-                    self._ensure_dir("stale")
                     write_json(self._stale_path(key_study), {"reported": now_reported})
 
     def _served_keys(self) -> list[str | None]:
@@ -259,7 +257,6 @@ class Notifier:
                                 self._digest_body(s, items, n_bytes), s.notify, mail_id=f"digest-{s.name}-{day}")
                 for i in items:
                     discard(os.path.join(pending_dir, i["_file"]))
-                self._ensure_dir("digest")
                 write_json(marker, {"day": day})
 
     @_side_channel
@@ -310,13 +307,9 @@ class Notifier:
         self.outbox.put(msg.as_bytes(policy=SMTP_POLICY), mail_id)
         self._debug(f"mail queued: {subject} (to {', '.join(to)})")
 
-    def _ensure_dir(self, sub: str) -> None:
-        makedirs(os.fsencode(os.path.join(self.root, sub)), 0o700, 0o700)
-
     def _remember_for_digest(self, r: EntryResult, s: StudyConfig) -> None:
         d = os.path.join(self.root, "digest", s.name)
         with self._lock:
-            makedirs(os.fsencode(d), 0o700, 0o700)
             rec = {"entry": r.entry, "upload": r.upload, "files": r.files, "bytes": r.bytes,
                    "new_bytes": r.new_bytes, "new_versions": r.new_versions, "skipped": r.skipped,
                    "seconds": r.seconds, "finished": _utc(self._clock())}

@@ -327,6 +327,8 @@ def read_json(path: str) -> dict:
 
 
 def write_json(path: str, obj: dict) -> None:
+    """*obj* as an indented JSON file readable by the service only; missing folders are made (0700)."""
+    makedirs(os.fsencode(os.path.dirname(path)), 0o700, 0o700)
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n", mode=0o600)
 
 
