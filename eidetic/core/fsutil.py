@@ -1,13 +1,15 @@
 """Durable, symlink-safe file-system primitives.
 
-This is the only module that fsyncs, syncfs's or renames into place.
-Everything that writes into a store, a tree or the state directory goes
-through :class:`AtomicFile` (temp file in the target directory, fsync,
+This is the only module that fsyncs, syncfs's, renames or links into place
+(:func:`fsync`, :func:`fsync_dir`, :func:`syncfs`, :func:`rename`,
+:func:`rename_at`, :func:`link`, :class:`AtomicFile`).  Everything that
+writes into a store, a tree or the state directory goes through
+:class:`AtomicFile` (temp file in the target directory, fsync,
 ``os.replace``, fsync of the directory) or, for bulk object writes whose
-durability is batched per upload, through :func:`syncfs`.  Writes that
-must never follow a symlink (checkout) go through directory fds:
-``AtomicFile(dir_fd=)``, :func:`open_dir_nofollow`, :func:`mkdir_open` and
-:func:`rename_at`.
+durability is batched per upload, through :func:`open_temp`,
+:func:`rename` and one :func:`syncfs`.  Writes that must never follow a
+symlink (checkout) go through directory fds: ``AtomicFile(dir_fd=)``,
+:func:`open_dir_nofollow`, :func:`mkdir_open` and :func:`rename_at`.
 """
 
 from __future__ import annotations
@@ -196,6 +198,17 @@ class AtomicFile:
             pass
 
 
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_temp(directory: bytes) -> tuple[bytes, int]:
+    """A new private (0600) temp file in *directory*, open for writing:
+    (its path, its fd).  Nothing about its durability: the caller fsyncs it,
+    or leaves that to a later :func:`syncfs`, before :func:`rename`."""
+    tmp = directory + b"/" + temp_name().encode()
+    return tmp, os.open(tmp, _TEMP_FLAGS, 0o600)
+
+
 def write_atomic(path: str | bytes, data: bytes, mode: int = 0o644) -> None:
     with AtomicFile(path, mode=mode) as f:
         f.write(data)
@@ -248,20 +261,24 @@ def mkdir_open(name: bytes | str, dir_fd: int, mode: int = 0o755) -> tuple[int, 
 _RENAME_NOREPLACE = 1
 
 
-def rename_at(src_dir_fd: int, src: bytes | str, dst_dir_fd: int, dst: bytes | str,
-              replace: bool = True) -> None:
-    """renameat(2) between directory fds.  Whatever is at *dst* (a file, a
-    symlink) is replaced as a name, never followed; ``replace=False`` never
-    replaces anything (renameat2 RENAME_NOREPLACE; FileExistsError).  A file
-    system without that flag gets an lstat first: a race window it cannot
-    close, and the rename still follows nothing."""
+def rename(src: bytes | str, dst: bytes | str, replace: bool = True, src_dir_fd: int | None = None,
+           dst_dir_fd: int | None = None) -> None:
+    """rename(2)/renameat(2): give *src* the name *dst*, atomically.  Nothing
+    is fsynced here: the caller decides when the directory's entry must be
+    durable (:func:`fsync_dir`, or one :func:`syncfs` for many).  Whatever is
+    at *dst* (a file, a symlink) is replaced as a name, never followed;
+    ``replace=False`` never replaces anything (renameat2 RENAME_NOREPLACE;
+    FileExistsError).  A file system without that flag gets an lstat first:
+    a race window it cannot close, and the rename still follows nothing."""
     if replace:
         os.replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         return
     libc = _load_libc()
     fn = getattr(libc, "renameat2", None)
     if fn is not None:
-        if fn(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        at = -100       # AT_FDCWD
+        if fn(at if src_dir_fd is None else src_dir_fd, os.fsencode(src),
+              at if dst_dir_fd is None else dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
@@ -272,6 +289,19 @@ def rename_at(src_dir_fd: int, src: bytes | str, dst_dir_fd: int, dst: bytes | s
         os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         return
     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
+
+
+def rename_at(src_dir_fd: int, src: bytes | str, dst_dir_fd: int, dst: bytes | str,
+              replace: bool = True) -> None:
+    """:func:`rename` between directory fds."""
+    rename(src, dst, replace, src_dir_fd, dst_dir_fd)
+
+
+def link(src: bytes | str, dst: bytes | str) -> None:
+    """Hardlink *src* (a link there is linked itself, never followed) as
+    *dst*, which must not exist (FileExistsError).  Not fsynced: see
+    :func:`rename`."""
+    os.link(src, dst, follow_symlinks=False)
 
 
 # getattr: the sending client runs on Windows too, which has none of these

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from ..core import layout
 from .config import Config
 from ..core.errors import ConfigError, LockBusy
-from ..core.fsutil import fsync_dir, is_temp_name, makedirs, write_atomic
+from ..core.fsutil import fsync_dir, is_temp_name, makedirs, rename, write_atomic
 from ..core.jsonl import decode_bytes, encode_bytes
 
 RECORD_KINDS = ("claims", "done", "failed")
@@ -409,7 +409,7 @@ def rename_entry(cl: Claim, src: bytes, dst: bytes) -> bool:
     if (st.st_dev, st.st_ino) != (cl.dev, cl.ino):
         return False
     try:
-        os.rename(src, dst)
+        rename(src, dst)
     except FileNotFoundError:
         return False
     fsync_dir(cl.inbox)

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from ..core import layout
 from ..core.errors import IntegrityError
-from ..core.fsutil import fsync, makedirs, temp_name
+from ..core.fsutil import fsync, link, makedirs, open_temp, rename
 from ..core.hashing import (CHUNK, EMPTY_ID, SMALL_FILE, hash_bytes, hash_fd, hash_path_parallel, new_hasher, pump,
                             write_all as _write_all)
 
@@ -94,8 +94,7 @@ class ObjectStore:
 
     def _new_tmp(self) -> tuple[bytes, int]:
         """A new private temp file in the store's tmp/, open for writing."""
-        tmp = self.tmp_dir + b"/" + temp_name().encode()
-        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return open_temp(self.tmp_dir)
 
     def _place_bytes(self, oid: str, data: bytes | memoryview) -> None:
         tmp, fd = self._new_tmp()
@@ -136,12 +135,14 @@ class ObjectStore:
         return PutResult(oid, total, True)
 
     def _rename_in(self, tmp: bytes, oid: str) -> None:
+        # Placed by rename alone: no fsync of the object or its shard here; the
+        # upload's one syncfs makes them durable before the manifest commits.
         final = self.path(oid)
         try:
-            os.replace(tmp, final)
+            rename(tmp, final)
         except FileNotFoundError:
             makedirs(os.path.dirname(final), 0o700)
-            os.replace(tmp, final)
+            rename(tmp, final)
         self._placed.add(oid)
 
     # ----------------------------------------------------------------- read
@@ -210,7 +211,7 @@ class ObjectStore:
         while True:
             src = self.path(oid, twin)
             try:
-                os.link(src, dest, follow_symlinks=False)
+                link(src, dest)
                 return
             except OSError as e:
                 if e.errno == errno.EMLINK:
@@ -232,7 +233,7 @@ class ObjectStore:
             _unlink_quiet(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, self.path(oid, twin))
+        rename(tmp, self.path(oid, twin))
 
     def inode_ids(self, oid: str) -> Iterator[tuple[int, int]]:
         """(st_dev, st_ino) of the object and each of its twins."""

@@ -14,7 +14,7 @@ import stat
 
 from ..core import layout
 from ..core.errors import EideticError
-from ..core.fsutil import makedirs, temp_name
+from ..core.fsutil import makedirs, rename, temp_name
 from .index import Version
 from .objects import ObjectStore
 
@@ -105,7 +105,7 @@ class Tree:
         tmp = self.tmp_dir + b"/" + temp_name().encode()
         self.objects.link(v.blake3, tmp)
         try:
-            os.rename(tmp, dest)
+            rename(tmp, dest)
         except OSError as e:
             os.unlink(tmp)
             if e.errno in (errno.EISDIR, errno.ENOTEMPTY):
