@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
+from typing import Sequence
 
 import hashlib
 
@@ -275,3 +276,39 @@ def human_bytes(n: int) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+# ----------------------------------------------------------------- messages
+
+def first_and_more(named: Sequence[str], total: int | None = None, limit: int | None = None,
+                   sep: str = "; ", more: str = " (and {} more)") -> str:
+    """A list in a message that stays one readable line: the first *limit*
+    of *named* joined by *sep*, then *more* with how many of *total* (all of
+    *named* by default) were left out.  ``first_and_more(["a", "b", "c"],
+    limit=2)`` is ``"a; b (and 1 more)"``; nothing is added when none were."""
+    shown = named if limit is None or len(named) <= limit else named[:limit]
+    left = (len(named) if total is None else total) - len(shown)
+    return sep.join(shown) + (more.format(left) if left > 0 else "")
+
+
+class FirstN:
+    """Counts every item and keeps the first *limit* (flat memory for any
+    number of problems), for :func:`first_and_more`."""
+
+    __slots__ = ("limit", "count", "named")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.named: list[str] = []
+
+    def add(self, item: str) -> None:
+        self.count += 1
+        if len(self.named) < self.limit:
+            self.named.append(item)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def text(self, sep: str = "; ", more: str = " (and {} more)") -> str:
+        return first_and_more(self.named, self.count, sep=sep, more=more)

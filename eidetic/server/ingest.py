@@ -37,6 +37,7 @@ from .config import Config
 from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
 from ..core.errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy, StoreIOError
 from ..core.fsutil import SyncFailed, open_regular_nofollow, raise_nofile_limit
+from ..core.walk import DIR, ERROR, FILE, SYMLINK, kind_at, kind_of, kind_word, listing, walk
 from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
 from ..store.manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
 from ..store.objects import PutResult
@@ -76,7 +77,7 @@ class Stats:
     new_bytes: int = 0
     new_objects: int = 0
     new_oids: list[str] = field(default_factory=list)   # written by this attempt: dropped if its sync fails
-    problems: list[str] = field(default_factory=list)
+    problems: layout.FirstN = field(default_factory=lambda: layout.FirstN(MAX_REPORTED_PROBLEMS))
 
 
 def _quiet(_: str) -> None:
@@ -433,12 +434,10 @@ class Ingester:
             af, writer = store.new_manifest(header)
             try:
                 out = _CheckedWriter(writer, _Verifier(desc.reader)) if desc else writer
-                self._walk(store, dfd, b"", out, stats)
+                self._walk(store, dfd, out, stats)
                 if stats.problems:
-                    more = len(stats.problems) - MAX_REPORTED_PROBLEMS
-                    listing = "; ".join(stats.problems[:MAX_REPORTED_PROBLEMS])
-                    raise EntryRejected(f"{len(stats.problems)} file(s) could not be read: {listing}"
-                                        + (f" (and {more} more)" if more > 0 else ""))
+                    raise EntryRejected(f"{stats.problems.count} file(s) could not be read: "
+                                        + stats.problems.text())
                 if isinstance(out, _CheckedWriter):
                     out.verifier.finish()     # before the commit point: a mismatch commits nothing
                 elif writer.files == 0 and writer.skipped == 0:
@@ -471,8 +470,7 @@ class Ingester:
                                     "send it again with 'eidetic send'") from None
             return None
         if not stat.S_ISREG(st.st_mode):
-            kind = next((k for test, k in _KINDS if test(st.st_mode)), "unknown")
-            raise EntryRejected(f"its upload description {name} is a {_KIND_WORDS.get(kind, kind)}, not a "
+            raise EntryRejected(f"its upload description {name} is a {kind_word(kind_of(st.st_mode))}, not a "
                                 "regular file; it was not followed or opened")
         try:
             fd, before = open_regular_nofollow(DESCRIPTION_NAME, dir_fd=dfd)
@@ -513,56 +511,26 @@ class Ingester:
         header = {"blake3": res.oid, "size": res.size, **prov, "ended": ended}
         return _Description({k: header[k] for k in DESCRIPTION_KEYS}, reader, f)
 
-    def _walk(self, store: Store, top_fd: int, prefix: bytes, writer, stats: Stats) -> None:
-        # Explicit stack of (dir fd, relative path, sorted entries, position):
-        # one fd per level, never a path re-resolved through a symlink.
-        stack = [(top_fd, prefix, _listing(top_fd), 0)]
-        try:
-            while stack:
-                dfd, rel, names, i = stack[-1]
-                if i >= len(names):
-                    stack.pop()
-                    if dfd != top_fd:
-                        os.close(dfd)
+    def _walk(self, store: Store, top_fd: int, writer, stats: Stats) -> None:
+        # Walk order, never through a link; a folder swapped for a link, a
+        # file or a FIFO after its parent was listed comes as what it is now.
+        with walk(top_fd, skip=_is_description, lister=_listing) as entries:
+            for e in entries:
+                kind = e.kind
+                if kind == FILE:
+                    self._store_file(store, e.dir_fd, e.name, e.rel, writer, stats)
+                elif kind == DIR:
                     continue
-                stack[-1] = (dfd, rel, names, i + 1)
-                name, kind = names[i]
-                if not rel and name == DESCRIPTION_NAME:
-                    continue     # reserved: the sender's description, not a path of the upload
-                relpath = rel + b"/" + name if rel else name
-                if kind == "dir":
+                elif kind == ERROR:        # a folder that could not be opened or listed
+                    stats.problems.add(f"{layout.display(e.rel)}/ ({e.error.strerror})")
+                elif kind == SYMLINK:
                     try:
-                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      dir_fd=dfd)
-                    except OSError as e:
-                        if e.errno in (errno.ELOOP, errno.ENOTDIR):   # swapped for a link/file
-                            kind = _kind_at(dfd, name)
-                        else:
-                            stats.problems.append(f"{layout.display(relpath)}/ ({e.strerror})")
-                            continue
-                    else:
-                        try:
-                            entries = _listing(sub)
-                        except OSError as e:
-                            os.close(sub)
-                            stats.problems.append(f"{layout.display(relpath)}/ ({e.strerror})")
-                            continue
-                        stack.append((sub, relpath, entries, 0))
-                        continue
-                if kind == "file":
-                    self._store_file(store, dfd, name, relpath, writer, stats)
-                elif kind == "symlink":
-                    try:
-                        target = os.readlink(name, dir_fd=dfd)
+                        target = os.readlink(e.name, dir_fd=e.dir_fd)
                     except OSError:
                         target = None
-                    writer.add(SkipRecord(relpath, "symlink", target))
-                elif kind != "dir":
-                    writer.add(SkipRecord(relpath, kind))
-        finally:
-            for dfd, *_ in stack:
-                if dfd != top_fd:
-                    os.close(dfd)
+                    writer.add(SkipRecord(e.rel, SYMLINK, target))
+                else:
+                    writer.add(SkipRecord(e.rel, kind))
 
     def _store_file(self, store: Store, dfd: int, name: bytes, relpath: bytes, writer, stats: Stats) -> None:
         if self.should_stop():
@@ -572,16 +540,16 @@ class Ingester:
                 fd, before = open_regular_nofollow(name, dir_fd=dfd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.EINVAL, errno.ENXIO):  # not a regular file after all
-                    writer.add(SkipRecord(relpath, _kind_at(dfd, name)))
+                    writer.add(SkipRecord(relpath, kind_at(dfd, name)))
                     return
-                stats.problems.append(f"{layout.display(relpath)} ({e.strerror})")
+                stats.problems.add(f"{layout.display(relpath)} ({e.strerror})")
                 return
             try:
                 res, unchanged = _put(store, fd, before)
             except OSError as e:
                 if e.errno in _STORE_ERRNOS:
                     raise
-                stats.problems.append(f"{layout.display(relpath)} ({e.strerror})")
+                stats.problems.add(f"{layout.display(relpath)} ({e.strerror})")
                 return
             if unchanged:
                 break
@@ -689,7 +657,7 @@ class _Verifier:
     def __init__(self, reader: DescriptionReader) -> None:
         self._files = reader.files()
         self.counts = {"missing": 0, "extra": 0, "different": 0}
-        self.named: list[str] = []
+        self.named = layout.FirstN(MAX_REPORTED_PROBLEMS)
         self._want: DescribedFile | None = None
         self._want_key: list[bytes] = []
         self._advance()
@@ -704,8 +672,7 @@ class _Verifier:
 
     def _problem(self, kind: str, path: bytes, detail: str) -> None:
         self.counts[kind] += 1
-        if len(self.named) < MAX_REPORTED_PROBLEMS:
-            self.named.append(f"{layout.display(path)} {detail}")
+        self.named.add(f"{layout.display(path)} {detail}")
 
     def see(self, rec: FileRecord | SkipRecord) -> None:
         key = walk_key(rec.path)
@@ -714,13 +681,13 @@ class _Verifier:
             self._advance()
         want = self._want
         if want is None or self._want_key != key:
-            what = "" if isinstance(rec, FileRecord) else f"a {_KIND_WORDS.get(rec.skipped, rec.skipped)}, "
+            what = "" if isinstance(rec, FileRecord) else f"a {kind_word(rec.skipped)}, "
             self._problem("extra", rec.path, f"(extra: {what}not in the description)")
             return
         self._advance()
         if isinstance(rec, SkipRecord):
             self._problem("different", rec.path, f"(different: described as a file, here a "
-                                                 f"{_KIND_WORDS.get(rec.skipped, rec.skipped)})")
+                                                 f"{kind_word(rec.skipped)})")
         elif rec.size != want.size:
             self._problem("different", rec.path, f"(different: {rec.size} bytes here, {want.size} described)")
         elif rec.blake3 != want.blake3:
@@ -731,13 +698,11 @@ class _Verifier:
         while self._want is not None:
             self._problem("missing", self._want.path, "(missing: described, not in the entry)")
             self._advance()
-        total = sum(self.counts.values())
-        if not total:
+        if not self.named:
             return
         counts = ", ".join(f"{n} {kind}" for kind, n in self.counts.items() if n)
-        more = total - len(self.named)
         raise EntryRejected(f"the entry does not match its upload description ({counts}): "
-                            + "; ".join(self.named) + (f" (and {more} more)" if more > 0 else "")
+                            + self.named.text()
                             + ". Files changed after the sender described them, or were changed or lost on "
                               "the way; nothing of this upload was ingested")
 
@@ -754,43 +719,12 @@ class _CheckedWriter:
         self.verifier.see(rec)
 
 
-_KIND_WORDS = {"symlink": "symbolic link", "fifo": "FIFO", "socket": "socket", "chardev": "character device",
-               "blockdev": "block device", "dir": "directory", "unknown": "file of unknown kind"}
+def _is_description(rel: bytes) -> bool:
+    """The sender's description at the entry's top: reserved, not a path of the upload."""
+    return rel == DESCRIPTION_NAME
 
 
-def _listing(dfd: int) -> list[tuple[bytes, str]]:
-    """Sorted (name, kind) of a directory, kinds from d_type where available."""
-    out = []
-    with os.scandir(dfd) as it:
-        for e in it:
-            name = os.fsencode(e.name)
-            try:
-                if e.is_symlink():
-                    kind = "symlink"
-                elif e.is_dir(follow_symlinks=False):
-                    kind = "dir"
-                elif e.is_file(follow_symlinks=False):
-                    kind = "file"
-                else:
-                    kind = _kind_at(dfd, name)
-            except OSError:
-                kind = "unknown"
-            out.append((name, kind))
-    out.sort()
-    return out
-
-
-_KINDS = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"),
-          (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "chardev"),
-          (stat.S_ISBLK, "blockdev"))
-
-
-def _kind_at(dfd: int, name: bytes) -> str:
-    try:
-        m = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
-    except OSError:
-        return "unknown"
-    return next((kind for test, kind in _KINDS if test(m)), "unknown")
+_listing = listing      # how the walk lists a folder (tests swap a folder for a link right after)
 
 
 def _is_store_fault(e: OSError, store: Store) -> bool:
