@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..core import layout
+from ..core.walk import walk
 from .config import Config, StudyConfig
 from ..core.errors import ConfigError
 from ..core.fsutil import disk_percent_used, makedirs
@@ -185,30 +186,23 @@ def _inner_paths(want: Want) -> Iterator[str]:
 
 
 def walk_below(root: bytes, on_root_error: bool = False) -> Iterator[tuple[bytes, os.stat_result]]:
-    """(path, lstat) of everything below *root*, streamed: one directory listing
-    open at a time, never a list of every path.  Symlinks are not followed and
-    other file systems are not entered.  A directory that cannot be listed is
-    skipped (it was itself yielded); *on_root_error* raises the OSError of
-    listing *root* itself instead."""
-    dev = os.lstat(root).st_dev
-    pending = [root]
-    while pending:
-        d = pending.pop()
-        try:
-            it = os.scandir(d)
-        except OSError:
-            if on_root_error and d is root:
-                raise
-            continue
-        with it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue     # gone since the listing
-                yield e.path, st
-                if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
-                    pending.append(e.path)
+    """(path, lstat) of everything below *root*, streamed: one listing open per
+    level, in the file system's order (never a list of every path, nor of a
+    whole folder: a tree's folder can hold millions).  Symlinks are not
+    followed and other file systems are not entered.  A directory that
+    cannot be listed is skipped (it is itself yielded); *on_root_error*
+    raises the OSError of listing *root* itself instead."""
+    os.lstat(root)      # a root that is not there is an error either way
+    try:
+        entries = walk(root, stat=True, one_fs=True, sort=False)
+    except OSError:
+        if on_root_error:
+            raise
+        return
+    with entries:
+        for e in entries:
+            if e.st is not None:    # (an ERROR with no stat: gone since the listing)
+                yield e.path, e.st
 
 
 # ----------------------------------------------------------------------- init

@@ -38,6 +38,7 @@ from ..core.errors import EideticError, UsageError
 from ..core.fsutil import AtomicFile, open_regular_nofollow
 from .inbox import Claim, StateDir
 from ..core.jsonl import encode_bytes
+from ..core.walk import DIR, ERROR, FILE, LEAVE, walk
 from ..store.manifest import FileRecord, ManifestReader
 from ..store.objects import hash_fd
 from ..store.store import Store
@@ -74,10 +75,10 @@ class _Proof:
     files: int = 0
     bytes: int = 0
     proven: dict = field(default_factory=dict)    # (dev, ino) -> (size, mtime_ns, ctime_ns)
-    problems: list[str] = field(default_factory=list)
+    problems: layout.FirstN = field(default_factory=lambda: layout.FirstN(MAX_REASONS))
 
     def problem(self, text: str) -> None:
-        self.problems.append(text)
+        self.problems.add(text)
 
 
 def purge(cfg: Config, older_than_days: float, dry_run: bool = False, study: str | None = None,
@@ -145,17 +146,14 @@ def _one(cfg: Config, state: StateDir, rec: dict, busy: set, dry_run: bool, now:
         return res
     res.files, res.bytes = proof.files, proof.bytes
     if proof.problems:
-        more = len(proof.problems) - MAX_REASONS
-        res.reasons.extend(proof.problems[:MAX_REASONS])
-        if more > 0:
-            res.reasons.append(f"and {more} more")
+        res.reasons.append(proof.problems.text(more="; and {} more"))
         return res
     if dry_run:
         res.outcome = "would remove"
         return res
     problems = _remove(cl, where, proof)
     if problems:
-        res.reasons.append("partly removed; left: " + "; ".join(problems[:MAX_REASONS]))
+        res.reasons.append("partly removed; left: " + layout.first_and_more(problems, limit=MAX_REASONS, more=""))
         return res
     res.outcome = "removed"
     _mark_purged(state, cl.upload, now)
@@ -185,50 +183,23 @@ def _object_ok(store: Store, oid: str, size: int) -> bool:
 def _prove(cl: Claim, where: bytes, expected: dict, desc: tuple[str, int] | None, store: Store) -> _Proof:
     proof = _Proof()
     top = os.open(where, _DIR_FLAGS)
-    stack: list = []
     try:
         top_st = os.fstat(top)
         if (top_st.st_dev, top_st.st_ino) != (cl.dev, cl.ino):
             proof.problem("the entry was replaced")
             return proof
-        stack.append((top, b"", iter(_listing(top))))
-        while stack:
-            dfd, rel, it = stack[-1]
-            item = next(it, None)
-            if item is None:
-                stack.pop()
-                if dfd != top:
-                    os.close(dfd)
-                continue
-            name, kind = item
-            relpath = rel + b"/" + name if rel else name
-            shown = layout.display(relpath)
-            if kind == "dir":
-                try:
-                    sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    proof.problem(f"{shown}/: {e.strerror}")
-                    continue
-                if os.fstat(sub).st_dev != top_st.st_dev:
-                    os.close(sub)
-                    proof.problem(f"{shown}/ is another file system mounted into the entry")
-                    continue
-                try:
-                    listing = _listing(sub)
-                except OSError as e:
-                    os.close(sub)
-                    proof.problem(f"{shown}/: {e.strerror}")
-                    continue
-                stack.append((sub, relpath, iter(listing)))
-            elif kind == "file":
-                _prove_file(proof, store, dfd, name, relpath, shown, expected, desc)
-            # anything else (symlink, FIFO, socket, device) was a skip record: removable
+        with walk(top, one_fs=True) as entries:
+            for e in entries:
+                if e.kind == FILE:
+                    _prove_file(proof, store, e.dir_fd, e.name, e.rel, layout.display(e.rel), expected, desc)
+                elif e.kind == ERROR:       # a folder not entered
+                    if isinstance(e.error, FileNotFoundError):
+                        continue
+                    shown = layout.display(e.rel)
+                    proof.problem(f"{shown}/ is another file system mounted into the entry"
+                                  if e.error.errno == errno.EXDEV else f"{shown}/: {e.error.strerror}")
+                # anything else (symlink, FIFO, socket, device) was a skip record: removable
     finally:
-        for dfd, *_ in stack:
-            if dfd != top:
-                os.close(dfd)
         os.close(top)
     return proof
 
@@ -271,78 +242,54 @@ def _prove_file(proof: _Proof, store: Store, dfd: int, name: bytes, relpath: byt
     proof.bytes += n
 
 
-def _names(dfd: int) -> list[bytes]:
-    return sorted(os.fsencode(n) for n in os.listdir(dfd))
-
-
-def _listing(dfd: int) -> list[tuple[bytes, str]]:
-    """Sorted (name, "dir" | "file" | "other") of a directory fd, the type
-    from the directory entry: no stat per file before it is opened (opening checks
-    the type again, without following a symlink)."""
-    out = []
-    with os.scandir(dfd) as it:
-        for e in it:
-            kind = ("dir" if e.is_dir(follow_symlinks=False) else
-                    "file" if e.is_file(follow_symlinks=False) else "other")
-            out.append((os.fsencode(e.name), kind))
-    out.sort()
-    return out
-
-
 def _remove(cl: Claim, where: bytes, proof: _Proof) -> list[str]:
     """Remove the proven entry bottom-up through directory fds; returns what was left and why."""
     problems: list[str] = []
     inbox_fd = os.open(os.fsencode(cl.inbox), _DIR_FLAGS)
-    stack: list = []
     try:
         entry = where.rpartition(b"/")[2]
         top = os.open(entry, _DIR_FLAGS, dir_fd=inbox_fd)
-        top_st = os.fstat(top)
-        if (top_st.st_dev, top_st.st_ino) != (cl.dev, cl.ino):
+        try:
+            top_st = os.fstat(top)
+            if (top_st.st_dev, top_st.st_ino) != (cl.dev, cl.ino):
+                return ["the entry was replaced"]
+            with walk(top, stat=True, leave=True) as entries:
+                for e in entries:
+                    kind = e.kind
+                    if kind == DIR:
+                        continue
+                    try:
+                        if kind == LEAVE:
+                            _rmdir(e.name, e.dir_fd, e.rel, problems)
+                        elif kind == ERROR:
+                            raise e.error
+                        elif kind == FILE:
+                            st = e.st
+                            if proof.proven.get((st.st_dev, st.st_ino)) != (st.st_size, st.st_mtime_ns,
+                                                                             st.st_ctime_ns):
+                                problems.append(f"{layout.display(e.rel)} appeared or changed during the purge")
+                                continue
+                            os.unlink(e.name, dir_fd=e.dir_fd)
+                        else:
+                            os.unlink(e.name, dir_fd=e.dir_fd)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as err:
+                        problems.append(f"{layout.display(e.rel)}: {err.strerror}")
+        finally:
             os.close(top)
-            return ["the entry was replaced"]
-        # (dir fd, relative path, names left, name in the parent)
-        stack.append((top, b"", iter(_names(top)), entry))
-        while stack:
-            dfd, rel, it, own = stack[-1]
-            name = next(it, None)
-            if name is None:
-                stack.pop()
-                os.close(dfd)
-                parent = stack[-1][0] if stack else inbox_fd
-                try:
-                    os.rmdir(own, dir_fd=parent)
-                except OSError as e:
-                    what = "not empty" if e.errno in (errno.ENOTEMPTY, errno.EEXIST) else e.strerror
-                    problems.append(f"{layout.display(rel) or '(the entry)'}/: {what}")
-                continue
-            relpath = rel + b"/" + name if rel else name
-            try:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                    sst = os.fstat(sub)
-                    if (sst.st_dev, sst.st_ino) != (st.st_dev, st.st_ino):
-                        os.close(sub)
-                        problems.append(f"{layout.display(relpath)}/ changed during the purge")
-                        continue
-                    stack.append((sub, relpath, iter(_names(sub)), name))
-                elif stat.S_ISREG(st.st_mode):
-                    if proof.proven.get((st.st_dev, st.st_ino)) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                        problems.append(f"{layout.display(relpath)} appeared or changed during the purge")
-                        continue
-                    os.unlink(name, dir_fd=dfd)
-                else:
-                    os.unlink(name, dir_fd=dfd)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                problems.append(f"{layout.display(relpath)}: {e.strerror}")
+        _rmdir(entry, inbox_fd, b"", problems)
     finally:
-        for dfd, *_ in stack:
-            os.close(dfd)
         os.close(inbox_fd)
     return problems
+
+
+def _rmdir(name: bytes, dir_fd: int, rel: bytes, problems: list[str]) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError as e:
+        what = "not empty" if e.errno in (errno.ENOTEMPTY, errno.EEXIST) else e.strerror
+        problems.append(f"{layout.display(rel) or '(the entry)'}/: {what}")
 
 
 def _mark_purged(state: StateDir, upload: str, now: float) -> None:
