@@ -353,7 +353,7 @@ def nonroot_venv(tmp_path_factory) -> Path:
             subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, capture_output=True,
                            timeout=120)
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                            str(src)], check=True, capture_output=True, timeout=240, cwd=str(base))
+                            f"{src}[server]"], check=True, capture_output=True, timeout=240, cwd=str(base))
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             out = getattr(e, "stderr", b"") or b""
             pytest.skip("could not build a venv from the system python for the other-uid tests: "
