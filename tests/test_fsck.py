@@ -737,7 +737,7 @@ def test_cli_unknown_study_is_a_usage_error(two):
 
 @pytest.fixture(params=["thread", "child"])
 def rehash_in(request, monkeypatch):
-    monkeypatch.setattr(fsck, "_CHILD_MIN_SHARDS", 0 if request.param == "child" else 10**9)
+    monkeypatch.setattr(fsck.objects, "POOL_MIN_SHARDS", 0 if request.param == "child" else 10**9)
     # the children import eidetic from this checkout (PYTHONPATH is set by fsck)
     return request.param
 

@@ -377,6 +377,10 @@ class Index:
         """A read transaction to pin (fsck): one snapshot for every query given it."""
         return self.env.begin()
 
+    def snapshot(self) -> "Snapshot":
+        """The index as it is now, for as long as the snapshot is open (fsck)."""
+        return Snapshot(self)
+
     # ---------------------------------------------------------------- apply
 
     @_writes
@@ -631,6 +635,43 @@ class Index:
                 if seq <= limit:
                     yield k.hex(), size
 
+    # ------------------------------------------------------- fsck's queries
+    #
+    # Unfiltered, like dump(): fsck asks them of its own rebuild, in which
+    # every manifest it could read is applied.
+
+    @_reads
+    def users_of(self, oid: str, limit: int) -> tuple[list[Version], int]:
+        """The versions that use object *oid* (the first *limit*, in key order) and their number."""
+        out: list[Version] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.refs)
+            if not cur.set_key(bytes.fromhex(oid)):
+                return out, 0
+            total = cur.count()
+            for vkey in cur.iternext_dup():      # each is a key of the versions database
+                if len(out) >= limit:
+                    break
+                value = txn.get(vkey, db=self.versions)
+                if value is not None:
+                    out.append(_decode_version(bytes(vkey), bytes(value)))
+        return out, total
+
+    @_reads
+    def first_seq(self, oid: str) -> int | None:
+        """The manifest that first referred to object *oid* (a path's or an upload description's)."""
+        with self.env.begin() as txn:
+            v = txn.get(bytes.fromhex(oid), db=self.objects)
+        return None if v is None else struct.unpack(">QQ", v)[1]
+
+    @_writes
+    def force_applied(self, seq: int) -> None:
+        """Say manifest *seq* is applied whole (fsck: its private rebuild goes on past a broken
+        link of the chain)."""
+        with self.env.begin(write=True) as txn:
+            txn.put(b"applied", _seq(seq), db=self.meta)
+            txn.delete(b"partial", db=self.meta)
+
     @_reads
     def stats(self) -> dict:
         with self.env.begin() as txn:
@@ -670,6 +711,30 @@ class Index:
                 del _envs[self.path]
                 _idents.pop(self.path, None)
         env.close()
+
+
+class Snapshot:
+    """One read transaction pinned on an index: state() and dump() see the
+    index as it was when the snapshot was taken, however a writer goes on
+    (LMDB's MVCC).  close() lets go of it (also when the index is gone)."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self._txn: lmdb.Transaction | None = index.begin_read()
+
+    def state(self) -> IndexState:
+        return self.index.state(txn=self._txn)
+
+    def dump(self) -> Iterator[tuple[str, bytes, bytes]]:
+        return self.index.dump(self._txn)
+
+    def close(self) -> None:
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            try:
+                txn.abort()
+            except lmdb.Error:   # its environment was closed: nothing is pinned any more
+                pass
 
 
 class EmptyIndex:

@@ -1,0 +1,335 @@
+"""The tree pass: the tree against the fresh index at HEAD, as one merge of two streams.
+
+The index lists versions in key order, which is a depth-first order of the
+uploaded paths (everything under ``d/`` is contiguous).  The scan keeps a
+stack of the tree directories it is inside; each is listed once
+(``scandir``: names, kinds and inode numbers in one go) and every expected
+name is popped from its listing.  A name not in the listing is missing;
+whatever is left when the scan leaves a directory is a name no version
+accounts for.  Per path: no index lookup, one lstat (of the object, to
+compare inode numbers), and memory for one listing per level.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable
+
+from ..core import layout
+from ..core.fsutil import is_temp_name
+from ..store.index import Index, Version
+from ..store.objects import ObjectStore
+from .codes import Finding, Findings
+
+
+class _Dir:
+    """One tree directory while the scan is inside it."""
+
+    __slots__ = ("src", "rel", "abs", "dev", "entries", "state", "pending_plain", "plain_is_dir")
+
+    def __init__(self, src: bytes, rel: bytes, abs_: bytes, dev: int) -> None:
+        self.src = src                # source directory path (b"" = the study's root)
+        self.rel = rel                # its tree path relative to the tree root
+        self.abs = abs_
+        self.dev = dev
+        self.entries: dict = {}       # name -> DirEntry, each popped when a version accounts for it
+        self.state = "listed"         # | "missing" (names in it are missing) | "unknown" (unreadable)
+        self.pending_plain: dict = {}     # plain name not found (yet: may be a directory) -> latest version
+        self.plain_is_dir: dict = {}      # file's plain name found as a directory -> latest version
+
+    def rel_of(self, name: bytes) -> bytes:
+        return self.rel + b"/" + name if self.rel else name
+
+
+class TreeScan:
+    def __init__(self, out: Findings, progress: Callable, idx: Index, objects: ObjectStore, root: bytes,
+                 pending: Callable[[int], bool]) -> None:
+        self.out, self.progress, self.idx, self.objects, self.root = out, progress, idx, objects, root
+        self.pending = pending             # is manifest seq not yet applied to the live index?
+        self.entries = 0
+        self.closed: set[bytes] = set()    # source dirs already left (only a key order anomaly revisits one)
+        self.obj_root = objects.root + b"/objects/"
+        self._last_oid = ""
+        self._last_ids: tuple[int, int] | None = None
+
+    def run(self) -> None:
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            return self.out.add("E035", self.root, "'fsck --repair' re-creates it")
+        if not stat.S_ISDIR(st.st_mode):
+            return self.out.add("E035", self.root, "not a directory")
+        top = _Dir(b"", b"", self.root, st.st_dev)
+        self._dir_mode(self.root, st)
+        self._list(top)
+        stack = [top]
+        group: list = []
+        for v in self.idx.iter_versions():
+            if group and group[-1].path != v.path:
+                self._path(stack, group)
+                group = []
+            group.append(v)
+        if group:
+            self._path(stack, group)
+        while stack:
+            self._close(stack.pop())
+        self.out.stats["tree_entries"] = self.entries
+
+    def _missing(self, rel: bytes, v: Version, kind: str) -> None:
+        what = f"version {v.n} of {layout.display(v.path)}" if kind == "version" else \
+            f"plain name of {layout.display(v.path)} (latest: version {v.n})"
+        path, data = self.root + b"/" + rel, {"rel": rel, "seq": v.seq}
+        if self.pending(v.seq):
+            self.out.add("W036", path, f"{what}, from manifest {v.seq} which the index has not applied yet", data)
+        else:
+            self.out.add("E030", path, what + ("" if self.objects.exists(v.blake3) else
+                                               "; its object is missing too"), data)
+
+    # ------------------------------------------------------------ directories
+
+    def _list(self, d: _Dir) -> None:
+        try:
+            with os.scandir(d.abs) as it:
+                d.entries = {e.name: e for e in it}
+        except FileNotFoundError:
+            d.state = "missing"
+            return
+        except OSError as e:
+            self.out.add("E037", d.abs, e.strerror or str(e))
+            d.state = "unknown"
+            return
+        self.entries += len(d.entries)
+        self.progress("tree", self.entries, None)
+
+    def _dir_mode(self, path: bytes, st: os.stat_result) -> None:
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            self.out.add("E034", path, f"mode {stat.S_IMODE(st.st_mode):04o}: others could add, remove or "
+                                       "rename names")
+
+    def _dir_for(self, stack: list, src: bytes) -> _Dir | None:
+        """The stack moved to source directory *src*; None if the key order came back to a directory
+        already left (then the path is checked on its own)."""
+        while True:
+            top = stack[-1]
+            if top.src == src or not top.src or src.startswith(top.src + b"/"):
+                break
+            self._close(stack.pop())
+        if top.src == src:
+            return top
+        rest = src[len(top.src) + 1:] if top.src else src
+        for comp in rest.split(b"/"):
+            child = top.src + b"/" + comp if top.src else comp
+            if child in self.closed:
+                return None
+            top = self._open(top, comp, child)
+            stack.append(top)
+        return top
+
+    def _open(self, parent: _Dir, comp: bytes, src: bytes) -> _Dir:
+        pn = layout.plain_name(comp)
+        parent.pending_plain.pop(pn, None)       # a file's plain name that is (rightly) this directory
+        parent.plain_is_dir.pop(pn, None)
+        d = _Dir(src, parent.rel_of(pn), parent.abs + b"/" + pn, parent.dev)
+        if parent.state != "listed":
+            d.state = parent.state
+            return d
+        e = parent.entries.pop(pn, None)
+        if e is None:
+            d.state = "missing"
+        elif not e.is_dir(follow_symlinks=False):
+            self.out.add("E031", e.path, f"a {_kind(e)} where the directory {layout.display(src)} belongs",
+                         data={"rel": d.rel})
+            d.state = "missing"
+        else:
+            st = e.stat(follow_symlinks=False)
+            d.dev = st.st_dev
+            self._dir_mode(e.path, st)
+            self._list(d)
+        return d
+
+    def _close(self, d: _Dir) -> None:
+        self.closed.add(d.src)
+        if d.state == "unknown":
+            return
+        for pn, v in d.pending_plain.items():
+            self._missing(d.rel_of(pn), v, "plain")
+        for name in sorted(d.entries):
+            e = d.entries[name]
+            v = d.plain_is_dir.get(name)
+            if v is not None:
+                self.out.add("E031", e.path, f"a directory where {layout.display(v.path)} (version {v.n}) belongs",
+                             data={"rel": d.rel_of(name)})
+            else:
+                self._leftover(d, name, e)
+
+    # ---------------------------------------------------------------- names
+
+    def _path(self, stack: list, vs: list) -> None:
+        """All versions *vs* of one path (oldest first)."""
+        latest = vs[-1]
+        head, _, comp = latest.path.rpartition(b"/")
+        d = stack[-1]
+        if d.src != head:
+            d = self._dir_for(stack, head)
+            if d is None:
+                return self._path_alone(vs)
+        if d.state == "unknown":
+            return
+        entries = d.entries
+        for v in vs:
+            vn = layout.version_name(comp, v.n, v.stamp)
+            e = entries.pop(vn, None)
+            if e is None:
+                self._missing(d.rel_of(vn), v, "version")
+            else:
+                self._judge_file(e, d, d.rel_of(vn), v)
+        pn = layout.plain_name(comp)
+        e = entries.get(pn)
+        if e is None:
+            d.pending_plain[pn] = latest          # missing, unless the path is also a directory
+            return
+        if e.is_dir(follow_symlinks=False):
+            d.plain_is_dir[pn] = latest           # right if the path is also a directory
+            return
+        del entries[pn]
+        data = {"rel": d.rel_of(pn), "path": latest.path}
+        if not e.is_file(follow_symlinks=False):
+            return self.out.add("E031", e.path, f"a {_kind(e)} where {layout.display(latest.path)} (version "
+                                                f"{latest.n}) belongs", data={"rel": d.rel_of(pn)})
+        ino = e.inode()
+        if self._is_object(ino, d.dev, latest.blake3) is not False:
+            return
+        older = next((o for o in reversed(vs[:-1]) if self._is_object(ino, d.dev, o.blake3)), None)
+        if older is not None:
+            self.out.add("E032", e.path, f"shows version {older.n}, the latest is {latest.n}", data=data)
+        else:
+            self.out.add("E031", e.path, f"the latest version ({latest.n}) is object {latest.blake3}", data=data)
+
+    def _is_object(self, ino: int, dev: int, oid: str) -> bool | None:
+        """Is (dev, ino) the object *oid* (or a twin)?  None when the object is missing (E021 says so).
+        The last answer is remembered: a path's version name and plain name ask about one object."""
+        if oid == self._last_oid:
+            want = self._last_ids
+        else:
+            try:
+                st = os.lstat(self.obj_root + oid[:2].encode() + b"/" + oid[2:].encode())
+                want = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                want = None
+            self._last_oid, self._last_ids = oid, want
+        if want is None:
+            return None
+        if want[1] == ino and want[0] == dev:
+            return True
+        return (dev, ino) in set(self.objects.inode_ids(oid))      # a twin (hardlink limit)
+
+    def _path_alone(self, vs: list) -> None:
+        """A path met after its directory was left (a key order anomaly of very long paths): its names
+        were judged one by one when the directory was left; only missing ones remain to report."""
+        for v in vs:
+            rel = layout.version_relpath(v.path, v.n, v.stamp)
+            if not os.path.lexists(self.root + b"/" + rel):
+                self._missing(rel, v, "version")
+        rel = layout.tree_relpath(vs[-1].path)
+        if not os.path.lexists(self.root + b"/" + rel):
+            self._missing(rel, vs[-1], "plain")
+
+    def _leftover(self, d: _Dir, name: bytes, e) -> None:
+        """A name no version popped: a temp name, a hand-made entry, or (rarely) the name of a path
+        the key order has not reached here; the index decides."""
+        rel = d.rel_of(name)
+        if is_temp_name(name):
+            return self.out.add("W051", e.path, "left by an interrupted tree update", data={"rel": rel})
+        if e.is_dir(follow_symlinks=False) and self._is_source_dir(d, name, rel):
+            return
+        v = self._lookup(d, name, rel)
+        if v is None:
+            self.out.add("E033", e.path, f"a {_kind(e)} no version accounts for", data={"rel": rel, "src": d.src})
+        else:
+            self._judge_file(e, d, rel, v)
+
+    def _judge_file(self, e, d: _Dir, rel: bytes, v: Version) -> None:
+        """The tree name *e* of version *v*: a hardlink to its object, or E031."""
+        if not e.is_file(follow_symlinks=False):
+            self.out.add("E031", e.path, f"a {_kind(e)} where version {v.n} of {layout.display(v.path)} belongs",
+                         data={"rel": rel})
+        elif self._is_object(e.inode(), d.dev, v.blake3) is False:
+            self.out.add("E031", e.path, f"version {v.n} of {layout.display(v.path)} should be object {v.blake3}",
+                         data={"rel": rel})
+
+    # ------------------------------------- by index lookups (slow path, and settle)
+
+    def _is_source_dir(self, d: _Dir, name: bytes, rel: bytes) -> bool:
+        orig = layout.unplain_name(name)
+        if orig is None:
+            r = self.idx.resolve_cut(rel)
+            path = r[0] if r is not None and r[1] is None else None
+        else:
+            path = d.src + b"/" + orig if d.src else orig
+        return path is not None and self.idx.has_dir(path)
+
+    def _lookup(self, d: _Dir, name: bytes, rel: bytes) -> Version | None:
+        """The version a tree name stands for."""
+        idx = self.idx
+        prefix = d.src + b"/" if d.src else b""
+        parsed = layout.parse_version_name(name)
+        if parsed is not None:
+            orig, n, stamp = parsed
+            if orig is None:
+                r = idx.resolve_cut(rel)
+                if r is None or r[1] is None:
+                    return None
+                path, n = r
+            else:
+                path = prefix + orig
+            try:
+                v = idx.version(path, n)
+                if v is None or v.stamp != stamp or layout.version_relpath(path, n, stamp) != rel:
+                    return None
+            except ValueError:
+                return None
+            return v
+        orig = layout.unplain_name(name)
+        if orig is None:
+            r = idx.resolve_cut(rel)
+            if r is None or r[1] is not None:
+                return None
+            path = r[0]
+        else:
+            path = prefix + orig
+        try:
+            if layout.tree_relpath(path) != rel or idx.has_dir(path):
+                return None
+        except ValueError:
+            return None
+        return idx.latest(path)
+
+    def explains(self, f: Finding, st: os.stat_result) -> bool:
+        """Does the index (since caught up with manifests committed during the check) now account
+        for the tree entry of E031/E032/E033 finding *f* (now *st*)?"""
+        data = f.data or {}
+        if f.code == "E033":
+            rel, src = data.get("rel"), data.get("src")
+            if rel is None or src is None:
+                return False
+            head, _, name = rel.rpartition(b"/")
+            d = _Dir(src, head, b"", 0)
+            if stat.S_ISDIR(st.st_mode) and self._is_source_dir(d, name, rel):
+                return True
+            return self._lookup(d, name, rel) is not None
+        path = data.get("path")       # E031/E032 of a plain name: does it show the latest version now?
+        if path is None or not stat.S_ISREG(st.st_mode):
+            return False
+        v = self.idx.latest(path)
+        return v is not None and self._is_object(st.st_ino, st.st_dev, v.blake3) is True
+
+
+def _kind(e) -> str:
+    if e.is_symlink():
+        return "symlink"
+    if e.is_dir(follow_symlinks=False):
+        return "directory"
+    if e.is_file(follow_symlinks=False):
+        return "file"
+    return "special file"
