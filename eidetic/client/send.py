@@ -29,7 +29,7 @@ import secrets
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
@@ -41,6 +41,8 @@ from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionHeade
 from ..core.errors import SendError, UsageError
 from ..core.fsutil import open_regular_nofollow
 from ..core.hashing import hash_fd, new_hasher
+from ..core.walk import DIR, ERROR, FILE, SYMLINK, Entry
+from ..core.walk import walk as walk_entries
 from .transport import (Destination, HostKeyInfo, LocalTransport, SFTPOptions, Transport, open_transport,
                         parse_destination)
 
@@ -97,19 +99,12 @@ class SendResult:
     completed_earlier: str | None = None   # an earlier run's upload found already renamed
 
 
-@dataclass
-class _Problems:
-    count: int = 0
-    named: list[str] = field(default_factory=list)
-
-    def add(self, what: str) -> None:
-        self.count += 1
-        if len(self.named) < MAX_NAMED_PROBLEMS:
-            self.named.append(what)
+class _Problems(layout.FirstN):
+    def __init__(self) -> None:
+        super().__init__(MAX_NAMED_PROBLEMS)
 
     def message(self, intro: str) -> str:
-        more = f" and {self.count - len(self.named)} more" if self.count > len(self.named) else ""
-        return f"{intro}: " + "; ".join(self.named) + more
+        return f"{intro}: " + self.text(more=" and {} more")
 
 
 def _utc_now() -> datetime:
@@ -142,48 +137,33 @@ class _Item:
     error: str = ""
 
 
-def _listing(path: str) -> list[os.DirEntry]:
-    with os.scandir(path) as it:
-        return sorted(it, key=lambda e: os.fsencode(e.name))
-
-
-def _classify(e: os.DirEntry, rel: bytes) -> tuple[_Item | None, bool]:
-    """(item, is a directory to descend into)."""
-    if e.is_symlink() or (hasattr(e, "is_junction") and e.is_junction()):
-        return _Item("symlink", rel, e.path), False
-    if e.is_dir(follow_symlinks=False):
-        return None, True
-    if e.is_file(follow_symlinks=False):
-        st = e.stat(follow_symlinks=False)
-        return _Item("file", rel, e.path, st.st_size, st.st_mtime_ns), False
-    return _Item("special", rel, e.path), False
-
-
 def walk(source: str) -> Iterator[_Item]:
-    """Everything under *source* in walk order, with an explicit stack of
-    sorted listings (flat memory for any number of files; symlinks are
-    reported, never followed)."""
+    """Everything under *source* in walk order (core/walk.py: flat memory
+    for any number of files; symlinks, and folders swapped for one, are
+    reported, never followed; by path where the platform has no dir_fd)."""
     try:
-        first = _listing(source)
+        entries = walk_entries(source)
     except OSError as e:
         raise SendError(f"cannot read the folder {source}: {e.strerror}") from None
-    stack: list[tuple[bytes, Iterator[os.DirEntry]]] = [(b"", iter(first))]
-    while stack:
-        base, it = stack[-1]
-        e = next(it, None)
-        if e is None:
-            stack.pop()
-            continue
-        rel = base + b"/" + os.fsencode(e.name) if base else os.fsencode(e.name)
-        try:
-            item, is_dir = _classify(e, rel)
-            if is_dir:
-                stack.append((rel, iter(_listing(e.path))))
+    with entries:
+        for e in entries:
+            if e.kind == DIR:
                 continue
+            yield _item(e)
+
+
+def _item(e: Entry) -> _Item:
+    if e.kind == FILE:
+        try:
+            st = e.lstat()
         except OSError as err:
-            item = _Item("error", rel, e.path, error=err.strerror or str(err))
-        assert item is not None
-        yield item
+            return _Item("error", e.rel, e.path, error=err.strerror or str(err))
+        return _Item("file", e.rel, e.path, st.st_size, st.st_mtime_ns)
+    if e.kind == SYMLINK:
+        return _Item("symlink", e.rel, e.path)
+    if e.kind == ERROR:
+        return _Item("error", e.rel, e.path, error=e.error.strerror or str(e.error))
+    return _Item("special", e.rel, e.path)
 
 
 def _check_name(rel: bytes) -> str | None:

@@ -247,7 +247,7 @@ class Store:
         if idx is not None and problem is None and not idx.verified and not self._verdict_fresh():
             bad = idx.verify_structure()
             if bad:
-                problem = f"its index was damaged ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})"
+                problem = f"its index was damaged ({layout.first_and_more(bad, limit=1, more=' and {} more')})"
         if idx is not None and problem is None:
             try:
                 st = idx.state()
