@@ -171,7 +171,8 @@ class Entry:
 
     def lstat(self) -> os.stat_result:
         """The entry's own stat (a symlink's, never its target's); the one the
-        walk made with ``stat=True``, else made now."""
+        walk made with ``stat=True``, else made now (while the walk is still
+        in the entry's folder: ``dir_fd`` is closed when it leaves)."""
         if self.st is None:
             if self.dir_fd is not None:
                 self.st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
@@ -224,65 +225,38 @@ class Walk:
     * ``by_path``: walk by path even where dir_fd works (tests).
 
     Use as an iterator, ideally in ``with``: every fd the walk opened is
-    closed when it ends, is closed, or is garbage.
+    closed when it ends, is closed, or is dropped (no reference cycle keeps
+    it: the generator holds the walk's state, never this handle).
     """
 
     def __init__(self, top: int | str | bytes, *, stat: bool = False, one_fs: bool = False,
                  leave: bool = False, skip: Callable[[bytes], bool] | None = None, sort: bool = True,
                  lister: Callable[[int], Iterable[tuple[bytes, str]]] | None = None,
                  by_path: bool | None = None) -> None:
-        self._stat = stat
-        self._one_fs = one_fs
-        self._leave = leave
-        self._skip = skip
-        self._by_path = (not _FD_WALK) if by_path is None else by_path
-        self._sort = sort
-        self._lister = lister or (listing if sort else stream)
-        self._noatime = _NOATIME
-        self._own_fd: int | None = None
+        self._gen: Iterator[Entry] | None = None
         self._first = None
-        self._dev = None
+        self._own_fd: int | None = None
+        w = _Walker(stat, one_fs, leave, skip, sort, lister or (listing if sort else stream),
+                    (not _FD_WALK) if by_path is None else by_path)
         if isinstance(top, int):
-            if self._by_path:
+            if w.by_path:
                 raise ValueError("walk: a top fd needs a platform with dir_fd")
             top_fd, top_path = top, None
-        elif self._by_path:
+        elif w.by_path:
             top_fd, top_path = None, top
         else:
-            top_fd = self._own_fd = self._open(top, None, follow=True)
+            top_fd = self._own_fd = w.open(top, None, follow=True)
             top_path = top
         try:
             if one_fs:
-                self._dev = (os.fstat(top_fd) if top_fd is not None else os.stat(top_path)).st_dev
-            first = self._first = self._list(top_fd, top_path)
+                w.dev = (os.fstat(top_fd) if top_fd is not None else os.stat(top_path)).st_dev
+            self._first = w.list(top_fd, top_path)
         except BaseException:
             self.close()
             raise
-        self._sep = None if top_path is None else (b"/" if isinstance(top_path, bytes) else os.sep)
-        self._gen: Iterator[Entry] | None = self._run(top_fd, top_path, first)
-
-    # -- plumbing
-
-    def _open(self, name, dir_fd: int | None, follow: bool = False) -> int:
-        flags = _DIR_FLAGS | (0 if follow else _NOFOLLOW)
-        if self._noatime:
-            try:
-                return os.open(name, flags | self._noatime, dir_fd=dir_fd)
-            except PermissionError:
-                self._noatime = 0      # not the owner: not permitted here, nor (likely) below
-        return os.open(name, flags, dir_fd=dir_fd)
-
-    def _list(self, fd: int | None, path) -> Iterable:
-        if fd is not None:
-            return self._lister(fd)
-        return _path_listing(path, self._sort)
-
-    def _join(self, base, name: bytes):
-        if base is None:
-            return None
-        if isinstance(base, str):
-            name = os.fsdecode(name)
-        return base + name if base.endswith(self._sep) else base + self._sep + name
+        if top_path is not None:
+            w.sep = b"/" if isinstance(top_path, bytes) else os.sep
+        self._gen = w.run(top_fd, top_path, self._first)
 
     def __iter__(self) -> Iterator[Entry]:
         return self
@@ -294,10 +268,10 @@ class Walk:
 
     def close(self) -> None:
         """Stop the walk and close every fd it opened."""
-        if getattr(self, "_gen", None) is not None:
+        if self._gen is not None:
             self._gen.close()
             self._gen = None
-        if getattr(self, "_first", None) is not None:
+        if self._first is not None:
             _close_listing(self._first)     # a streamed top listing the walk never started on
             self._first = None
         if self._own_fd is not None:
@@ -313,13 +287,51 @@ class Walk:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+        except Exception:  # noqa: BLE001 - at interpreter shutdown
             pass
+
+
+class _Walker:
+    """A walk's options and state, and the walk itself (a generator)."""
+
+    def __init__(self, want_stat: bool, one_fs: bool, leave: bool, skip, sort: bool, lister,
+                 by_path: bool) -> None:
+        self.want_stat = want_stat
+        self.one_fs = one_fs
+        self.leave = leave
+        self.skip = skip
+        self.sort = sort
+        self.lister = lister
+        self.by_path = by_path
+        self.noatime = _NOATIME
+        self.dev: int | None = None
+        self.sep = None
+
+    def open(self, name, dir_fd: int | None, follow: bool = False) -> int:
+        flags = _DIR_FLAGS | (0 if follow else _NOFOLLOW)
+        if self.noatime:
+            try:
+                return os.open(name, flags | self.noatime, dir_fd=dir_fd)
+            except PermissionError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                self.noatime = 0      # not the owner: not permitted here, nor (likely) below
+        return os.open(name, flags, dir_fd=dir_fd)
+
+    def list(self, fd: int | None, path) -> Iterable:
+        if fd is not None:
+            return self.lister(fd)
+        return _path_listing(path, self.sort)
+
+    def join(self, base, name: bytes):
+        if isinstance(base, str):
+            name = os.fsdecode(name)
+        return base + name if base.endswith(self.sep) else base + self.sep + name
 
     # -- the walk
 
-    def _run(self, top_fd: int | None, top_path, first: Iterable) -> Iterator[Entry]:
-        want_stat, skip, leave, by_path = self._stat, self._skip, self._leave, self._by_path
+    def run(self, top_fd: int | None, top_path, first: Iterable) -> Iterator[Entry]:
+        want_stat, skip, leave, by_path = self.want_stat, self.skip, self.leave, self.by_path
         # frames: [fd (None by path), path, rel, name in the parent, names left]
         stack: list[list] = [[top_fd, top_path, b"", b"", iter(first)]]
         try:
@@ -346,7 +358,7 @@ class Walk:
                 if skip is not None and skip(r):
                     continue
                 depth = len(stack) - 1
-                path = self._join(base, name) if base is not None else None
+                path = self.join(base, name) if base is not None else None
                 de = item[2] if by_path else None
                 st = None
                 if want_stat:
@@ -374,7 +386,7 @@ class Walk:
                             continue
                     else:
                         try:
-                            sub = self._open(name, dfd)
+                            sub = self.open(name, dfd)
                         except OSError as err:
                             if err.errno not in _REFUSED:
                                 raise
@@ -392,9 +404,9 @@ class Walk:
                         fst = os.fstat(sub)
                         if not _stat.S_ISDIR(fst.st_mode):      # O_DIRECTORY says so; be sure
                             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path or name)
-                    if self._one_fs and fst.st_dev != self._dev:
+                    if self.one_fs and fst.st_dev != self.dev:
                         raise OSError(errno.EXDEV, "another file system", path or name)
-                    names = self._list(sub, path)
+                    names = self.list(sub, path)
                 except OSError as err:
                     if sub is not None:
                         os.close(sub)
