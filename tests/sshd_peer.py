@@ -4,7 +4,9 @@
 key authorised for the current user (root), and an sshd config that listens on
 127.0.0.1 at a free port with key authentication only and the internal SFTP
 server; ``start()`` runs ``sshd -D -e -f cfg`` as a child and waits until it
-accepts connections; ``stop()`` ends it by its pid.
+accepts connections; ``stop()`` ends it by its pid.  ``SSHServer(workdir,
+passwords=True)`` also accepts passwords (for a throwaway system user the test
+creates; root stays key-only).
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def fingerprint(pub_line: str) -> str:
 
 
 class SSHServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, passwords: bool = False) -> None:
+        # passwords=True also lets users other than root log in with a password
+        # (root stays key-only), for the tests of a password login.
+        self.passwords = passwords
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host_key = self.dir / "host_ed25519"
@@ -92,7 +97,7 @@ class SSHServer:
             "ListenAddress 127.0.0.1",
             f"HostKey {self.host_key}",
             f"AuthorizedKeysFile {self.authorized_keys}",
-            "PasswordAuthentication no",
+            f"PasswordAuthentication {'yes' if self.passwords else 'no'}",
             "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password",
             "StrictModes no",
