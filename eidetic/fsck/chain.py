@@ -300,10 +300,13 @@ class Chain:
                 self.fresh.apply_manifest(self.store.manifest_path(next_seq), stop_after=self.live_partial[1])
             except (IntegrityError, OSError):
                 pass       # the replay reports the manifest; the indexes then differ
+        fresh = self.fresh.snapshot()
         try:
-            diff = _first_difference(self.snap.dump(), self.fresh.dump())
+            diff = None if self.snap.same_as(fresh) else _first_difference(self.snap.dump(), fresh.dump())
         except IndexUnusable as e:   # LMDB met damage while reading it
             return self._damaged(e)
+        finally:
+            fresh.close()
         if diff is not None:
             self.out.add("E040", self.ipath, f"{diff}; 'fsck --repair' rebuilds it")
         elif self.live_applied < self.stop:

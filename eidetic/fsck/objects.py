@@ -35,7 +35,7 @@ Bad = tuple[str, str, bytes, str]     # (code, object id or "", path, detail)
 
 
 class Rehash:
-    """The re-hash of every object file, started at once (in a pool) or run when collected."""
+    """The re-hash of every object file: started at once in a pool, or run here when collected."""
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
@@ -43,21 +43,28 @@ class Rehash:
             shards = sorted(os.listdir(objects.root + b"/objects"))
         except OSError:
             shards = []
-        self.dirs = [objects.root + b"/objects/" + s for s in shards]
+        dirs = [objects.root + b"/objects/" + s for s in shards]
         self.pool: ProcessPoolExecutor | None = None
         self.futures: list[Future] = []
-        if len(self.dirs) >= POOL_MIN_SHARDS:
-            workers = max(1, min(8, (os.cpu_count() or 2) - 1))    # this process has the other passes to run
-            try:
-                self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                self.futures = [self.pool.submit(hash_shard, objects, d) for d in self.dirs]
-            except OSError:     # no interpreter to start (embedded Python): hash in this process
-                self.close()
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1))    # this process has the other passes to run
+        step = -(-len(dirs) // (4 * workers)) or 1
+        self.batches = [dirs[i:i + step] for i in range(0, len(dirs), step)]
+        if len(dirs) < POOL_MIN_SHARDS:
+            return
+        try:
+            # fork where there is one: no new interpreter, and the caller's main module is not run
+            # again (spawn's would be); the worker only hashes files, touching nothing it inherited
+            methods = multiprocessing.get_all_start_methods()
+            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context(
+                "fork" if "fork" in methods else None))
+            self.futures = [self.pool.submit(hash_shards, objects, b) for b in self.batches]
+        except OSError:     # no process to start: hash in this process
+            self.close()
 
     def results(self) -> Iterator[tuple[list[Bad], int]]:
-        """(problems, bytes hashed) per shard, as they come."""
+        """(problems, bytes hashed) per batch of shards, in turn."""
         if self.pool is None:
-            yield from (hash_shard(self.objects, d) for d in self.dirs)
+            yield from (hash_shards(self.objects, b) for b in self.batches)
             return
         try:
             for fut in self.futures:
@@ -71,13 +78,21 @@ class Rehash:
             self.pool = None
 
 
-def hash_shard(objects: ObjectStore, sdir: bytes) -> tuple[list[Bad], int]:
-    """Re-hash the objects of one shard directory (in a worker process):
-    small ones read whole, large ones with blake3's own threads."""
-    if os.path.islink(sdir) or not os.path.isdir(sdir):
-        return [], 0      # a foreign file: the merge reports it
-    shard = os.path.basename(sdir).decode("ascii", "replace")
+def hash_shards(objects: ObjectStore, dirs: list[bytes]) -> tuple[list[Bad], int]:
+    """Re-hash the objects of some shard directories (in a worker process)."""
     bad: list[Bad] = []
+    done = 0
+    for sdir in dirs:
+        done += hash_shard(objects, sdir, bad)
+    return bad, done
+
+
+def hash_shard(objects: ObjectStore, sdir: bytes, bad: list[Bad]) -> int:
+    """Re-hash the objects of one shard directory (small ones read whole, large
+    ones with blake3's own threads) into *bad*; returns the bytes hashed."""
+    if os.path.islink(sdir) or not os.path.isdir(sdir):
+        return 0      # a foreign file: the merge reports it
+    shard = os.path.basename(sdir).decode("ascii", "replace")
     done = 0
     for name in sorted(os.listdir(sdir)):
         parsed = layout.parse_object_relpath(shard, name.decode("ascii", "replace"))
@@ -117,7 +132,7 @@ def hash_shard(objects: ObjectStore, sdir: bytes) -> tuple[list[Bad], int]:
         done += size
         if actual != oid:
             bad.append(("E020", oid, path, f"its {size} bytes hash to {actual}"))
-    return bad, done
+    return done
 
 
 def stat_problem(st: os.stat_result) -> tuple[str, str] | None:

@@ -34,7 +34,9 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import itertools
 import json
+import operator
 import os
 import struct
 import threading
@@ -727,6 +729,17 @@ class Snapshot:
 
     def dump(self) -> Iterator[tuple[str, bytes, bytes]]:
         return self.index.dump(self._txn)
+
+    def same_as(self, other: "Snapshot") -> bool:
+        """Do the two hold the same records?  (Quicker than comparing two
+        dumps: no Python per record; dump() then says where they differ.)"""
+        with _reading(self.index):
+            for name in DB_NAMES:
+                mine = self._txn.cursor(db=getattr(self.index, name)).iternext()
+                theirs = other._txn.cursor(db=getattr(other.index, name)).iternext()
+                if not all(itertools.starmap(operator.eq, itertools.zip_longest(mine, theirs))):
+                    return False
+        return True
 
     def close(self) -> None:
         txn, self._txn = self._txn, None
