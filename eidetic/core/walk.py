@@ -371,7 +371,7 @@ class _Walker:
                     if not (_JUNCTIONS and kind == SYMLINK):     # (a junction stays a link)
                         kind = kind_of(st.st_mode)
                 if kind != DIR:
-                    yield Entry(r, name, kind, dfd, path, depth, st, listed=item[1], de=de)
+                    yield Entry(r, name, kind, dfd, path, depth, st, None, None, item[1], de)   # (positional: the hot path)
                     continue
                 # A folder: enter it, never through a link.
                 sub = fst = None
