@@ -361,3 +361,22 @@ def test_first_n_keeps_the_first_and_counts_all(items, limit):
     assert f.count == len(f) == len(items) and f.named == items[:limit]
     assert f.text() == layout.first_and_more(items, limit=limit)
     assert bool(f) == bool(items)
+
+
+# ------------------------------------------------------------ its callers
+
+def test_an_entrys_last_change_is_its_newest_time_inside_never_a_links_target(tmp_path):
+    from eidetic.server.inbox import last_change
+    entry = tmp_path / "entry"
+    make_tree(fs(entry), {b"a/b/deep.txt": b"x", b"top.txt": b"y"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (entry / "link").symlink_to(outside)
+    for p in (entry / "a" / "b" / "deep.txt", entry / "a" / "b", entry / "a", entry / "top.txt", entry):
+        os.utime(p, (1_000_000, 1_000_000))
+    os.utime(entry / "link", (1_000_000, 1_000_000), follow_symlinks=False)
+    os.utime(outside, (4_000_000_000, 4_000_000_000))       # a link's target never counts
+    ctime = max(os.lstat(p).st_ctime for p in (entry, entry / "a" / "b" / "deep.txt"))
+    assert ctime - 5 <= last_change(fs(entry)) <= ctime + 5 < 4_000_000_000
+    os.utime(entry / "a" / "b" / "deep.txt", (4_000_000_000, 4_000_000_000))
+    assert last_change(fs(entry)) == 4_000_000_000

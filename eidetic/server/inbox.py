@@ -34,7 +34,8 @@ from datetime import datetime, timezone
 from ..core import layout
 from .config import Config
 from ..core.errors import ConfigError, LockBusy
-from ..core.fsutil import fsync_dir, is_temp_name, makedirs, rename, write_atomic
+from ..core.fsutil import fsync_dir, is_temp_name, makedirs, open_dir_nofollow, rename, write_atomic
+from ..core.walk import walk
 from ..core.jsonl import decode_bytes, encode_bytes
 
 RECORD_KINDS = ("claims", "done", "failed")
@@ -165,22 +166,19 @@ def _newest_change(path: bytes, st: os.stat_result) -> float:
     newest = max(st.st_mtime, st.st_ctime)
     if not stat.S_ISDIR(st.st_mode):
         return newest
-    stack = [path]
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except OSError:
-            continue  # unreadable: ingest reports it properly
-        with it:
-            for e in it:
-                try:
-                    s = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                newest = max(newest, s.st_mtime, s.st_ctime)
-                if stat.S_ISDIR(s.st_mode):
-                    stack.append(os.fsencode(e.path))
+    try:
+        top = open_dir_nofollow(path)
+    except OSError:
+        return newest       # gone or swapped since the lstat: ingest reports it properly
+    try:
+        with walk(top, stat=True, sort=False) as entries:
+            for e in entries:
+                if e.st is not None:     # (an unreadable folder still has its own times)
+                    newest = max(newest, e.st.st_mtime, e.st.st_ctime)
+    except OSError:
+        pass                # unreadable: ingest reports it properly
+    finally:
+        os.close(top)
     return newest
 
 
