@@ -90,9 +90,14 @@ def setup_fonts_and_style(root: "tk.Tk", scale: float | None = None) -> None:
     style.configure("Failure.TLabel", font="EideticResult", foreground="#a4161a")
     style.configure("Neutral.TLabel", font="EideticResult")
     style.configure("Fingerprint.TEntry", font="EideticFingerprint")
-    if style.theme_use() == "clam":         # clam draws the bar in the window's own grey
+    if style.theme_use() == "clam":
+        # clam draws the bar in the window's own grey, and its check boxes and
+        # arrows in fixed pixels: make them follow the font.
         style.configure("Horizontal.TProgressbar", background="#3b6ea5", lightcolor="#6b93c0",
                         darkcolor="#2b5585", bordercolor="#9e9a91")
+        style.configure("TCheckbutton", indicatorsize=max(10, int(line * 0.7)))
+        for element in ("TScrollbar", "TCombobox"):
+            style.configure(element, arrowsize=max(12, int(line * 0.8)))
 
 
 def _mnemonic(root: "tk.Misc", letter: str, action) -> None:
