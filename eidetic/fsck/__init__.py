@@ -19,9 +19,10 @@ from __future__ import annotations
 import errno
 import os
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Iterator
+from contextlib import ExitStack, closing
+from typing import TYPE_CHECKING
 
+from ..core import layout
 from ..core.errors import StoreFormatError
 from ..core.fsutil import is_temp_name
 from .chain import Chain
@@ -49,7 +50,8 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None, l
     if fatal is not None:
         out.append(fatal)
         return out
-    with _lock_if_possible(store) if lock else nullcontext(False) as held, ExitStack() as stack:
+    with ExitStack() as stack:
+        held = lock and _lock_if_possible(store, stack)
         start_ns = time.time_ns()           # what changed at or after this is a concurrent writer's
         for d in ("objects", "manifests", "tmp"):
             if not os.path.isdir(os.path.join(store.root, d)):
@@ -57,8 +59,8 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None, l
                         "'fsck --repair' re-creates it empty; what it held must come from a backup")
         rehash = None
         if not quick and os.path.isdir(os.path.join(store.root, "objects")):
-            rehash = stack.enter_context(_closing(Rehash(store.objects)))
-        chain = stack.enter_context(_closing(Chain(store, out, progress or no_progress, bool(held), start_ns)))
+            rehash = stack.enter_context(closing(Rehash(store.objects)))
+        chain = stack.enter_context(closing(Chain(store, out, progress or no_progress, bool(held), start_ns)))
         chain.open_live()
         chain.run()
         scan = None
@@ -70,9 +72,8 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None, l
             scan.run()
         chain.past_head()
         check_objects(out, store.objects, chain.fresh, rehash, chain.progress)
-        for tmp in (store.broot + b"/tmp", store.broot):
-            names = sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
-            for name in names:
+        for tmp in (store.broot + b"/tmp", store.broot):      # all of tmp/, temp names beside it
+            for name in sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []:
                 if tmp != store.broot or is_temp_name(name):
                     out.add("W050", tmp + b"/" + name, "left by an interrupted write")
         if held:
@@ -84,32 +85,18 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None, l
     return out
 
 
-@contextmanager
-def _closing(thing):
+def _lock_if_possible(store: Store, stack: ExitStack) -> bool:
+    """Hold the store lock (True); a user who may only read the store (an auditor) checks without it."""
     try:
-        yield thing
-    finally:
-        thing.close()
-
-
-@contextmanager
-def _lock_if_possible(store: Store) -> Iterator[bool]:
-    """The store lock (yields True); a user who may only read the store (an
-    auditor) checks without it (yields False)."""
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(store.lock())
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            yield False
-            return
-        yield True
+        stack.enter_context(store.lock())
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return False
 
 
 def _check_marker(store: Store) -> Finding | None:
-    from ..core import layout
-
     marker = os.path.join(store.root, layout.STORE_MARKER)
     try:
         os.lstat(marker)

@@ -1,11 +1,10 @@
-"""The manifest chain pass: HEAD, the manifests in sequence order (``prev``,
-sequence numbers, study), each replayed into a *fresh* index in the system's
-temp directory (not fsynced, thrown away afterwards): the truth about the
-store.  The live index is read through one pinned snapshot (plain fsck takes
-no lock, and an ingest may go on beside it) once lmdb's offline verifier
-found its pages sound, and compared with the fresh one at the point where
-both have applied the same manifests (and the same records of a manifest
-caught half-applied)."""
+"""The manifest chain pass: HEAD, then the manifests in sequence order
+(``prev``, sequence numbers, study), each replayed into a *fresh* index in
+the system's temp directory (not fsynced, thrown away afterwards): the truth
+about the store.  The live index is read through one pinned snapshot (plain
+fsck takes no lock: an ingest may go on beside it) once lmdb's offline
+verifier found its pages sound, and compared with the fresh one where both
+have applied the same manifests (and records of a manifest caught half-applied)."""
 
 from __future__ import annotations
 
@@ -14,14 +13,14 @@ import shutil
 import stat
 import tempfile
 from itertools import zip_longest
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..core import layout
 from ..core.errors import EideticError, IndexUnusable, IntegrityError, StoreFormatError
 from ..core.fsutil import TEMP_PREFIX, is_temp_name
 from ..store.index import Index, Snapshot
 from ..store.manifest import ManifestReader
-from .codes import Findings, first_of
+from .codes import Findings, Progress, first_of
 
 if TYPE_CHECKING:
     from ..store.store import Store
@@ -30,29 +29,21 @@ REBUILDS = "'fsck --repair' rebuilds it from the manifests"
 
 
 class Chain:
-    def __init__(self, store: Store, out: Findings, progress: Callable, exclusive: bool, start_ns: int) -> None:
-        self.store, self.out, self.progress = store, out, progress
+    def __init__(self, store: Store, out: Findings, progress: Progress, exclusive: bool, start_ns: int) -> None:
+        self.store, self.out, self.progress, self.start_ns = store, out, progress, start_ns
         self.exclusive = exclusive            # the store lock is held: nothing changes under the check
-        self.start_ns = start_ns
-        self.ipath = os.path.join(store.root, "index")
-        self.hp = os.path.join(store.root, "HEAD")
+        self.ipath, self.hp = os.path.join(store.root, "index"), os.path.join(store.root, "HEAD")
         self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-")
         self.fresh = Index(os.path.join(self.fresh_dir, "index"), durable=False, study=store.name)
         self.live: Index | None = None        # None: missing, unreadable or damaged
         self.snap: Snapshot | None = None     # pinned on it for the whole check
-        self.live_applied = 0
-        self.live_partial: tuple[int, int, int] | None = None
-        self.index_missing = False
-        self.head_seq, self.head_digest, self.head_readable = 0, None, True
+        self.live_applied, self.live_partial = 0, None
+        self.index_missing = self.broken = self.behind = False
+        self.head_seq, self.head_digest, self.head_readable, self.head_ok = 0, None, True, True
         self.stop = 0                         # the last manifest of the chain HEAD names
         self.seqs: list[int] = []
-        self.broken = False
-        self.head_ok = True
-        self.behind = False                   # the live index has applied fewer manifests than HEAD
-        # the replay so far: next seq expected, last applied, prev digest (if known), digest and validity per seq
+        # the replay so far: next seq expected, last one applied, its digest (None: unknown)
         self.expected, self.applied, self.prev, self.prev_known = 1, 0, None, True
-        self.digests: dict[int, str | None] = {}
-        self.valid: dict[int, bool] = {}
 
     def close(self) -> None:
         if self.snap is not None:
@@ -66,7 +57,7 @@ class Chain:
 
     def open_live(self) -> None:
         try:
-            live = Index(self.ipath, study=self.store.name, create=False, write=False)
+            self.live = Index(self.ipath, study=self.store.name, create=False, write=False)
         except IndexUnusable as e:
             if str(e.kwargs["detail"]) == "its index is missing":
                 self.index_missing = True     # an error only if there are manifests to index
@@ -76,16 +67,14 @@ class Chain:
         except EideticError as e:             # cannot open it: permissions, or the disk
             # LMDB opens need write access (lock.mdb): a reader who lacks it has a sound index
             fix = REBUILDS if os.access(self.ipath, os.W_OK) else "run fsck as the service user (or root) to check it"
-            self.out.add("E041", self.ipath, f"{e.kwargs.get('detail', e)}; {fix}")
-            return
-        self.live = live
+            return self.out.add("E041", self.ipath, f"{e.kwargs.get('detail', e)}; {fix}")
         try:
-            self.snap = live.snapshot()
+            self.snap = self.live.snapshot()
             if self._pages_sound():
                 st = self.snap.state()
                 self.live_applied, self.live_partial = st.applied, st.partial
         except IndexUnusable as e:
-            self._damaged(e)
+            self._damaged(_what_damage(e))
 
     def _pages_sound(self) -> bool:
         """lmdb's offline verifier over data.mdb: LMDB itself aborts the
@@ -94,48 +83,38 @@ class Chain:
         cannot be reused while the snapshot is pinned, so a concurrent ingest
         cannot make it see damage; a meta page torn by a commit during the
         walk can, so problems count only if no commit happened meanwhile."""
-        live = self.live
-        assert live is not None
+        assert self.live is not None
         for _ in range(3):
-            before = live.last_txnid()
-            problems = live.verify_structure()
+            before = self.live.last_txnid()
+            problems = self.live.verify_structure()
             if not problems:
                 return True
-            if self.exclusive or live.last_txnid() == before:
-                self.out.add("E043", self.ipath, "its pages are not as LMDB wrote them ("
-                             f"{first_of(problems, len(problems), 1)}); {REBUILDS}")
-                self._drop_live()
+            if self.exclusive or self.live.last_txnid() == before:
+                self._damaged(f"its pages are not as LMDB wrote them ({first_of(problems, len(problems), 1)})")
                 return False
         return True     # it kept changing under an ingest: the comparison still finds real damage
 
-    def _damaged(self, e: IndexUnusable) -> None:
-        self.out.add("E043", self.ipath, f"{_what_damage(e)}; {REBUILDS}")
-        self._drop_live()
-
-    def _drop_live(self) -> None:
+    def _damaged(self, what: str) -> None:
+        self.out.add("E043", self.ipath, f"{what}; {REBUILDS}")
         if self.snap is not None:
             self.snap.close()
-            self.snap = None
-        self.live = None
+        self.snap = self.live = None
 
     def applied_now(self) -> int:
         """How many manifests the live index has applied now (not in the snapshot)."""
-        if self.live is None:
-            return self.live_applied
         try:
-            return self.live.state().applied
+            return self.live.state().applied if self.live is not None else self.live_applied
         except EideticError:
             return self.live_applied
 
     def report_behind(self, busy: bool, applied: int) -> None:
-        if busy:
-            if self.stop - applied > 1:       # an ingest is catching the index up
-                self.out.add("W042", self.ipath, f"the index has applied {applied} of {self.stop} manifest(s) "
-                                                 "and an ingest holding the store lock is applying the rest")
-            return                            # one behind: the upload being applied right now
-        self.out.add("E044", self.ipath, f"the index has applied {applied} of {self.stop} manifest(s) and no ingest "
-                                         "is applying the rest, so 'eidetic log' and checkout refuse it; "
-                                         "'eidetic ingest' or 'fsck --repair' catches it up")
+        if not busy:
+            self.out.add("E044", self.ipath, f"the index has applied {applied} of {self.stop} manifest(s) and no "
+                         "ingest is applying the rest, so 'eidetic log' and checkout refuse it; 'eidetic ingest' "
+                         "or 'fsck --repair' catches it up")
+        elif self.stop - applied > 1:         # (one behind: the upload being applied right now)
+            self.out.add("W042", self.ipath, f"the index has applied {applied} of {self.stop} manifest(s) and an "
+                                             "ingest holding the store lock is applying the rest")
 
     # -------------------------------------------------------- HEAD and order
 
@@ -144,22 +123,17 @@ class Chain:
         at the start) that were committed after the check began are left out:
         an ingest made them, and this check is of the store as it was."""
         mdir = os.path.join(self.store.broot, b"manifests")
-        try:
-            names = os.listdir(mdir)
-        except FileNotFoundError:
-            return []
-        seqs = []
-        for name in names:
+        seqs: list[int] = []
+        for name in os.listdir(mdir) if os.path.isdir(mdir) else []:
             p = mdir + b"/" + name
             try:
                 st = os.lstat(p)
             except FileNotFoundError:
                 continue
+            seq = layout.parse_manifest_name(name.decode("ascii", "replace"))
             if is_temp_name(name):
                 self.out.add("W050", p, "temp file of an interrupted manifest write")
-                continue
-            seq = layout.parse_manifest_name(name.decode("ascii", "replace"))
-            if seq is None or not stat.S_ISREG(st.st_mode):
+            elif seq is None or not stat.S_ISREG(st.st_mode):
                 self.out.add("E014", p, "not a manifest" if seq is None else "not a regular file",
                              data={"store_rel": b"manifests/" + name})
             elif seq <= self.head_seq or st.st_ctime_ns < self.start_ns or self.exclusive:
@@ -173,22 +147,18 @@ class Chain:
         except StoreFormatError:
             self.head_readable = False
         seqs = self.seqs = self._manifest_seqs()
-        add, hp = self.out.add, self.hp
-        if not self.head_readable:
-            if seqs:
-                add("E017", hp, "HEAD is unreadable; 'fsck --repair' rewrites it from the manifests")
-            else:
-                add("E015", hp, "HEAD is unreadable and there are no manifests")
-        elif self.head_seq == 0 and seqs and not os.path.exists(hp):
+        add, hp, head, last = self.out.add, self.hp, self.head_seq, (self.seqs or [0])[-1]
+        if not self.head_readable and seqs:
+            add("E017", hp, "HEAD is unreadable; 'fsck --repair' rewrites it from the manifests")
+        elif not self.head_readable:
+            add("E015", hp, "HEAD is unreadable and there are no manifests")
+        elif head == 0 and seqs and not os.path.exists(hp):
             add("E017", hp, "HEAD is missing; 'fsck --repair' rewrites it from the manifests")
         if self.index_missing and seqs:
             add("E041", self.ipath, f"no index: {REBUILDS}")
-        last = seqs[-1] if seqs else 0
-        head = self.head_seq
         if head > last:
-            why = f"the last manifest is {last}: manifests after {last} were removed" if last else \
-                "there are no manifests: they were removed"
-            self._head_wrong(f"HEAD names manifest {head} but {why}")
+            self._head_wrong(f"HEAD names manifest {head} but " + (f"the last manifest is {last}: manifests after "
+                             f"{last} were removed" if last else "there are no manifests: they were removed"))
         elif head == 0 and seqs and self.head_readable and os.path.exists(hp):
             self._head_wrong(f"HEAD names no manifest but manifests go up to {last}")
         elif head and head < last - 1:
@@ -196,56 +166,49 @@ class Chain:
         self.stop = head if head and head <= last else last
 
     def _head_wrong(self, detail: str) -> None:
-        self.head_ok = False
-        self.broken = True
+        self.head_ok, self.broken = False, True
         self.out.add("E015", self.hp, detail)
 
     # ---------------------------------------------------------------- passes
 
     def run(self) -> None:
-        """Every manifest up to HEAD, and the live index compared on the way."""
+        """Every manifest up to HEAD, the live index compared on the way."""
         self._judge_head()
         compared = False
-        for seq in self.seqs:
-            if seq > self.stop:
-                break
+        for seq in (s for s in self.seqs if s <= self.stop):
             if not compared and self.applied == self.live_applied:
                 compared = True
                 self._compare(seq)
             self._replay(seq)
-        stop, digest = self.stop, self.digests.get(self.stop)
-        if self.head_seq and self.head_seq == stop and digest is not None and digest != self.head_digest:
-            self._head_wrong(f"HEAD records digest {self.head_digest} but manifest {stop} hashes to {digest}: "
+        stop, head = self.stop, self.head_seq
+        if head and head == stop == self.applied and self.prev_known and self.prev != self.head_digest:
+            self._head_wrong(f"HEAD records digest {self.head_digest} but manifest {stop} hashes to {self.prev}: "
                              f"manifest {stop} (or HEAD) was edited")
-        if not compared:
-            if self.applied == self.live_applied:
-                self._compare(None)
-            elif self.live is not None and not self.broken:
-                self.out.add("E040", self.ipath, f"the index has applied {self.live_applied} manifest(s) but HEAD "
-                                                 f"names {stop}; 'fsck --repair' rebuilds it")
+        if not compared and self.applied == self.live_applied:
+            self._compare(None)
+        elif not compared and self.live is not None and not self.broken:
+            self.out.add("E040", self.ipath, f"the index has applied {self.live_applied} manifest(s) but HEAD "
+                                             f"names {stop}; 'fsck --repair' rebuilds it")
         self.out.stats["manifests"] = len(self.seqs)
 
     def past_head(self) -> None:
         """Manifests past HEAD (after the tree pass: the tree is of HEAD's
-        uploads): only their object references still matter, and whether
-        the next one is a valid continuation (an ingest interrupted at its
-        commit point)."""
+        uploads): only their objects still matter, and whether the next one
+        continues the chain (an ingest interrupted at its commit point)."""
         beyond = [s for s in self.seqs if s > self.stop]
-        for seq in beyond:
-            self._replay(seq)
+        valid = [self._replay(seq) for seq in beyond]
         nxt = self.stop + 1
-        if beyond and self.head_ok and self.head_seq and beyond == [nxt]:
-            if self.valid.get(nxt):
-                self.out.add("W016", self.store.manifest_path(nxt),
-                             f"HEAD names manifest {self.stop}; manifest {nxt} was committed but HEAD not yet "
-                             "advanced: re-running 'eidetic ingest' (or 'fsck --repair') finishes that upload",
-                             data={"seq": nxt})
+        if beyond == [nxt] and self.head_ok and self.head_seq:
+            if valid[0]:
+                self.out.add("W016", self.store.manifest_path(nxt), f"HEAD names manifest {self.stop}; manifest "
+                             f"{nxt} was committed but HEAD not yet advanced: re-running 'eidetic ingest' (or "
+                             "'fsck --repair') finishes that upload", data={"seq": nxt})
             else:
-                self.out.add("E015", self.hp, f"HEAD names manifest {self.stop} and manifest {nxt} after it is "
-                                              "not a valid continuation of the chain")
+                self.out.add("E015", self.hp, f"HEAD names manifest {self.stop} and manifest {nxt} after it is not "
+                                              "a valid continuation of the chain")
 
-    def _replay(self, seq: int) -> None:
-        """Validate manifest *seq* against the chain and apply it to the fresh index."""
+    def _replay(self, seq: int) -> bool:
+        """Validate manifest *seq* against the chain and apply it to the fresh index: is it valid?"""
         add, path = self.out.add, self.store.manifest_path(seq)
         if seq != self.expected:
             gap = f"manifest {self.expected}" if seq == self.expected + 1 else \
@@ -255,37 +218,32 @@ class Chain:
             self.broken, self.prev, self.prev_known = True, None, False
         self.expected = seq + 1
         try:
-            h = _header(path)
-        except (IntegrityError, OSError) as e:
-            return self._unreadable(path, e)
-        if h.seq != seq:
-            add("E013", path, f"its header says seq {h.seq}: a copy or an inserted manifest")
-            self.broken, self.prev_known = True, False
-            return
-        ok = True
-        if h.study != self.store.name:
-            add("E018", path, f"it belongs to study {h.study!r}")
-            self.broken, ok = True, False
-        if self.prev_known and h.prev != self.prev:
-            before = f"manifest {seq - 1} hashes to {self.prev}" if self.prev else "it is the first manifest"
-            add("E011", path, f"its prev is {h.prev} but {before}: manifest {seq - 1} (or this one's header) "
-                              "was edited")
-            self.broken, ok = True, False
-        if self.applied != seq - 1:
-            self.fresh.force_applied(seq - 1)
-        try:
+            reader = ManifestReader(path)
+            reader.close()
+            h = reader.header
+            if h.seq != seq:
+                add("E013", path, f"its header says seq {h.seq}: a copy or an inserted manifest")
+                self.broken, self.prev_known = True, False
+                return False
+            ok = h.study == self.store.name
+            if not ok:
+                add("E018", path, f"it belongs to study {h.study!r}")
+            if self.prev_known and h.prev != self.prev:
+                ok = False
+                before = f"manifest {seq - 1} hashes to {self.prev}" if self.prev else "it is the first manifest"
+                add("E011", path, f"its prev is {h.prev} but {before}: manifest {seq - 1} (or this one's header) "
+                                  "was edited")
+            self.broken = self.broken or not ok
+            if self.applied != seq - 1:
+                self.fresh.force_applied(seq - 1)
             self.fresh.apply_manifest(path)
         except (IntegrityError, OSError) as e:
-            return self._unreadable(path, e)
-        digest = (self.fresh.upload(seq) or {}).get("digest")
-        self.applied = seq
-        self.digests[seq], self.valid[seq] = digest, ok
-        self.prev, self.prev_known = digest, True
+            add("E010", path, _why(e, path))
+            self.broken, self.prev_known = True, False
+            return False
+        self.applied, self.prev, self.prev_known = seq, (self.fresh.upload(seq) or {}).get("digest"), True
         self.progress("manifests", seq, len(self.seqs))
-
-    def _unreadable(self, path: str, e: Exception) -> None:
-        self.out.add("E010", path, _why(e, path))
-        self.broken, self.prev_known = True, False
+        return ok
 
     def _compare(self, next_seq: int | None) -> None:
         """The pinned snapshot of the live index against the fresh one, which
@@ -304,7 +262,7 @@ class Chain:
         try:
             diff = None if self.snap.same_as(fresh) else _first_difference(self.snap.dump(), fresh.dump())
         except IndexUnusable as e:   # LMDB met damage while reading it
-            return self._damaged(e)
+            return self._damaged(_what_damage(e))
         finally:
             fresh.close()
         if diff is not None:
@@ -315,23 +273,12 @@ class Chain:
     def catch_up(self) -> None:
         """Manifests committed since HEAD was read, into the fresh index (so
         their objects and tree names are accounted for)."""
-        if self.broken:
-            return
         try:
-            head, _ = self.store.head()
-        except StoreFormatError:
-            return
-        for seq in range(max(self.fresh.applied()[0], self.stop) + 1, head + 1):
-            try:
+            head = 0 if self.broken else self.store.head()[0]
+            for seq in range(max(self.fresh.applied()[0], self.stop) + 1, head + 1):
                 self.fresh.apply_manifest(self.store.manifest_path(seq))
-            except (IntegrityError, OSError, StoreFormatError):
-                return
-
-
-def _header(path: str):
-    r = ManifestReader(path)
-    r.close()
-    return r.header
+        except (IntegrityError, OSError, StoreFormatError):
+            pass
 
 
 def _what_damage(e: IndexUnusable) -> str:

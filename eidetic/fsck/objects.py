@@ -1,12 +1,11 @@
 """The objects pass: objects/ merged with the objects the manifests need,
 and every object re-hashed (unless *quick*).
 
-The re-hash of a store with many objects runs in a worker process pool
-(ProcessPoolExecutor, one task per shard directory), started before the
-other passes so that it goes on while this process replays the manifests
-and walks the tree: a process rather than a thread, because those passes
-are mostly Python and a thread would wait for the GIL behind them.  A small
-store is hashed in this process, without the pool's start-up cost.
+The re-hash of a store with many objects runs in a worker process pool,
+started before the other passes so that it goes on while this process
+replays the manifests and walks the tree (a process, not a thread: those
+passes are mostly Python, and a thread would wait for the GIL behind them).
+A small store is hashed in this process, without the pool's start-up cost.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import os
 import stat
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from itertools import chain
 from typing import Callable, Iterator
 
 from ..core import layout
@@ -109,17 +109,14 @@ def hash_shard(objects: ObjectStore, sdir: bytes, bad: list[Bad]) -> int:
             bad.append(("E023", oid, path, "not a regular file") if not_file else
                        ("E020", oid, path, f"unreadable: {e.strerror}"))
             continue
+        problem = stat_problem(st)
+        if problem is not None:
+            bad.append((problem[0], oid, path, problem[1]))
         try:
-            problem = stat_problem(st)
-            if problem is not None:
-                bad.append((problem[0], oid, path, problem[1]))
-            data = os.read(fd, st.st_size + 1) if st.st_size <= SMALL_FILE else None
-        except OSError as e:
-            bad.append(("E020", oid, path, f"unreadable: {e.strerror}"))
-            continue
-        finally:
-            os.close(fd)
-        try:
+            try:
+                data = os.read(fd, st.st_size + 1) if st.st_size <= SMALL_FILE else None
+            finally:
+                os.close(fd)
             if data is not None and len(data) <= st.st_size:
                 actual, size = hash_bytes(data), len(data)
             else:           # large, or grown since fstat: hash it the long way
@@ -170,22 +167,23 @@ def merge(objects: ObjectStore, fresh: Index, check_stat: bool, emit: Callable[[
     what lstat can tell (type, write bits, size) when nothing re-hashes.
     Returns (object files, bytes the manifests need)."""
     need = fresh.iter_objects()
-    cur = next(need, None)
-    cur_seen = False
+    cur, cur_seen = next(need, None), False
     need_bytes = count = 0
-    for oid, _twin, path in objects.iter_files():
+    for oid, _twin, path in chain(objects.iter_files(), [("~", 0, b"")]):     # "~": after every object id
         if not oid:
             if is_temp_name(path.rpartition(b"/")[2]):
                 emit("W050", "", path, "temp file of an interrupted object write")
             else:
                 emit("E023", "", path, "not an object name")
             continue
-        count += 1
         while cur is not None and cur[0] < oid:
             need_bytes += cur[1]
             if not cur_seen:
                 emit("E021", cur[0], objects.path(cur[0]), "")
             cur, cur_seen = next(need, None), False
+        if oid == "~":
+            break
+        count += 1
         referenced = cur is not None and cur[0] == oid
         cur_seen = cur_seen or referenced
         if not referenced:
@@ -200,11 +198,6 @@ def merge(objects: ObjectStore, fresh: Index, check_stat: bool, emit: Callable[[
                 emit(problem[0], oid, path, problem[1])
             elif referenced and st.st_size != cur[1]:
                 emit("E020", oid, path, f"size {st.st_size}, recorded {cur[1]}")
-    while cur is not None:
-        need_bytes += cur[1]
-        if not cur_seen:
-            emit("E021", cur[0], objects.path(cur[0]), "")
-        cur, cur_seen = next(need, None), False
     return count, need_bytes
 
 

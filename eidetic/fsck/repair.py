@@ -11,7 +11,9 @@ import stat
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterator
+from itertools import groupby
+from operator import attrgetter
+from typing import TYPE_CHECKING
 
 from ..core import layout
 from ..core.fsutil import fsync_dir, is_temp_name, makedirs, open_regular_nofollow
@@ -34,29 +36,24 @@ class RepairReport:
 
 
 def repair(store: Store, findings: list[Finding], lock: bool = True) -> RepairReport:
-    """Repair what *findings* (from :func:`check`) show, as far as it can be
-    derived again; never delete anything that is not ours (hand-made or
-    replaced files go to ``<store>/lost+found/<timestamp>/``).  Holds the
-    store lock unless the caller already does (``lock=False``)."""
+    """Repair what *findings* (from :func:`check`) show.  Holds the store
+    lock unless the caller already does (``lock=False``)."""
     rep = RepairReport()
     fatal = [f for f in findings if f.code in FATAL]
-    if fatal:
-        for f in fatal:
-            rep.cannot.append(f"{f.line()}: fsck does not touch a directory it cannot recognise as a store")
-        return rep
-    with store.lock() if lock else nullcontext():
-        _Repairer(store, findings, rep).run()
+    for f in fatal:
+        rep.cannot.append(f"{f.line()}: fsck does not touch a directory it cannot recognise as a store")
+    if not fatal:
+        with store.lock() if lock else nullcontext():
+            _Repairer(store, findings, rep).run()
     return rep
 
 
 class _Repairer:
     def __init__(self, store: Store, findings: list[Finding], rep: RepairReport) -> None:
-        self.store = store
-        self.rep = rep
+        self.store, self.rep = store, rep
         self.by_code: dict[str, list[Finding]] = {}
         for f in findings:
             self.by_code.setdefault(f.code, []).append(f)
-        self.broot = store.broot
         self.tree_root = os.fsencode(store.tree)
         self._lost: dict[str, bytes] = {}
         self.bad_objects: set[str] = set()
@@ -67,8 +64,6 @@ class _Repairer:
     def has(self, *codes: str) -> bool:
         return any(c in self.by_code for c in codes)
 
-    # -------------------------------------------------------------- driver
-
     def run(self) -> None:
         rep = self.rep
         for f in self.get("E003"):
@@ -78,53 +73,46 @@ class _Repairer:
         broken = self.has(*CHAIN_BROKEN)
         head_changed = self._manifests(broken)
         self._objects()
+        rebuilt = False
         if broken:
             rep.cannot.append("the index and the tree were left as they are: with the manifest chain broken "
                               "they may hold the only record of what the damaged manifests said")
-            for f in self.get("E034"):
-                self._chmod_dir(f)
-            self._left_alone()
-            return
-        rebuilt = False
-        if head_changed or self.has("E040", "E041", "E043"):
-            n = self.store.rebuild_index()
-            self.rep.done.append(f"rebuilt the index from {n} manifest(s)")
+        elif head_changed or self.has("E040", "E041", "E043"):
+            rep.done.append(f"rebuilt the index from {self.store.rebuild_index()} manifest(s)")
             rebuilt = True
         else:       # merely behind (E044, W042) is caught up; a sound one is left as it is
             notes: list[str] = []
             self.store.prepare_index(notes.append)
+            rep.done.extend(line.split(": ", 1)[1] for line in notes)
             rebuilt = bool(notes)
-            self.rep.done.extend(line.split(": ", 1)[1] for line in notes)
         for f in self.get("E034"):
-            self._chmod_dir(f)
-        for f in self.get("E031", "E033"):
-            self._move_tree_entry(f)
-        if rebuilt or self.has("E030", "E031", "E032", "E035", "W036"):
-            self._materialize()
-        self._left_alone()
-        if "tree" in self._lost:
-            rep.lost_and_found = layout.display(self._lost["tree"])
-
-    def _left_alone(self) -> None:
+            self._drop_bits(f, stat.S_IWGRP | stat.S_IWOTH, "group/other write bits", directory=True)
+        if not broken:
+            for f in self.get("E031", "E033"):
+                what = "replaced tree entry" if f.code == "E031" else "hand-added tree entry"
+                self._move_aside(f.raw, f.data["rel"], what)
+            if rebuilt or self.has("E030", "E031", "E032", "E035", "W036"):
+                self._materialize()
         orphans = self.get("W024")
         if orphans:
-            self.rep.notes.append(f"{len(orphans)} orphan object(s) left in place: harmless, and a later upload "
-                                  "of the same content uses them")
+            rep.notes.append(f"{len(orphans)} orphan object(s) left in place: harmless, and a later upload "
+                             "of the same content uses them")
         for f in self.get("E037"):
-            self.rep.cannot.append(f"{f.line()}: fix the directory's permissions, then run fsck again")
+            rep.cannot.append(f"{f.line()}: fix the directory's permissions, then run fsck again")
+        if "tree" in self._lost:
+            rep.lost_and_found = layout.display(self._lost["tree"])
 
     # --------------------------------------------------------- lost+found
 
     def _lost_dir(self, kind: str) -> bytes:
         """``lost+found/<timestamp>`` for tree entries, ``lost+found/<timestamp>-store`` for store files."""
         if kind not in self._lost:
-            base = self.broot + b"/lost+found"
+            base = self.store.broot + b"/lost+found"
             makedirs(base, 0o700)
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
-            suffix = b"-store" if kind == "store" else b""
             n = 0
             while True:
-                cand = base + b"/" + stamp + (b".%d" % n if n else b"") + suffix
+                cand = base + b"/" + stamp + (b".%d" % n if n else b"") + (b"-store" if kind == "store" else b"")
                 try:
                     os.mkdir(cand, 0o700)
                     break
@@ -133,57 +121,58 @@ class _Repairer:
             self._lost[kind] = cand
         return self._lost[kind]
 
-    def _move_aside(self, src: bytes, rel: bytes, what: str, kind: str = "tree") -> bool:
+    def _move_aside(self, src: bytes, rel: bytes, what: str, kind: str = "tree") -> None:
         dest = self._lost_dir(kind) + b"/" + rel
         try:
             makedirs(os.path.dirname(dest), 0o700, 0o700)
             os.rename(src, dest)
         except FileNotFoundError:
-            return False
+            return
         except OSError as e:
-            self.rep.cannot.append(f"could not move {layout.display(src)} aside: {e.strerror}")
-            return False
+            return self.rep.cannot.append(f"could not move {layout.display(src)} aside: {e.strerror}")
         fsync_dir(os.path.dirname(src))
         self.rep.done.append(f"moved {what} {layout.display(src)} to {layout.display(dest)}")
-        return True
 
-    # ---------------------------------------------------------------- temps
+    def _drop_bits(self, f: Finding, bits: int, what: str, directory: bool = False) -> None:
+        try:
+            st = os.lstat(f.raw)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode) or not directory:
+            os.chmod(f.raw, stat.S_IMODE(st.st_mode) & ~bits)
+            self.rep.done.append(f"removed {what} from {f.path}")
 
     def _temps(self) -> None:
         for f in self.get("W050", "W051"):
-            p = f.raw
             try:
-                st = os.lstat(p)
+                st = os.lstat(f.raw)
             except FileNotFoundError:
                 continue
-            if f.code == "W051" and not is_temp_name(os.path.basename(p)):
+            if f.code == "W051" and not is_temp_name(os.path.basename(f.raw)):
                 continue   # only ever remove our own temp names from a tree
             if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(f.raw, ignore_errors=True)
             else:
-                os.unlink(p)
+                os.unlink(f.raw)
             self.rep.done.append(f"removed temp file {f.path}")
 
-    # ------------------------------------------------------------ manifests
+    # ------------------------------------------------- manifests and objects
 
     def _manifests(self, broken: bool) -> bool:
+        """Foreign files moved aside, HEAD rewritten or advanced (when the chain holds): did HEAD change?"""
         rep, store = self.rep, self.store
         for f in self.get("E014"):
             self._move_aside(f.raw, f.data["store_rel"], "foreign file", "store")
         for f in self.get(*sorted(CHAIN_BROKEN)):
             rep.cannot.append(f"{f.line()}: a damaged manifest chain cannot be rebuilt from anything in the "
                               "store; restore the manifest (or HEAD) from a backup")
-        if broken:
-            return False
         changed = False
-        if self.has("E017"):
-            seqs = store.manifest_seqs()
-            if seqs:
-                digest = digest_of(store.manifest_path(seqs[-1]))
-                store.set_head(seqs[-1], digest)
-                rep.done.append(f"rewrote HEAD: manifest {seqs[-1]}")
-                changed = True
-        if self.has("W016"):
+        seqs = store.manifest_seqs() if self.has("E017") and not broken else []
+        if seqs:
+            store.set_head(seqs[-1], digest_of(store.manifest_path(seqs[-1])))
+            rep.done.append(f"rewrote HEAD: manifest {seqs[-1]}")
+            changed = True
+        if self.has("W016") and not broken:
             before = store.head()[0]
             seq, _ = store.recover_head()
             if seq != before:
@@ -192,17 +181,10 @@ class _Repairer:
                 changed = True
         return changed
 
-    # -------------------------------------------------------------- objects
-
     def _objects(self) -> None:
         rep = self.rep
         for f in self.get("E022"):
-            try:
-                st = os.lstat(f.raw)
-                os.chmod(f.raw, stat.S_IMODE(st.st_mode) & ~0o222)
-                rep.done.append(f"removed write bits from {f.path}")
-            except FileNotFoundError:
-                pass
+            self._drop_bits(f, 0o222, "write bits")
         for f in self.get("E023"):
             self._move_aside(f.raw, f.data["store_rel"], "foreign file", "store")
         for f in self.get("E021"):
@@ -214,10 +196,10 @@ class _Repairer:
             if f.data.get("description"):
                 rep.cannot.append(f"object {oid} is missing: {f.data['description']}; restore it from a "
                                   "backup (no tree name holds its bytes)")
-                continue
-            rep.cannot.append(f"object {oid} is missing and no tree name holds its bytes; "
-                              f"{_affected_text(f.data)}: send one of those files again or restore the "
-                              "object from a backup, then run 'fsck --repair' again for their tree names")
+            else:
+                rep.cannot.append(f"object {oid} is missing and no tree name holds its bytes; "
+                                  f"{_affected_text(f.data)}: send one of those files again or restore the "
+                                  "object from a backup, then run 'fsck --repair' again for their tree names")
         for f in self.get("E020"):
             oid = f.data["oid"] if f.data else os.path.basename(f.raw).decode()
             self.bad_objects.add(oid)
@@ -226,45 +208,26 @@ class _Repairer:
                               "these versions are not re-created from corrupt bytes)")
 
     def _restore_from_tree(self, oid: str, versions: list[tuple[bytes, int, str]]) -> bool:
-        objects = self.store.objects
+        """Link a tree name that still holds the bytes of missing object *oid* back in place."""
         for path, n, stamp in versions:
-            if not stamp:
-                continue
-            for rel in (layout.version_relpath(path, n, stamp), layout.tree_relpath(path)):
-                src = self.tree_root + b"/" + rel
+            for rel in (layout.version_relpath(path, n, stamp), layout.tree_relpath(path)) if stamp else ():
                 try:
-                    fd, _ = open_regular_nofollow(src)
+                    fd, _ = open_regular_nofollow(self.tree_root + b"/" + rel)
                 except OSError:
                     continue
                 try:
-                    if hash_fd(fd)[0] != oid:
-                        continue
-                    dest = objects.path(oid)
-                    makedirs(os.path.dirname(dest), 0o700, 0o700)
-                    os.link(src, dest, follow_symlinks=False)
-                    os.chmod(dest, 0o444)
-                    fsync_dir(os.path.dirname(dest))
-                    return True
+                    if hash_fd(fd)[0] == oid:
+                        dest = self.store.objects.path(oid)
+                        makedirs(os.path.dirname(dest), 0o700, 0o700)
+                        os.link(self.tree_root + b"/" + rel, dest, follow_symlinks=False)
+                        os.chmod(dest, 0o444)
+                        fsync_dir(os.path.dirname(dest))
+                        return True
                 except OSError:
                     continue
                 finally:
                     os.close(fd)
         return False
-
-    # ----------------------------------------------------------------- tree
-
-    def _chmod_dir(self, f: Finding) -> None:
-        try:
-            st = os.lstat(f.raw)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            os.chmod(f.raw, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
-            self.rep.done.append(f"removed group/other write bits from {f.path}")
-
-    def _move_tree_entry(self, f: Finding) -> None:
-        what = "replaced tree entry" if f.code == "E031" else "hand-added tree entry"
-        self._move_aside(f.raw, f.data["rel"], what)
 
     def _materialize(self) -> None:
         """Give every version its names again (idempotent: existing right
@@ -273,19 +236,20 @@ class _Repairer:
         tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
         tree.ensure_root()
         made = 0
-        for v, is_latest in _with_last(store.index.iter_versions()):
-            if v.blake3 in self.bad_objects:
-                continue
-            try:
-                if tree.place_version(v):
-                    made += 1
-                if is_latest:
-                    tree.place_plain(v)
-            except TreeConflict as e:
-                self.rep.cannot.append(f"{e.message} (it could not be moved aside)")
-            except OSError as e:
-                self.rep.cannot.append(f"could not re-create the names of {layout.display(v.path)} "
-                                       f"v{v.n}: {e.strerror or e}")
+        for _, group in groupby(store.index.iter_versions(), attrgetter("path")):
+            vs = list(group)
+            for v in vs:
+                if v.blake3 in self.bad_objects:
+                    continue
+                try:
+                    made += tree.place_version(v)
+                    if v is vs[-1]:
+                        tree.place_plain(v)
+                except TreeConflict as e:
+                    self.rep.cannot.append(f"{e.message} (it could not be moved aside)")
+                except OSError as e:
+                    self.rep.cannot.append(f"could not re-create the names of {layout.display(v.path)} "
+                                           f"v{v.n}: {e.strerror or e}")
         store.sync()
         self.rep.done.append(f"re-created {made} missing version name(s); every plain name shows its "
                              "latest version")
@@ -296,16 +260,4 @@ def _affected_text(data: dict | None) -> str:
         return data["description"]
     if not data or not data.get("versions"):
         return "no version uses it"
-    vs = data["versions"]
-    return "affected: " + name_versions(vs, data.get("total", len(vs)), 20)
-
-
-def _with_last(it: Iterator) -> Iterator[tuple[Any, bool]]:
-    """(version, is the last version of its path) for a stream sorted by path."""
-    prev = None
-    for v in it:
-        if prev is not None:
-            yield prev, prev.path != v.path
-        prev = v
-    if prev is not None:
-        yield prev, True
+    return "affected: " + name_versions(data["versions"], data.get("total", len(data["versions"])), 20)

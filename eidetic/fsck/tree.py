@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 from typing import Callable
 
 from ..core import layout
@@ -23,20 +26,18 @@ from ..store.objects import ObjectStore
 from .codes import Finding, Findings
 
 
+@dataclass(slots=True)
 class _Dir:
     """One tree directory while the scan is inside it."""
 
-    __slots__ = ("src", "rel", "abs", "dev", "entries", "state", "pending_plain", "plain_is_dir")
-
-    def __init__(self, src: bytes, rel: bytes, abs_: bytes, dev: int) -> None:
-        self.src = src                # source directory path (b"" = the study's root)
-        self.rel = rel                # its tree path relative to the tree root
-        self.abs = abs_
-        self.dev = dev
-        self.entries: dict = {}       # name -> DirEntry, each popped when a version accounts for it
-        self.state = "listed"         # | "missing" (names in it are missing) | "unknown" (unreadable)
-        self.pending_plain: dict = {}     # plain name not found (yet: may be a directory) -> latest version
-        self.plain_is_dir: dict = {}      # file's plain name found as a directory -> latest version
+    src: bytes                        # source directory path (b"" = the study's root)
+    rel: bytes                        # its tree path relative to the tree root
+    abs: bytes
+    dev: int
+    entries: dict = field(default_factory=dict)   # name -> DirEntry, popped when a version accounts for it
+    state: str = "listed"             # | "missing" (names in it are missing) | "unknown" (unreadable)
+    pending_plain: dict = field(default_factory=dict)   # plain name not found (yet: may be a dir) -> latest
+    plain_is_dir: dict = field(default_factory=dict)    # file's plain name found as a directory -> latest
 
     def rel_of(self, name: bytes) -> bytes:
         return self.rel + b"/" + name if self.rel else name
@@ -64,14 +65,8 @@ class TreeScan:
         self._dir_mode(self.root, st)
         self._list(top)
         stack = [top]
-        group: list = []
-        for v in self.idx.iter_versions():
-            if group and group[-1].path != v.path:
-                self._path(stack, group)
-                group = []
-            group.append(v)
-        if group:
-            self._path(stack, group)
+        for _, vs in groupby(self.idx.iter_versions(), attrgetter("path")):
+            self._path(stack, list(vs))
         while stack:
             self._close(stack.pop())
         self.out.stats["tree_entries"] = self.entries
@@ -270,40 +265,24 @@ class TreeScan:
         return path is not None and self.idx.has_dir(path)
 
     def _lookup(self, d: _Dir, name: bytes, rel: bytes) -> Version | None:
-        """The version a tree name stands for."""
-        idx = self.idx
-        prefix = d.src + b"/" if d.src else b""
+        """The version a tree name stands for (the latest, for a plain name)."""
         parsed = layout.parse_version_name(name)
-        if parsed is not None:
-            orig, n, stamp = parsed
-            if orig is None:
-                r = idx.resolve_cut(rel)
-                if r is None or r[1] is None:
-                    return None
-                path, n = r
-            else:
-                path = prefix + orig
-            try:
-                v = idx.version(path, n)
-                if v is None or v.stamp != stamp or layout.version_relpath(path, n, stamp) != rel:
-                    return None
-            except ValueError:
+        orig, n, stamp = parsed if parsed is not None else (layout.unplain_name(name), None, None)
+        if orig is None:        # a name cut to fit 255 bytes: only the index knows its path
+            r = self.idx.resolve_cut(rel)
+            if r is None or (r[1] is None) != (n is None):
                 return None
-            return v
-        orig = layout.unplain_name(name)
-        if orig is None:
-            r = idx.resolve_cut(rel)
-            if r is None or r[1] is not None:
-                return None
-            path = r[0]
+            path, n = r
         else:
-            path = prefix + orig
+            path = d.src + b"/" + orig if d.src else orig
         try:
-            if layout.tree_relpath(path) != rel or idx.has_dir(path):
-                return None
+            if n is None:
+                plain = layout.tree_relpath(path) == rel and not self.idx.has_dir(path)
+                return self.idx.latest(path) if plain else None
+            v = self.idx.version(path, n)
+            return v if v is not None and v.stamp == stamp and layout.version_relpath(path, n, stamp) == rel else None
         except ValueError:
             return None
-        return idx.latest(path)
 
     def explains(self, f: Finding, st: os.stat_result) -> bool:
         """Does the index (since caught up with manifests committed during the check) now account
