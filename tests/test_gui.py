@@ -17,6 +17,7 @@ import secrets
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -628,3 +629,19 @@ def test_readable_at_150_percent(pc, window):
     assert height1 <= 720 * 0.95, height1
     assert int(float(w.app.tree.tk.call("ttk::style", "lookup", "Treeview", "-rowheight"))) >= big
     w.shot("scaled-150")
+
+
+# ------------------------------------------------------------ entry points
+
+def test_eidetic_gui_without_a_desktop_says_so_in_one_line(tmp_path):
+    from conftest import clean_env, one_line_error, run_cli
+
+    env = clean_env(DISPLAY="", HOME=str(tmp_path), EIDETIC_CLIENT_HOME=str(tmp_path / "client"))
+    res = run_cli("gui", env=env)
+    assert res.returncode == 3, res
+    assert "needs a desktop session; 'eidetic send' works without one" in one_line_error(res)
+    # The eidetic-gui program (a gui-scripts entry: no console window on Windows) is the same main().
+    res = subprocess.run([sys.executable, "-m", "eidetic.client.gui"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and "cannot open a window" in one_line_error(res)
+    assert "gui " in run_cli("--help", env=env).stdout
