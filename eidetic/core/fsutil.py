@@ -98,6 +98,9 @@ def syncfs(path: str | bytes) -> None:
         os.close(fd)
 
 
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 class AtomicFile:
     """Write a file so that readers see either the old content or the new.
 
@@ -140,8 +143,7 @@ class AtomicFile:
         self.placed = False    # the new content has its final name (set even if commit then raised)
 
     def open(self) -> IO[bytes]:
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=self.dir_fd)
+        fd = os.open(self.tmp, _TEMP_FLAGS, 0o600, dir_fd=self.dir_fd)
         self._file = os.fdopen(fd, "wb")
         return self._file
 
@@ -196,9 +198,6 @@ class AtomicFile:
             # garbage by definition and the next run's clean-up removes it; the
             # error that brought us here is the one to report.
             pass
-
-
-_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def open_temp(directory: bytes) -> tuple[bytes, int]:

@@ -370,8 +370,8 @@ class _Walker:
                         continue
                     if not (_JUNCTIONS and kind == SYMLINK):     # (a junction stays a link)
                         kind = kind_of(st.st_mode)
-                if kind != DIR:
-                    yield Entry(r, name, kind, dfd, path, depth, st, None, None, item[1], de)   # (positional: the hot path)
+                if kind != DIR:     # (positional arguments: this is the hot path)
+                    yield Entry(r, name, kind, dfd, path, depth, st, None, None, item[1], de)
                     continue
                 # A folder: enter it, never through a link.
                 sub = fst = None
