@@ -7,7 +7,7 @@
 * ``run_cli(...)`` - the ``eidetic`` console script as a real subprocess.
 * ``check_store(layout, study)`` - an independent consistency audit of a
   store and its tree (objects re-hashed, manifest chain, HEAD, index, tree
-  inodes), plus ``eidetic fsck`` once that exists.
+  inodes), plus ``eidetic fsck``.
 * ``nonroot_venv`` / ``world_tmp`` / ``run_as`` - for tests that must run as
   uids other than root (root reads everything, so permission tests need
   real unprivileged processes).  docs/design.md, "Test peers": a venv built from a Python under
@@ -243,7 +243,7 @@ def check_store(lay: Layout, study: str = "s1") -> None:
     names the BLAKE3 of the previous one, HEAD names the last; the index has
     applied them all; every version has its version name in the tree, a
     hardlink of its object, and every plain name is the latest version;
-    tmp/ is empty.  Then ``eidetic fsck`` when it is available."""
+    tmp/ is empty.  Then ``eidetic fsck``."""
     from eidetic.store.manifest import FileRecord, read_all
     from eidetic.core.hashing import hash_bytes
 
@@ -295,18 +295,8 @@ def check_store(lay: Layout, study: str = "s1") -> None:
     assert fsck_errors(lay, study) == []
 
 
-def fsck_available() -> bool:
-    try:
-        from eidetic import fsck
-    except ImportError:
-        return False
-    return hasattr(fsck, "check")
-
-
 def fsck_errors(lay: Layout, study: str = "s1") -> list:
-    """Error findings of eidetic.fsck.check, or [] while fsck does not exist yet."""
-    if not fsck_available():
-        return []
+    """Error findings of eidetic.fsck.check."""
     from eidetic import fsck
     findings = fsck.check(lay.open_store(study))
     return [(f.code, str(f)) for f in findings if f.severity == "error"]

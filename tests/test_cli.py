@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from conftest import clean_env, drop, fsck_available, make_layout, one_line_error, run_cli
+from conftest import clean_env, drop, make_layout, one_line_error, run_cli
 
 import eidetic
 
@@ -192,8 +192,6 @@ def test_checkout_without_output_writes_into_the_current_directory(layout, tmp_p
 
 
 def test_fsck_exits_0_on_a_clean_store(layout):
-    if not fsck_available():
-        pytest.skip("eidetic/fsck.py is not there yet")
     drop(layout.inbox, "s1-labA-1", {"d/f.txt": b"x"})
     assert layout.cli("ingest", "--once", "--settle", "0").returncode == 0
     res = layout.cli("fsck")

@@ -7,6 +7,7 @@ fsck reports (OCFL-style: the fixture is named after what it breaks).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -239,14 +240,14 @@ def test_progress_is_reported_per_phase(two):
 
 # ------------------------------------------------------------ store marker
 
-def test_missing_store_marker_is_fatal_and_stops(two):
+def test_E001_missing_store_marker_is_fatal_and_stops(two):
     os.unlink(two.s(layout.STORE_MARKER))
     findings = two.check()
     assert codes_of(findings) == ["E001"]
     assert "E001" in fsck.FATAL
 
 
-def test_unknown_store_format_is_fatal(two):
+def test_E002_unknown_store_format_is_fatal(two):
     p = two.s(layout.STORE_MARKER)
     os.chmod(p, 0o644)
     with open(p, "w") as f:
@@ -256,13 +257,13 @@ def test_unknown_store_format_is_fatal(two):
     assert "99" in findings[0].detail
 
 
-def test_repair_refuses_a_directory_that_is_not_a_store(two):
+def test_E001_repair_refuses_a_directory_that_is_not_a_store(two):
     os.unlink(two.s(layout.STORE_MARKER))
     rep = two.repair()
     assert rep.cannot and not rep.done
 
 
-def test_missing_store_directory_is_reported(two):
+def test_E003_missing_store_directory_is_reported_and_recreated(two):
     os.rmdir(two.s("tmp"))
     assert "E003" in two.codes()
     two.repair()
@@ -272,7 +273,7 @@ def test_missing_store_directory_is_reported(two):
 
 # --------------------------------------------------------------- manifests
 
-def test_truncated_manifest_is_unreadable(two):
+def test_E010_truncated_manifest_is_unreadable(two):
     p = two.manifest(1)
     os.chmod(p, 0o644)
     with open(p, "rb+") as f:
@@ -280,14 +281,25 @@ def test_truncated_manifest_is_unreadable(two):
     assert "E010" in two.codes()
 
 
-def test_edited_manifest_breaks_the_chain(two):
+def test_E011_edited_manifest_breaks_the_chain(two):
     edit_manifest(two.manifest(1), b'"mode":420', b'"mode":384')
     codes = two.codes()
     assert "E011" in codes
     assert "W060" in codes          # the tree is not compared against an untrustworthy chain
 
 
-def test_removed_manifest_breaks_the_chain(env):
+def test_W060_tree_is_not_compared_with_a_broken_chain(two):
+    name = two.version_name("d/a.txt", 1)
+    edit_manifest(two.manifest(2), b'"study":"s"', b'"study":"t"')     # the chain breaks (E018)
+    os.unlink(name)                                                     # what the tree check would find
+    findings = two.check()
+    codes = codes_of(findings)
+    assert "E018" in codes and "W060" in codes and "E030" not in codes
+    assert next(f for f in findings if f.code == "W060").path == two.tree
+
+
+
+def test_E012_removed_manifest_leaves_a_gap_in_the_chain(env):
     for i in range(3):
         env.send({f"f{i}.txt": b"%d\n" % i})
     os.unlink(env.manifest(2))
@@ -297,12 +309,12 @@ def test_removed_manifest_breaks_the_chain(env):
     assert gap.path.endswith("0000000002.jsonl")
 
 
-def test_inserted_manifest_with_another_seq_is_reported(two):
+def test_E013_inserted_manifest_with_another_seq_is_misnamed(two):
     shutil.copy(two.manifest(1), two.manifest(3))
     assert "E013" in two.codes()
 
 
-def test_foreign_file_in_manifests_is_reported_and_moved_aside(two):
+def test_E014_foreign_file_in_manifests_is_reported_and_moved_aside(two):
     p = two.s("manifests/notes.txt")
     with open(p, "w") as f:
         f.write("mine\n")
@@ -314,7 +326,7 @@ def test_foreign_file_in_manifests_is_reported_and_moved_aside(two):
     assert list(two.check()) == []
 
 
-def test_removed_last_manifest_leaves_head_pointing_past_the_end(two):
+def test_E015_removed_last_manifest_leaves_head_pointing_past_the_end(two):
     os.unlink(two.manifest(2))
     findings = two.check()
     assert "E015" in codes_of(findings)
@@ -322,7 +334,7 @@ def test_removed_last_manifest_leaves_head_pointing_past_the_end(two):
     assert any("E015" in line for line in rep.cannot)
 
 
-def test_edited_last_manifest_does_not_match_head(two):
+def test_E015_edited_last_manifest_does_not_match_head(two):
     edit_manifest(two.manifest(2), b'"mode":420', b'"mode":384')
     assert "E015" in two.codes()
 
@@ -332,7 +344,7 @@ def _crash_at_the_commit_point(env, monkeypatch):
     crash_second_upload(env, monkeypatch, Store, "set_head")
 
 
-def test_crash_at_the_commit_point_is_a_warning_that_ingest_finishes(env, monkeypatch):
+def test_W016_crash_at_the_commit_point_is_a_warning_that_ingest_finishes(env, monkeypatch):
     _crash_at_the_commit_point(env, monkeypatch)
     assert os.path.exists(env.manifest(2)) and env.store().head()[0] == 1
 
@@ -344,7 +356,7 @@ def test_crash_at_the_commit_point_is_a_warning_that_ingest_finishes(env, monkey
     assert list(env.check()) == []
 
 
-def test_missing_head_is_rewritten_by_repair(two):
+def test_E017_missing_head_is_rewritten_by_repair(two):
     os.unlink(two.s("HEAD"))
     assert two.codes() == {"E017"}
     two.repair()
@@ -352,48 +364,48 @@ def test_missing_head_is_rewritten_by_repair(two):
     assert list(two.check()) == []
 
 
-def test_manifest_of_another_study_is_reported(two):
+def test_E018_manifest_of_another_study_is_reported(two):
     edit_manifest(two.manifest(2), b'"study":"s"', b'"study":"t"')
     assert "E018" in two.codes()
 
 
 # ----------------------------------------------------------------- objects
 
-def test_object_edited_through_hardlink_is_reported_as_corrupt(two):
+def test_E020_object_edited_through_a_hardlink_is_corrupt(two):
     overwrite(two.t("d/b.bin"), b"\xff")
     findings = two.check()
     assert codes_of(findings) == ["E020"]
     assert "d/b.bin v1" in findings[0].detail
 
 
-def test_quick_check_catches_a_size_change(two):
+def test_E020_quick_check_catches_a_size_change(two):
     name = two.t("d/b.bin")
     overwrite(name, b"more", offset=os.path.getsize(name))
     assert two.codes(quick=True) == {"E020"}
 
 
-def test_repair_says_it_cannot_fix_a_corrupt_object(two):
+def test_E020_repair_says_it_cannot_fix_a_corrupt_object(two):
     overwrite(two.t("top.txt"), b"T")
     rep = two.repair()
     assert any("corrupt" in line and "top.txt v1" in line for line in rep.cannot)
     assert codes_of(two.check()) == ["E020"]      # still there, and nothing else
 
 
-def test_missing_object_is_reported(two):
+def test_E021_missing_object_is_reported(two):
     os.unlink(two.obj(b"gamma\n"))
     findings = two.check()
     assert "E021" in codes_of(findings)
     assert "d/c.txt v1" in next(f for f in findings if f.code == "E021").detail
 
 
-def test_repair_restores_a_missing_object_from_its_tree_name(two):
+def test_E021_repair_restores_a_missing_object_from_its_tree_name(two):
     os.unlink(two.obj(b"gamma\n"))
     rep = two.repair()
     assert any("restored missing object" in line for line in rep.done)
     assert list(two.check()) == []
 
 
-def test_repair_says_it_cannot_restore_an_object_no_name_holds(two):
+def test_E021_repair_says_it_cannot_restore_an_object_no_name_holds(two):
     oid_path = two.obj(b"gamma\n")
     os.unlink(oid_path)
     os.unlink(two.t("d/c.txt"))
@@ -404,7 +416,7 @@ def test_repair_says_it_cannot_restore_an_object_no_name_holds(two):
     assert left == {"E021", "E030"}
 
 
-def test_writable_object_is_reported_and_repaired(two):
+def test_E022_writable_object_is_reported_and_repaired(two):
     p = two.obj(b"top\n")
     os.chmod(p, 0o644)
     findings = two.check()
@@ -415,12 +427,12 @@ def test_writable_object_is_reported_and_repaired(two):
     assert list(two.check()) == []
 
 
-def test_writable_object_is_reported_in_quick_mode_too(two):
+def test_E022_writable_object_is_reported_in_quick_mode_too(two):
     os.chmod(two.obj(b"top\n"), 0o664)
     assert two.codes(quick=True) == {"E022"}
 
 
-def test_foreign_file_under_objects_is_reported_and_moved_aside(two):
+def test_E023_foreign_file_under_objects_is_reported_and_moved_aside(two):
     os.makedirs(two.s("objects/zz"))
     with open(two.s("objects/zz/notes"), "w") as f:
         f.write("x")
@@ -430,7 +442,7 @@ def test_foreign_file_under_objects_is_reported_and_moved_aside(two):
     assert list(two.check()) == []
 
 
-def test_symlink_with_an_object_name_is_foreign(two):
+def test_E023_symlink_with_an_object_name_is_foreign(two):
     data = b"not stored\n"
     p = two.obj(data)
     os.makedirs(os.path.dirname(p), exist_ok=True)
@@ -438,7 +450,7 @@ def test_symlink_with_an_object_name_is_foreign(two):
     assert "E023" in two.codes()
 
 
-def test_orphan_object_left_by_a_failed_upload_is_a_warning(two):
+def test_W024_orphan_object_left_by_a_failed_upload_is_a_warning(two):
     plant_orphan(two, b"half an upload\n")
     findings = two.check()
     assert codes_of(findings) == ["W024"]
@@ -447,14 +459,14 @@ def test_orphan_object_left_by_a_failed_upload_is_a_warning(two):
 
 # -------------------------------------------------------------------- tree
 
-def test_removed_version_name_is_reported(two):
+def test_E030_removed_version_name_is_reported(two):
     os.unlink(two.version_name("d/a.txt", 1))
     findings = two.check()
     assert codes_of(findings) == ["E030"]
     assert "version 1 of d/a.txt" in findings[0].detail
 
 
-def test_repair_recreates_a_removed_version_name(two):
+def test_E030_repair_recreates_a_removed_version_name(two):
     p = two.version_name("d/a.txt", 1)
     os.unlink(p)
     two.repair()
@@ -462,7 +474,7 @@ def test_repair_recreates_a_removed_version_name(two):
     assert list(two.check()) == []
 
 
-def test_removed_plain_name_is_reported_and_recreated(two):
+def test_E030_removed_plain_name_is_reported_and_recreated(two):
     os.unlink(two.t("d/a.txt"))
     assert two.codes() == {"E030"}
     two.repair()
@@ -471,7 +483,7 @@ def test_removed_plain_name_is_reported_and_recreated(two):
     assert list(two.check()) == []
 
 
-def test_removed_directory_is_reported_name_by_name(two):
+def test_E030_removed_directory_is_reported_name_by_name(two):
     shutil.rmtree(two.t("d"))
     findings = two.check()
     assert set(codes_of(findings)) == {"E030"}
@@ -480,7 +492,7 @@ def test_removed_directory_is_reported_name_by_name(two):
     assert list(two.check()) == []
 
 
-def test_tree_file_replaced_by_a_copy_is_reported(two):
+def test_E031_tree_file_replaced_by_a_copy_is_reported(two):
     p = two.t("d/b.bin")
     os.unlink(p)
     with open(p, "wb") as f:
@@ -490,7 +502,7 @@ def test_tree_file_replaced_by_a_copy_is_reported(two):
     assert findings[0].line().startswith("E031 tree file replaced: ")
 
 
-def test_repair_moves_a_replaced_tree_file_aside_and_relinks(two):
+def test_E031_repair_moves_a_replaced_tree_file_aside_and_relinks(two):
     p = two.t("top.txt")
     os.unlink(p)
     with open(p, "wb") as f:
@@ -503,7 +515,7 @@ def test_repair_moves_a_replaced_tree_file_aside_and_relinks(two):
     assert list(two.check()) == []
 
 
-def test_plain_name_pointing_at_an_older_version_is_stale(two):
+def test_E032_plain_name_pointing_at_an_older_version_is_stale(two):
     p = two.t("d/a.txt")
     os.unlink(p)
     os.link(two.version_name("d/a.txt", 1), p)
@@ -515,14 +527,14 @@ def test_plain_name_pointing_at_an_older_version_is_stale(two):
     assert list(two.check()) == []
 
 
-def test_hand_added_file_is_reported(two):
+def test_E033_hand_added_file_is_reported(two):
     with open(two.t("d/extra.txt"), "w") as f:
         f.write("added by hand\n")
     findings = two.check()
     assert codes_of(findings) == ["E033"]
 
 
-def test_repair_moves_a_hand_added_file_to_lost_and_found(two):
+def test_E033_repair_moves_a_hand_added_file_to_lost_and_found(two):
     with open(two.t("d/extra.txt"), "w") as f:
         f.write("added by hand\n")
     os.makedirs(two.t("new/deeper"))
@@ -539,7 +551,7 @@ def test_repair_moves_a_hand_added_file_to_lost_and_found(two):
     assert list(two.check()) == []
 
 
-def test_file_with_a_version_name_no_version_has_is_hand_added(two):
+def test_E033_file_with_a_version_name_no_version_has_is_hand_added(two):
     real = os.path.basename(two.version_name("d/a.txt", 1))
     fake = real.replace("~v0001~", "~v0007~")
     with open(two.t(f"d/{fake}"), "w") as f:
@@ -547,7 +559,7 @@ def test_file_with_a_version_name_no_version_has_is_hand_added(two):
     assert two.codes() == {"E033"}
 
 
-def test_group_writable_tree_directory_is_reported_and_repaired(two):
+def test_E034_group_writable_tree_directory_is_reported_and_repaired(two):
     os.chmod(two.t("d"), 0o777)
     assert two.codes() == {"E034"}
     two.repair()
@@ -555,14 +567,14 @@ def test_group_writable_tree_directory_is_reported_and_repaired(two):
     assert list(two.check()) == []
 
 
-def test_missing_tree_is_reported_and_recreated(two):
+def test_E035_missing_tree_is_reported_and_recreated(two):
     shutil.rmtree(two.tree)
     assert two.codes() == {"E035"}
     two.repair()
     assert list(two.check()) == []
 
 
-def test_interrupted_ingest_before_the_index_is_an_error_because_readers_refuse_it(env, monkeypatch):
+def test_E044_interrupted_ingest_before_the_index_is_an_error_because_readers_refuse_it(env, monkeypatch):
     # No ingest holds the lock, so nothing will catch the index up by itself, and log/checkout
     # refuse an index behind HEAD: an error (E044), no longer the warning W042 it was.
     crash_second_upload(env, monkeypatch, Index, "apply_manifest")
@@ -573,7 +585,17 @@ def test_interrupted_ingest_before_the_index_is_an_error_because_readers_refuse_
     assert list(env.check()) == []
 
 
-def test_unreadable_tree_directory_is_reported(two, monkeypatch):
+def test_W036_names_of_an_upload_the_index_has_not_applied_are_not_yet_created(env, monkeypatch):
+    crash_second_upload(env, monkeypatch, Index, "apply_manifest")
+    pending = [f for f in env.check() if f.code == "W036"]
+    assert len(pending) == 2          # b.txt's version name and plain name
+    assert all(not f.is_error and "which the index has not applied yet" in f.detail for f in pending)
+    Ingester(env.cfg).run_once(settle_seconds=0)      # re-running ingest finishes it
+    assert list(env.check()) == []
+
+
+
+def test_E037_unreadable_tree_directory_is_reported(two, monkeypatch):
     real_scandir = os.scandir
     target = os.fsencode(two.t("d"))
 
@@ -588,7 +610,7 @@ def test_unreadable_tree_directory_is_reported(two, monkeypatch):
 
 # ------------------------------------------------------------------- index
 
-def test_index_out_of_step_with_the_manifests_is_reported(two):
+def test_E040_index_out_of_step_with_the_manifests_is_reported(two):
     st = two.store()
     idx = st.index
     with idx.env.begin(write=True) as txn:
@@ -602,14 +624,14 @@ def test_index_out_of_step_with_the_manifests_is_reported(two):
     assert list(two.check()) == []
 
 
-def test_missing_index_is_reported(two):
+def test_E041_missing_index_is_reported(two):
     shutil.rmtree(two.s("index"))
     findings = two.check()
     assert "E041" in codes_of(findings)
     assert not os.path.exists(two.s("index"))     # fsck did not create one
 
 
-def test_repair_after_deleting_the_index_rebuilds_an_identical_index(two):
+def test_E041_repair_after_deleting_the_index_rebuilds_an_identical_index(two):
     before = two.dump()
     _close_envs(os.path.realpath(two.s("index")))
     shutil.rmtree(two.s("index"))
@@ -619,9 +641,41 @@ def test_repair_after_deleting_the_index_rebuilds_an_identical_index(two):
     assert list(two.check()) == []
 
 
+def test_W042_index_behind_while_an_ingest_holds_the_lock_is_a_warning(env):
+    env.send({"a.txt": b"one\n"})
+    data = pathlib.Path(env.s("index/data.mdb"))
+    _close_envs(os.path.realpath(env.s("index")))
+    old = data.read_bytes()
+    env.send({"b.txt": b"two\n"})
+    env.send({"c.txt": b"three\n"})
+    _close_envs(os.path.realpath(env.s("index")))
+    data.write_bytes(old)                       # two manifests behind HEAD
+    fd = os.open(env.s("lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # as an ingest catching it up would
+        findings = env.check()
+    finally:
+        os.close(fd)
+    assert codes_of(findings) == ["W042"]
+    assert "applied 1 of 3 manifest(s)" in findings[0].detail
+    assert codes_of(env.check()) == ["E044"]    # with no ingest to catch it up, readers refuse it
+
+
+def test_E043_index_cut_short_is_damaged_and_rebuilt_by_repair(two):
+    _close_envs(os.path.realpath(two.s("index")))
+    os.truncate(two.s("index/data.mdb"), 100)
+    findings = two.check()
+    assert codes_of(findings) == ["E043"]
+    assert "cut short" in findings[0].detail and "'fsck --repair' rebuilds it" in findings[0].detail
+    rep = two.repair()
+    assert any("rebuilt the index" in line for line in rep.done)
+    assert list(two.check()) == []
+
+
+
 # ------------------------------------------------------------------- temps
 
-def test_leftover_temp_file_in_store_tmp_is_a_warning_and_cleaned(two):
+def test_W050_leftover_temp_file_in_the_store_is_a_warning_and_cleaned(two):
     with open(two.s("tmp/.~#tmp-0123456789abcdef"), "w") as f:
         f.write("half")
     with open(two.s(".~#tmp-feedfeedfeedfeed"), "w") as f:
@@ -633,7 +687,7 @@ def test_leftover_temp_file_in_store_tmp_is_a_warning_and_cleaned(two):
     assert list(two.check()) == []
 
 
-def test_leftover_temp_file_in_the_tree_is_a_warning_and_cleaned(two):
+def test_W051_leftover_temp_file_in_the_tree_is_a_warning_and_cleaned(two):
     p = two.t("d/.~#tmp-0123456789abcdef")
     os.link(two.t("d/a.txt"), p)
     assert two.codes() == {"W051"}
@@ -642,28 +696,18 @@ def test_leftover_temp_file_in_the_tree_is_a_warning_and_cleaned(two):
     assert list(two.check()) == []
 
 
-# --------------------------------------------------------------- the codes
-
-def test_every_code_is_documented_with_a_title_and_a_meaning():
-    for code, meaning in fsck.CODES.items():
-        assert code[0] in "EW" and code[1:].isdigit() and len(code) == 4
-        title, _, rest = meaning.partition(": ")
-        assert title and rest, code
-    assert fsck.CHAIN_BROKEN <= set(fsck.CODES)
-
-
-def test_every_code_is_in_the_table_of_store_format_md():
-    text = (pathlib.Path(__file__).resolve().parent.parent / "store_format.md").read_text()
-    for code, meaning in fsck.CODES.items():
-        assert f"| `{code}` | {meaning.split(': ', 1)[0]} |" in text, code
-
+# ----------------------------------------------------------- the package
 
 def test_library_does_not_import_the_cli():
-    import eidetic.fsck as mod
+    for path in pathlib.Path(fsck.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert "click" not in text and "eidetic_cli" not in text and "print(" not in text, path.name
 
-    with open(mod.__file__) as f:
-        text = f.read()
-    assert "click" not in text and "eidetic_cli" not in text and "print(" not in text
+
+def test_every_code_has_a_test_named_after_it():
+    """test_E010_..., one (or more) per code, in this module."""
+    tested = {name.split("_")[1] for name in globals() if name.startswith("test_")}
+    assert set(fsck.CODES) <= tested, sorted(set(fsck.CODES) - tested)
 
 
 # --------------------------------------------------------------------- CLI
@@ -729,20 +773,19 @@ def test_cli_unknown_study_is_a_usage_error(two):
     assert "Traceback" not in r.stderr
 
 
-# ------------------------------------------- re-hashing in a child process
+# ------------------------------------------- re-hashing in a worker pool
 #
-# Big stores are re-hashed (and merged with the fresh index, and the live
-# index compared) in a child process; small ones in a thread.  The same
-# damage must give the same findings either way.
+# Big stores are re-hashed in a worker process pool while this process
+# checks the chain and the tree; small ones in this process, after them.
+# The same damage must give the same findings either way.
 
-@pytest.fixture(params=["thread", "child"])
+@pytest.fixture(params=["in_process", "pool"])
 def rehash_in(request, monkeypatch):
-    monkeypatch.setattr(fsck.objects, "POOL_MIN_SHARDS", 0 if request.param == "child" else 10**9)
-    # the children import eidetic from this checkout (PYTHONPATH is set by fsck)
+    monkeypatch.setattr(fsck.objects, "POOL_MIN_SHARDS", 0 if request.param == "pool" else 10**9)
     return request.param
 
 
-def test_rehash_finds_the_same_damage_in_a_thread_or_a_child(two, rehash_in):
+def test_rehash_finds_the_same_damage_in_process_or_in_the_pool(two, rehash_in):
     assert list(two.check()) == []
     name = two.t("d/b.bin")
     overwrite(name, b"\xff")                  # corrupt,
@@ -756,7 +799,7 @@ def test_rehash_finds_the_same_damage_in_a_thread_or_a_child(two, rehash_in):
     assert findings.stats["objects"] == 6
 
 
-def test_index_difference_is_found_in_a_thread_or_a_child(two, rehash_in):
+def test_E040_index_difference_is_found_with_or_without_the_pool(two, rehash_in):
     idx = two.store().index
     with idx.env.begin(write=True) as txn:
         txn.put(b"extra", b"", db=idx.upload_ids)
@@ -765,7 +808,7 @@ def test_index_difference_is_found_in_a_thread_or_a_child(two, rehash_in):
     assert "extra" in findings[0].detail
 
 
-def test_large_object_corruption_is_found_in_a_thread_or_a_child(env, rehash_in):
+def test_E020_large_object_corruption_is_found_in_process_or_in_the_pool(env, rehash_in):
     data = os.urandom(2 << 20)
     env.send({"big.bin": data})
     overwrite(env.t("big.bin"), bytes([data[1 << 20] ^ 0xFF]), offset=1 << 20)   # b"\0" was a no-op 1 in 256 runs
@@ -814,7 +857,7 @@ def test_repair_leaves_index_and_tree_alone_when_the_chain_is_broken(env):
     assert os.path.exists(env.t("f1.txt"))
 
 
-def test_repair_after_a_crash_at_the_commit_point_advances_head(env, monkeypatch):
+def test_W016_repair_after_a_crash_at_the_commit_point_advances_head(env, monkeypatch):
     _crash_at_the_commit_point(env, monkeypatch)
     rep = env.repair()
     assert any("advanced HEAD to manifest 2" in line for line in rep.done)
@@ -826,14 +869,14 @@ def test_repair_after_a_crash_at_the_commit_point_advances_head(env, monkeypatch
     assert list(env.check()) == []
 
 
-def test_repair_notes_orphans_it_leaves_in_place(two):
+def test_W024_repair_notes_orphans_it_leaves_in_place(two):
     p = plant_orphan(two, b"half an upload\n")
     rep = two.repair()
     assert rep.cannot == [] and any("orphan" in n for n in rep.notes)
     assert os.path.exists(p)
 
 
-def test_head_naming_no_manifest_is_reported(two):
+def test_E015_head_naming_no_manifest_is_reported(two):
     p = two.s("HEAD")
     with open(p, "w") as f:
         f.write("0 " + "0" * 64 + "\n")
@@ -841,7 +884,7 @@ def test_head_naming_no_manifest_is_reported(two):
 
 
 @pytest.mark.parametrize("damage", ["removed", "added", "replaced", "stale", "temp", "dir_mode"])
-def test_tree_damage_is_found_the_same_by_the_tree_child(two, rehash_in, damage):
+def test_tree_damage_is_found_the_same_with_or_without_the_pool(two, rehash_in, damage):
     if damage == "removed":
         os.unlink(two.version_name("d/a.txt", 1))
         want = ["E030"]
@@ -884,7 +927,7 @@ def test_tree_is_checked_against_the_rebuild_when_the_live_index_differs(two, re
 
 # ------------------------------------------------------ as another user
 
-def test_fsck_by_a_user_who_cannot_read_the_store_says_so_not_that_it_is_missing(world_tmp, nonroot_venv):
+def test_E002_fsck_by_a_user_who_cannot_read_the_store_says_so_not_that_it_is_missing(world_tmp, nonroot_venv):
     env = Env(world_tmp)
     env.send({"a.txt": b"one\n"})
     assert stat.S_IMODE(os.stat(env.store_dir).st_mode) == 0o700     # the service user's alone
@@ -895,7 +938,7 @@ def test_fsck_by_a_user_who_cannot_read_the_store_says_so_not_that_it_is_missing
     assert "init" not in r.stdout
 
 
-def test_fsck_by_a_user_who_may_only_read_the_store_is_not_told_to_rebuild_the_index(world_tmp, nonroot_venv):
+def test_E041_fsck_by_a_user_who_may_only_read_the_store_is_not_told_to_rebuild_the_index(world_tmp, nonroot_venv):
     env = Env(world_tmp)
     env.send({"a.txt": b"one\n"})
     subprocess.run(["chmod", "-R", "a+rX", env.store_dir], check=True)      # an auditor's view

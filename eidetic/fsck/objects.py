@@ -6,6 +6,8 @@ started before the other passes so that it goes on while this process
 replays the manifests and walks the tree (a process, not a thread: those
 passes are mostly Python, and a thread would wait for the GIL behind them).
 A small store is hashed in this process, without the pool's start-up cost.
+The workers are spawned, so a script that calls check() on a large store
+needs multiprocessing's usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -52,11 +54,8 @@ class Rehash:
         if len(dirs) < POOL_MIN_SHARDS:
             return
         try:
-            # fork where there is one: no new interpreter, and the caller's main module is not run
-            # again (spawn's would be); the worker only hashes files, touching nothing it inherited
-            methods = multiprocessing.get_all_start_methods()
-            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context(
-                "fork" if "fork" in methods else None))
+            # spawned, never forked: this process may have an LMDB environment open (docs/design.md, "LMDB")
+            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
             self.futures = [self.pool.submit(hash_shards, objects, b) for b in self.batches]
         except OSError:     # no process to start: hash in this process
             self.close()
