@@ -9,7 +9,7 @@ what the manifests need, and the re-hash, which a worker pool starts on
 first and runs beside the other passes (objects.py); leftover temp files.
 
 Findings an ingest running beside a lock-free check can cause are looked at
-again at the end (:func:`_settle`) and dropped when the ingest explains
+again at the end (:meth:`Chain.settle`) and dropped when the ingest explains
 them.  :func:`repair` (repair.py) fixes what can be derived again.  This
 package prints nothing and imports no CLI code.
 """
@@ -26,7 +26,7 @@ from ..core import layout
 from ..core.errors import StoreFormatError
 from ..core.fsutil import is_temp_name
 from .chain import Chain
-from .codes import CHAIN_BROKEN, CODES, CONCURRENT, FATAL, Finding, Findings, Progress, finding, no_progress
+from .codes import CHAIN_BROKEN, CODES, FATAL, Finding, Findings, Progress, finding, no_progress
 from .objects import Rehash, check_objects
 from .repair import RepairReport, repair
 from .tree import TreeScan
@@ -80,7 +80,7 @@ def check(store: Store, quick: bool = False, progress: Progress | None = None, l
             if chain.behind:
                 chain.report_behind(False, chain.live_applied)
         else:
-            _settle(store, out, chain, scan, start_ns)
+            chain.settle(scan)
         out.sort(key=lambda f: (f.code, f.path))
     return out
 
@@ -112,55 +112,6 @@ def _check_marker(store: Store) -> Finding | None:
     except OSError as e:
         return finding("E002", marker, e.strerror or str(e))
     return None
-
-
-def _settle(store: Store, out: Findings, chain: Chain, scan: TreeScan | None, start_ns: int) -> None:
-    """Drop what an ingest running beside this check explains: a finding of
-    a kind its writes can cause, whose file changed at or after the check
-    began (inode ctime), or which a fresh look at the end accounts for
-    (manifests committed meanwhile replayed into the fresh index first; while
-    the store lock is held, what the upload in progress wrote since the last
-    commit is its own)."""
-    suspects = [f for f in out if f.code in CONCURRENT]
-    if not suspects and not chain.behind:
-        return
-    busy = store.lock_busy()
-    chain.catch_up()
-    try:
-        head_ctime = os.lstat(chain.hp).st_ctime_ns
-    except OSError:
-        head_ctime = 0
-
-    def head_now() -> int:
-        try:
-            return store.head()[0]
-        except StoreFormatError:
-            return 0
-
-    def explained(f: Finding) -> bool:
-        if f.code == "W036":                     # the ingest applying its manifest places it
-            return busy or os.path.lexists(f.raw)
-        if f.code == "W016":                     # the ingest at its commit point advances HEAD
-            return busy or head_now() >= f.data["seq"]
-        try:
-            st = os.lstat(f.raw)
-        except FileNotFoundError:
-            return True                          # gone: it was in flight
-        except OSError:
-            return False
-        if st.st_ctime_ns >= start_ns:
-            return True                          # written after the check began
-        if f.code == "W024":                     # referred to by a manifest committed meanwhile, or
-            return chain.fresh.is_trusted(f.data["oid"]) or (busy and st.st_ctime_ns >= head_ctime)  # in progress
-        if f.code in ("W050", "W051"):
-            return busy                          # a writer's own temp file, while it writes
-        return scan is not None and scan.explains(f, st)     # E031, E032, E033
-
-    live_now = chain.applied_now()
-    gone = {id(f) for f in suspects if explained(f)}
-    out[:] = [f for f in out if id(f) not in gone]
-    if chain.behind and live_now < chain.stop:
-        chain.report_behind(busy, live_now)
 
 
 __all__ = ["CODES", "FATAL", "CHAIN_BROKEN", "Finding", "Findings", "RepairReport", "check", "repair", "finding"]

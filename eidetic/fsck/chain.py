@@ -4,7 +4,8 @@ the system's temp directory (not fsynced, thrown away afterwards): the truth
 about the store.  The live index is read through one pinned snapshot (plain
 fsck takes no lock: an ingest may go on beside it) once lmdb's offline
 verifier found its pages sound, and compared with the fresh one where both
-have applied the same manifests (and records of a manifest caught half-applied)."""
+have applied the same manifests (and records of a manifest caught half-applied).
+At the end, :meth:`Chain.settle` drops what an ingest running beside explains."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from ..core.errors import EideticError, IndexUnusable, IntegrityError, StoreForm
 from ..core.fsutil import TEMP_PREFIX, is_temp_name
 from ..store.index import Index, Snapshot
 from ..store.manifest import ManifestReader
-from .codes import Findings, Progress, first_of
+from .codes import CONCURRENT, Finding, Findings, Progress, first_of
 
 if TYPE_CHECKING:
     from ..store.store import Store
+    from .tree import TreeScan
 
 REBUILDS = "'fsck --repair' rebuilds it from the manifests"
 
@@ -279,6 +281,52 @@ class Chain:
                 self.fresh.apply_manifest(self.store.manifest_path(seq))
         except (IntegrityError, OSError, StoreFormatError):
             pass
+
+    def settle(self, scan: TreeScan | None) -> None:
+        """Drop what an ingest running beside this check explains: a finding of
+        a kind its writes can cause, whose file changed at or after the check
+        began (inode ctime), or which a fresh look at the end accounts for
+        (manifests committed meanwhile replayed into the fresh index first; while
+        the store lock is held, what the upload in progress wrote since the last
+        commit is its own)."""
+        out, store = self.out, self.store
+        suspects = [f for f in out if f.code in CONCURRENT]
+        if not suspects and not self.behind:
+            return
+        busy = store.lock_busy()
+        self.catch_up()
+        try:
+            head_ctime = os.lstat(self.hp).st_ctime_ns
+        except OSError:
+            head_ctime = 0
+
+        def explained(f: Finding) -> bool:
+            if f.code == "W036":                     # the ingest applying its manifest places it
+                return busy or os.path.lexists(f.raw)
+            if f.code == "W016":                     # the ingest at its commit point advances HEAD
+                try:
+                    return busy or store.head()[0] >= f.data["seq"]
+                except StoreFormatError:
+                    return False
+            try:
+                st = os.lstat(f.raw)
+            except FileNotFoundError:
+                return True                          # gone: it was in flight
+            except OSError:
+                return False
+            if st.st_ctime_ns >= self.start_ns:
+                return True                          # written after the check began
+            if f.code == "W024":                     # referred to by a manifest committed meanwhile, or
+                return self.fresh.is_trusted(f.data["oid"]) or (busy and st.st_ctime_ns >= head_ctime)  # in progress
+            if f.code in ("W050", "W051"):
+                return busy                          # a writer's own temp file, while it writes
+            return scan is not None and scan.explains(f, st)     # E031, E032, E033
+
+        live_now = self.applied_now()
+        gone = {id(f) for f in suspects if explained(f)}
+        out[:] = [f for f in out if id(f) not in gone]
+        if self.behind and live_now < self.stop:
+            self.report_behind(busy, live_now)
 
 
 def _what_damage(e: IndexUnusable) -> str:

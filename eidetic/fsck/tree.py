@@ -89,13 +89,12 @@ class TreeScan:
                 d.entries = {e.name: e for e in it}
         except FileNotFoundError:
             d.state = "missing"
-            return
         except OSError as e:
             self.out.add("E037", d.abs, e.strerror or str(e))
             d.state = "unknown"
-            return
-        self.entries += len(d.entries)
-        self.progress("tree", self.entries, None)
+        else:
+            self.entries += len(d.entries)
+            self.progress("tree", self.entries, None)
 
     def _dir_mode(self, path: bytes, st: os.stat_result) -> None:
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -105,11 +104,9 @@ class TreeScan:
     def _dir_for(self, stack: list, src: bytes) -> _Dir | None:
         """The stack moved to source directory *src*; None if the key order came back to a directory
         already left (then the path is checked on its own)."""
-        while True:
-            top = stack[-1]
-            if top.src == src or not top.src or src.startswith(top.src + b"/"):
-                break
+        while stack[-1].src and stack[-1].src != src and not src.startswith(stack[-1].src + b"/"):
             self._close(stack.pop())
+        top = stack[-1]
         if top.src == src:
             return top
         rest = src[len(top.src) + 1:] if top.src else src
