@@ -36,9 +36,10 @@ from typing import Callable, Iterator
 from .. import __version__
 from ..core import layout
 from .state import ClientLock, Pending, SendState, client_dir, local_user, open_state, sanitize_location
-from .settings import load_client_settings
-from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter
-from ..core.errors import SendError, UsageError
+from .excludes import Excludes
+from .settings import load_settings
+from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter, walk_key
+from ..core.errors import SendCancelled, SendError, UsageError
 from ..core.fsutil import open_regular_nofollow
 from ..core.hashing import hash_fd, new_hasher
 from ..core.walk import DIR, ERROR, FILE, SYMLINK, Entry
@@ -62,6 +63,8 @@ class SendOptions:
     identity: str | None = None
     accept_host_key: str | None = None  # "SHA256:..."
     client_home: str | None = None      # default: client.client_dir()
+    parts: tuple[str, ...] = ()         # subfolders of source sent together (paths kept); () = everything
+    excludes: Excludes | None = None    # None: the default excludes only
 
 
 @dataclass
@@ -78,9 +81,10 @@ class SendProgress:
 class SendHooks:
     progress: Callable[[SendProgress], None] | None = None
     notice: Callable[[str], None] | None = None             # resume/afresh, location changed
-    listed: Callable[[str, str], None] | None = None        # (what, path): "send"/"symlink"/"special"
+    listed: Callable[[str, str], None] | None = None        # (what, path): "send"/"symlink"/"special"/"excluded"
     confirm_host_key: Callable[[HostKeyInfo], bool] | None = None   # None: not interactive
     password: Callable[[str], str | None] | None = None
+    should_stop: Callable[[], bool] | None = None   # polled between files and chunks: True cancels (resumable)
 
 
 @dataclass
@@ -97,6 +101,10 @@ class SendResult:
     special: int = 0        # FIFOs, sockets, devices: not regular files
     dry_run: bool = False
     completed_earlier: str | None = None   # an earlier run's upload found already renamed
+    excluded: int = 0       # files and folders left out by the excludes (a folder counts once)
+    resumed: bool = False   # this send finished an interrupted one
+    description_blake3: str | None = None  # BLAKE3 of the upload description as sent
+    parts: tuple[str, ...] = ()
 
 
 class _Problems(layout.FirstN):
@@ -117,11 +125,11 @@ def entry_name(study: str, location: str, when: datetime) -> str:
 
 
 def default_location(home: str) -> tuple[str, str]:
-    """(location as given, where it came from) per the client settings, else the host name."""
-    path = os.path.join(home, "eidetic-client.yaml")
-    loc = load_client_settings(path).get("location")
-    if loc:
-        return loc, path
+    """(location as given, where it came from) per the client settings (the
+    user's, else the machine-wide ones), else the host name."""
+    s = load_settings(home)
+    if s.location:
+        return s.location, s.location_origin or "the client settings"
     return socket.gethostname().split(".")[0] or "unknown", "the host name"
 
 
@@ -137,33 +145,67 @@ class _Item:
     error: str = ""
 
 
-def walk(source: str) -> Iterator[_Item]:
+def walk(source: str, prefix: bytes = b"", skip: Callable[[bytes], bool] | None = None) -> Iterator[_Item]:
     """Everything under *source* in walk order (core/walk.py: flat memory
     for any number of files; symlinks, and folders swapped for one, are
-    reported, never followed; by path where the platform has no dir_fd)."""
+    reported, never followed; by path where the platform has no dir_fd).
+    Paths are *prefix* (a part: ``eprime/``) plus the path below *source*;
+    ``skip(path)`` leaves a file out, or a folder and all in it."""
     try:
-        entries = walk_entries(source)
+        entries = walk_entries(source, skip=(lambda rel: skip(prefix + rel)) if skip else None)
     except OSError as e:
         raise SendError(f"cannot read the folder {source}: {e.strerror}") from None
     with entries:
         for e in entries:
             if e.kind == DIR:
                 continue
-            yield _item(e)
+            yield _item(e, prefix)
 
 
-def _item(e: Entry) -> _Item:
+def _item(e: Entry, prefix: bytes = b"") -> _Item:
+    rel = prefix + e.rel
     if e.kind == FILE:
         try:
             st = e.lstat()
         except OSError as err:
-            return _Item("error", e.rel, e.path, error=err.strerror or str(err))
-        return _Item("file", e.rel, e.path, st.st_size, st.st_mtime_ns)
+            return _Item("error", rel, e.path, error=err.strerror or str(err))
+        return _Item("file", rel, e.path, st.st_size, st.st_mtime_ns)
     if e.kind == SYMLINK:
-        return _Item("symlink", e.rel, e.path)
+        return _Item("symlink", rel, e.path)
     if e.kind == ERROR:
-        return _Item("error", e.rel, e.path, error=e.error.strerror or str(e.error))
-    return _Item("special", e.rel, e.path)
+        return _Item("error", rel, e.path, error=e.error.strerror or str(e.error))
+    return _Item("special", rel, e.path)
+
+
+def check_parts(source: str, parts: tuple[str, ...]) -> tuple[str, ...]:
+    """The parts to send, in walk order, each a real folder inside *source*
+    (never through a link); a part inside another part adds nothing and is
+    dropped.  UsageError naming a part that is not such a folder."""
+    clean = []
+    for part in parts:
+        bits = [b for b in part.replace("\\", "/").split("/") if b and b != "."]
+        if not bits or ".." in bits or os.path.isabs(part):
+            raise UsageError(f"part {part!r}: a part is a folder inside {source}, e.g. eprime")
+        here = source
+        for b in bits:
+            here = os.path.join(here, b)
+            try:
+                st = os.lstat(here)
+            except FileNotFoundError:
+                raise UsageError(f"part {part!r}: there is no folder {here}") from None
+            except OSError as e:
+                raise SendError(f"part {part!r}: {here}: {e.strerror}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                what = "a link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+                raise UsageError(f"part {part!r}: {here} is {what}; a part is a folder inside {source}")
+        clean.append("/".join(bits))
+    clean.sort(key=lambda p: walk_key(os.fsencode(p)))
+    out: list[str] = []
+    for p in clean:
+        if out and (p == out[-1] or p.startswith(out[-1] + "/")):
+            continue        # inside the part before it (walk order puts it right after)
+        out.append(p)
+    return tuple(out)
 
 
 def _check_name(rel: bytes) -> str | None:
@@ -213,17 +255,22 @@ class _Sender:
             raise UsageError(f"{o.source}: no such file or folder") from None
         except OSError as e:
             raise SendError(f"{o.source}: {e.strerror}") from None
+        self.parts: tuple[str, ...] = ()
         if stat.S_ISDIR(st.st_mode):
             self.single = False
             if os.path.lexists(os.path.join(self.source, os.fsdecode(DESCRIPTION_NAME))):
                 raise UsageError(f"{self.source} contains a file named {DESCRIPTION_NAME.decode()}: that "
                                  "name is reserved for eidetic's upload description; rename or move it")
+            self.parts = check_parts(self.source, o.parts)
+        elif o.parts:
+            raise UsageError(f"{o.source} is a file: parts are folders inside a study folder")
         elif stat.S_ISREG(st.st_mode):
             self.single = True
             if os.fsencode(os.path.basename(self.source)) == DESCRIPTION_NAME:
                 raise UsageError(f"{DESCRIPTION_NAME.decode()} is reserved for eidetic's upload description")
         else:
             raise UsageError(f"{o.source} is neither a folder nor a regular file")
+        self.excludes = o.excludes if o.excludes is not None else Excludes()
         self.dest: Destination = parse_destination(o.to)
         given, origin = (o.location, "--location") if o.location else default_location(self.home)
         self.location = sanitize_location(given)
@@ -231,21 +278,41 @@ class _Sender:
             self.notice(f"location {given!r} (from {origin}) may only hold letters, digits, '_' and '.' "
                         f"('-' separates the parts of an upload's name): using {self.location!r}")
 
+    def stop_if_asked(self) -> None:
+        if self.hooks.should_stop is not None and self.hooks.should_stop():
+            raise SendCancelled("cancelled")
+
+    def _skip(self, rel: bytes) -> bool:
+        if self.excludes.excluded(rel):
+            self.excluded += 1
+            self.listed("excluded", rel)
+            return True
+        return False
+
+    def _items(self) -> Iterator[_Item]:
+        if self.single:
+            st = os.stat(self.source)
+            rel = os.fsencode(os.path.basename(self.source))
+            if not self._skip(rel):
+                yield _Item("file", rel, self.source, st.st_size, st.st_mtime_ns)
+            return
+        if not self.parts:
+            yield from walk(self.source, skip=self._skip)
+            return
+        for part in self.parts:
+            yield from walk(os.path.join(self.source, part), os.fsencode(part) + b"/", skip=self._skip)
+
     def plan(self, state: SendState) -> tuple[int, int, int, _Problems]:
         """Walk the source into the plan table; returns (unchanged, symlinks, special, problems)."""
         unchanged = symlinks = special = 0
+        self.excluded = 0
         problems = _Problems()
         state.plan_reset()
-        items: Iterator[_Item]
-        if self.single:
-            st = os.stat(self.source)
-            items = iter([_Item("file", os.fsencode(os.path.basename(self.source)), self.source,
-                                st.st_size, st.st_mtime_ns)])
-        else:
-            items = walk(self.source)
         state.begin_batch()
         try:
-            for it in items:
+            for it in self._items():
+                if it.kind == "file" and self.p.files_total % 64 == 0:
+                    self.stop_if_asked()
                 if it.kind == "symlink":
                     symlinks += 1
                     self.listed("symlink", it.rel)
@@ -314,6 +381,7 @@ class _Sender:
             LocalTransport(self.dest).check_inbox()
         pending = state.pending(self.dest.key, self.opts.study, self.source)
         res.unchanged, res.symlinks, res.special, problems = self.plan(state)
+        res.excluded, res.parts = self.excluded, self.parts
         for rel, _local, _size, _mtime in state.plan():
             self.listed("send", rel)
         res.files, res.bytes = self.p.files_total, self.p.bytes_total
@@ -344,6 +412,7 @@ class _Sender:
         o = self.opts
         pending = self._resolve_pending(state, t)
         res.unchanged, res.symlinks, res.special, problems = self.plan(state)
+        res.excluded, res.parts = self.excluded, self.parts
         total = self.p.files_total
         if total == 0:
             if problems.count:
@@ -364,12 +433,14 @@ class _Sender:
                 t.remove(dot + b"/" + rel)      # sent earlier, no longer part of this upload
                 state.file_forget(pending, rel)
             sent_before = state.count_done(pending)
+            res.resumed = True
             self.notice(f"resuming interrupted upload .{pending.entry} "
                         f"({sent_before} of {total} files already sent)")
         res.location = pending.location
         made: list[bytes] = []          # the directories of the current path, created
         self.progress("sending")
         for rel, local, size, mtime_ns in state.plan():
+            self.stop_if_asked()
             self._make_parents(t, dot, rel, made)
             disp = layout.display(rel)
             try:
@@ -389,8 +460,9 @@ class _Sender:
             raise SendError(problems.message(
                 f"not sent (the unfinished upload stays hidden as .{pending.entry}; fix these and run the "
                 "same command again to finish it)"))
+        self.stop_if_asked()
         self.progress("finishing", "")
-        res.files, res.bytes = self._write_description(state, t, pending, dot)
+        res.files, res.bytes, res.description_blake3 = self._write_description(state, t, pending, dot)
         t.sync_tree(dot)
         state.set_phase(pending, "renaming")
         t.rename(dot, pending.entry.encode())
@@ -451,6 +523,8 @@ class _Sender:
                         self.p.bytes_done += n
                         if self.hooks.progress:
                             self.progress(path=disp)
+                        if self.hooks.should_stop is not None:
+                            self.stop_if_asked()
                     after = os.fstat(f.fileno())
                 except BaseException:
                     w.abort()
@@ -465,13 +539,17 @@ class _Sender:
                 self.p.bytes_total += st.st_size     # a re-read is more work: progress never goes back
         problems.add(f"{disp} (it kept changing while it was read; close the program writing it)")
 
-    def _write_description(self, state: SendState, t: Transport, p: Pending, dot: bytes) -> tuple[int, int]:
+    def _write_description(self, state: SendState, t: Transport, p: Pending,
+                           dot: bytes) -> tuple[int, int, str]:
+        """Write the upload description; (files, bytes, its BLAKE3 as sent,
+        checked against the written file where the transport can read it back)."""
         header = DescriptionHeader(
             client=f"eidetic {__version__}", study=p.study, location=p.location, user=local_user("unknown"),
             host=socket.gethostname(), platform=platform.platform(), started=p.started, source=self.source)
         w = t.open_write(dot + b"/" + DESCRIPTION_NAME)
+        raw = _RawWriter(w)
         try:
-            out = io.BufferedWriter(_RawWriter(w), buffer_size=CHUNK)
+            out = io.BufferedWriter(raw, buffer_size=CHUNK)
             dw = DescriptionWriter(out, header)
             for f in state.described(p):
                 assert f.blake3 is not None
@@ -482,7 +560,14 @@ class _Sender:
             w.abort()
             raise
         w.finish()
-        return dw.files, dw.bytes
+        sent = raw.h.hexdigest()
+        t.drain()
+        there = t.digest(dot + b"/" + DESCRIPTION_NAME)
+        if there is not None and there != sent:
+            raise SendError(f"the upload description written to {self.dest.display} does not read back as "
+                            f"sent (BLAKE3 {there[:16]}..., sent {sent[:16]}...); the unfinished upload "
+                            f"stays hidden as .{p.entry}: run the same command again")
+        return dw.files, dw.bytes, sent
 
 
 class _RawWriter(io.RawIOBase):
@@ -491,12 +576,15 @@ class _RawWriter(io.RawIOBase):
 
     def __init__(self, w) -> None:
         self.w = w
+        self.h = new_hasher()
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        self.w.write(bytes(b))
+        data = bytes(b)
+        self.h.update(data)
+        self.w.write(data)
         return len(b)
 
 
@@ -517,5 +605,6 @@ def _hash_file(path: str) -> tuple[str, int, int]:
 def send(opts: SendOptions, hooks: SendHooks | None = None) -> SendResult:
     """Send ``opts.source`` to ``opts.to`` as one upload (see the module doc).
     Raises UsageError, SendError, TransportError, HostKeyError or LockBusy;
-    KeyboardInterrupt leaves the dot-entry and the state to resume from."""
+    KeyboardInterrupt, or SendCancelled when ``hooks.should_stop`` says so,
+    leaves the dot-entry and the state to resume from."""
     return _Sender(opts, hooks or SendHooks()).run()

@@ -156,6 +156,12 @@ class SendError(EideticError):
     exit_code = 1
 
 
+class SendCancelled(SendError):
+    """{detail}"""
+
+    exit_code = 130     # as an interrupted command: nothing failed, the upload waits to be resumed
+
+
 class TransportError(EideticError):
     """The destination cannot be reached or refuses us (network, authentication,
     an unknown or changed host key, permission denied on the inbox).
