@@ -362,3 +362,20 @@ def test_a_corrupt_object_leaves_nothing_at_the_destination(layout, tmp_path):
         _refused(layout.cli("checkout", *args, "--force"), code=1)
         assert _snapshot(out) == before
     _no_temp_names(tmp_path)
+
+
+def test_a_checkout_never_restores_an_uploaders_setuid_setgid_or_sticky_bit(tmp_path, layout):
+    def special_modes(partial):
+        os.chmod(partial + b"/suid.sh", 0o4755)
+        os.chmod(partial + b"/sgid.sh", 0o2750)
+        os.chmod(partial + b"/sticky.txt", 0o1644)
+
+    drop(layout.inbox, "s1-labA-1", {"suid.sh": b"#!/bin/sh\nid\n", "sgid.sh": b"#!/bin/sh\n", "sticky.txt": b"s"},
+         prepare=special_modes)
+    [r] = layout.ingest()
+    assert r.outcome == "ingested", r.reason
+    out = tmp_path / "out"
+    res = layout.cli("checkout", "s1:", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    modes = {n: stat.S_IMODE(os.lstat(out / n).st_mode) for n in ("suid.sh", "sgid.sh", "sticky.txt")}
+    assert modes == {"suid.sh": 0o755, "sgid.sh": 0o750, "sticky.txt": 0o644}

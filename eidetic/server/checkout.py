@@ -451,7 +451,10 @@ def _grouped_under(index, prefix: bytes):
 def _write(objects, v: Version, dir_fd: int, name: bytes, where: bytes) -> int:
     """One verified file, as *name* in the open folder *dir_fd* (AtomicFile:
     temp name, verify, rename; a corrupt object leaves nothing)."""
-    af = AtomicFile(name, mode=v.mode & 0o7777, dir_fd=dir_fd)
+    # Permission bits only: the recorded mode is what an uploader sent, and a
+    # setuid, setgid or sticky bit from an uploader must never reach a file
+    # that root restores (docs/design.md, threat model).
+    af = AtomicFile(name, mode=v.mode & 0o777, dir_fd=dir_fd)
     try:
         f = af.open()
     except OSError as e:   # the temp file sits beside *name*: name the destination, never the temp
