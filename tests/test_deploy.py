@@ -271,3 +271,14 @@ def test_the_annotated_example_config_is_a_valid_config():
     assert (cfg.user, cfg.group) == ("eidetic", "eidetic")
     assert cfg.studies["foo"].group == "foo-grp" and cfg.studies["bar"].inbox == "/data-dropbox/bar/inbox"
     assert cfg.notify.enabled
+
+
+def test_check_refuses_unprotected_hardlinks_and_the_advised_setting_clears_it(tmp_path):
+    lay = configured(tmp_path, init=True)
+    sysctl = tmp_path / "protected_hardlinks"
+    sysctl.write_text("0\n")
+    (f,) = deploy.check(lay.cfg, protected_hardlinks_file=str(sysctl))
+    assert f.code == "hardlinks" and f.severity == "error" and "fs.protected_hardlinks=1" in f.detail
+    sysctl.write_text("1\n")            # what the hint says to set
+    assert deploy.check(lay.cfg, protected_hardlinks_file=str(sysctl)) == []
+    assert deploy.check(lay.cfg, protected_hardlinks_file=str(tmp_path / "absent")) == []

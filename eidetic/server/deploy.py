@@ -56,6 +56,10 @@ MAX_OWNER_EXAMPLES = 5     # paths named in an init --check ownership finding
 
 MIN_INOTIFY_WATCHES = 8192
 MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
+# With fs.protected_hardlinks=0 any local user may hardlink a file it cannot
+# read (another study's data, /etc/shadow) into the world-writable inbox, and
+# the service user, who can read it, would archive it for them.
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
 MOUNTINFO = "/proc/self/mountinfo"
 # inotify sees nothing that another machine writes, and LMDB's locking is unsafe on these.
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
@@ -102,7 +106,7 @@ class Action:
 class Finding:
     """A difference from the design (``init --check``)."""
     code: str             # missing | not-dir | mode | owner | owner-inside | unreadable | setgid
-    #                       | filesystem | disk | inotify | network-fs | access
+    #                       | filesystem | disk | inotify | network-fs | access | hardlinks
     path: str
     detail: str
     severity: str = "error"     # "error" | "warning"
@@ -398,7 +402,7 @@ def _check_readable_as_service(cfg: Config, user: str, group: str, needed: list[
 # ---------------------------------------------------------------------- check
 
 def check(cfg: Config, max_user_watches_file: str = MAX_USER_WATCHES,
-          mountinfo_file: str = MOUNTINFO) -> list[Finding]:
+          mountinfo_file: str = MOUNTINFO, protected_hardlinks_file: str = PROTECTED_HARDLINKS) -> list[Finding]:
     """What differs from the design; changes nothing.  An empty list: all is well."""
     wants = design(cfg)
     out: list[Finding] = []
@@ -416,7 +420,22 @@ def check(cfg: Config, max_user_watches_file: str = MAX_USER_WATCHES,
         out.extend(_check_inotify(len(cfg.inboxes()), max_user_watches_file))
     out.extend(_check_network(cfg, wants, mountinfo_file))
     out.extend(_check_access(wants))
+    out.extend(_check_hardlinks(protected_hardlinks_file))
     return out
+
+
+def _check_hardlinks(path: str) -> list[Finding]:
+    try:
+        with open(path, "rb") as f:
+            value = f.read(16).strip()
+    except OSError:
+        return []       # not Linux, or no /proc: nothing to say
+    if value == b"1":
+        return []
+    return [Finding("hardlinks", path, "fs.protected_hardlinks is not 1: any local user can hardlink a file "
+                    "they cannot read into the inbox and have it archived; set it (sysctl "
+                    "fs.protected_hardlinks=1, and in /etc/sysctl.d/ to keep it)", "error",
+                    {"protected_hardlinks": value.decode("ascii", "replace")})]
 
 
 def _check_dir(w: Want) -> list[Finding]:
