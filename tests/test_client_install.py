@@ -265,3 +265,41 @@ def test_a_fresh_client_only_install_sends_and_names_the_extra_that_makes_it_a_s
     tree = tmp_path / "home" / "studies" / "demo" / "tree"
     assert (tree / "eprime" / "s1.txt").read_bytes() == b"trial,rt\n1,512\n"
     print(f"fresh client install, send, hint, server extra, ingest: {time.monotonic() - t0:.1f} s")
+
+
+def test_the_client_wheel_built_by_python_m_build_installs_and_sends_without_the_server_extra(tmp_path):
+    """What CI ships to a lab PC: a wheel, built with the standard build
+    front end, installed into a clean venv without [server]."""
+    src = _copy_source(tmp_path / "src")
+    dist = tmp_path / "dist"
+    env = clean_env(EIDETIC_CLIENT_HOME=str(tmp_path / "client"), PIP_DISABLE_PIP_VERSION_CHECK="1",
+                    EIDETIC_CLIENT_MACHINE_SETTINGS=str(tmp_path / "none.yaml"))
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTHONPATH", None)
+    res = _run([sys.executable, "-m", "build", "--wheel", "--outdir", dist, src], env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    [wheel] = dist.glob("eidetic_archive-*.whl")
+    venv = tmp_path / "venv"
+    assert _run([sys.executable, "-m", "venv", venv], timeout=120).returncode == 0
+    res = _run([venv / "bin" / "python", "-m", "pip", "install", "-q", wheel], env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    eidetic = venv / "bin" / "eidetic"
+    assert (venv / "bin" / "eidetic-gui").exists()
+    res = _run([venv / "bin" / "python", "-c", "import importlib.util as u; print([n for n in "
+                "('lmdb', 'watchdog', 'sdnotify') if u.find_spec(n)])"], env=env)
+    assert res.stdout.strip() == "[]", res.stdout
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    data = tmp_path / "study"
+    (data / "eprime").mkdir(parents=True)
+    (data / "eprime" / "s1.txt").write_bytes(b"trial,rt\n")
+    (data / "eprime" / "Thumbs.db").write_bytes(b"cache")
+    res = _run([eidetic, "send", data, "--study", "demo", "--to", inbox, "--location", "labA", "--json"],
+               env=env, cwd=tmp_path)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    import json
+    result = json.loads(res.stdout.splitlines()[-1])
+    assert (result["event"], result["files"], result["excluded"]) == ("result", 1, 1)
+    assert (inbox / result["entry"] / "eprime" / "s1.txt").read_bytes() == b"trial,rt\n"
+    res = _run([eidetic, "gui", "--help"], env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
