@@ -271,10 +271,6 @@ def test_send_waits_for_what_it_needs(study, inbox):
     assert what_will_be_sent(scan, Selection(False, ["biopac"])) == "Will send biopac: 1 file, 1000 bytes."
 
 
-def has_field(cls, name: str) -> bool:
-    return name in cls.__dataclass_fields__
-
-
 def test_the_send_options_follow_the_choices(study, home):
     d = SavedDestination(name="foo", study="foo", to="sftp://jdoe@h:2222/inbox", host_key=FP,
                          identity="~/.ssh/id_ed25519", exclude=("*.tmp",))
@@ -282,17 +278,22 @@ def test_the_send_options_follow_the_choices(study, home):
     assert (opts.source, opts.study, opts.to, opts.changed_only, opts.accept_host_key, opts.client_home) == \
         (str(study), "foo", "sftp://asmith@h:2222/inbox", True, FP, home)
     assert opts.identity == os.path.expanduser("~/.ssh/id_ed25519")
-    if has_field(SendOptions, "parts"):
-        assert opts.parts == ()
-    if has_field(SendOptions, "excludes"):
-        assert opts.excludes.patterns == ("*.tmp",)
-    sel = Selection(False, ["eprime", "biopac"])
-    if has_field(SendOptions, "parts"):
-        opts = send_options(d, str(study), sel, "", home, names=["biopac", "eprime", "x"])
-        assert opts.parts == ("biopac", "eprime") and opts.to == d.to
-    else:
-        with pytest.raises(UsageError, match="tick Everything"):
-            send_options(d, str(study), sel, "", home)
+    assert opts.parts == () and opts.excludes == Excludes(patterns=("*.tmp",))
+    opts = send_options(d, str(study), Selection(False, ["eprime", "biopac"]), "", home,
+                        names=["biopac", "eprime", "x"])
+    assert opts.parts == ("biopac", "eprime") and opts.to == d.to
+
+
+def test_ticked_parts_are_sent_as_one_upload_keeping_their_paths(study, inbox, home):
+    d = local_dest(inbox, exclude=("*.tmp",))
+    res = send(send_options(d, str(study), Selection(False, ["eprime", "biopac"]), "", home,
+                            names=["biopac", "empty", "eprime"]))
+    assert (res.files, res.excluded) == (4, 2)         # Thumbs.db and run.tmp left out
+    entry = inbox / res.entry
+    got = sorted(str(p.relative_to(entry)) for p in entry.rglob("*") if p.is_file())
+    assert got == [".eidetic-description.jsonl", "biopac/b.acq", "eprime/deep/x.txt", "eprime/s01.txt",
+                   "eprime/s02.txt"]
+    assert "2 files or folders left out (ones that are never sent, such as Thumbs.db)." in app.result_notes(res)
 
 
 # ------------------------------------------------------------- sentences
@@ -316,6 +317,8 @@ def test_the_end_of_a_send_is_one_clear_sentence():
     notes = app.result_notes(result(files=3, unchanged=2, symlinks=1))
     assert any("foo-labA-20261121T230000Z-3f9a1c" in n for n in notes)
     assert any("2 files left out" in n for n in notes) and any("1 shortcut" in n for n in notes)
+    assert "1 file or folder left out (ones that are never sent, such as Thumbs.db)." in \
+        app.result_notes(result(files=3, excluded=1))
 
 
 CHANGED = HostKeyError("WARNING: the host key of [127.0.0.1]:2222 has CHANGED (it now offers ED25519 "

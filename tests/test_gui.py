@@ -30,7 +30,7 @@ from tkinter import font as tkfont  # noqa: E402
 
 from conftest import make_layout  # noqa: E402
 from eidetic.client import gui  # noqa: E402
-from eidetic.client.send import SendOptions, send  # noqa: E402
+from eidetic.client.send import send  # noqa: E402
 from sshd_peer import SSHServer, keygen, need_sshd  # noqa: E402
 
 XVFB = shutil.which("Xvfb")
@@ -247,10 +247,6 @@ def entries(inbox: Path) -> tuple[list[str], list[str]]:
     return [n for n in names if not n.startswith(".")], [n for n in names if n.startswith(".")]
 
 
-def has_parts() -> bool:
-    return "parts" in SendOptions.__dataclass_fields__
-
-
 @pytest.fixture
 def lay(base):
     return make_layout(base / "server", studies=("foo",))
@@ -287,28 +283,27 @@ def test_choose_a_destination_and_a_folder_tick_parts_and_send_into_an_inbox(pc,
     w.shot("ready")
     w.keys("alt+w")
 
-    if has_parts():                 # tick eprime and biopac only: Alt+W, arrows, space
-        w.keys("alt+w")
-        assert w.root.focus_get() is app.tree and app.tree.focus() == "biopac"
-        w.keys("Down", "Down", "space")         # unticking one part keeps the others
-        assert not app.selection.everything and app.selection.parts == {"biopac", "eprime"}
-        assert app.tree.item("eyetracker", "text").startswith(gui.UNCHECKED)
-        assert app.tree.item("eprime", "text").startswith(gui.CHECKED)
-        assert w.text("summary") == "Will send biopac, eprime: 26 files, 1.4 MB."
-        w.shot("parts")
+    # Tick eprime and biopac only: Alt+W, arrows, space.
+    w.keys("alt+w")
+    assert w.root.focus_get() is app.tree and app.tree.focus() == "biopac"
+    w.keys("Down", "Down", "space")         # unticking one part keeps the others
+    assert not app.selection.everything and app.selection.parts == {"biopac", "eprime"}
+    assert app.tree.item("eyetracker", "text").startswith(gui.UNCHECKED)
+    assert app.tree.item("eprime", "text").startswith(gui.CHECKED)
+    assert w.text("summary") == "Will send biopac, eprime: 26 files, 1.4 MB."
+    w.shot("parts")
     w.keys("Return")                # Enter sends (from the tree; in the folder field it looks again)
     assert w.finished() == "sent", w.text("message")
-    sent_files = 26 if has_parts() else 29
-    assert w.text("message").startswith(f"Sent {sent_files} files (")
+    assert w.text("message").startswith("Sent 26 files (1.4 MB)")
     assert w.text("message").endswith("to study foo. They will appear in the archive within a minute.")
     assert "The upload is called foo-labA-" in w.text("advice")
+    assert "1 file or folder left out (ones that are never sent, such as Thumbs.db)." in w.text("advice")
     w.shot("sent")
     visible, hidden = entries(lay.inbox)
     assert len(visible) == 1 and hidden == []
     arrived = sorted(str(p.relative_to(lay.inbox / visible[0])) for p in (lay.inbox / visible[0]).rglob("*")
                      if p.is_file() and p.name != ".eidetic-description.jsonl")
-    if has_parts():
-        assert arrived == sorted(k for k in STUDY_FILES if k.startswith(("eprime/s", "biopac/")))
+    assert arrived == sorted(k for k in STUDY_FILES if k.startswith(("eprime/s", "biopac/")))
     # The archive takes it, with its provenance.
     results = lay.ingest("foo")
     assert [r.outcome for r in results] == ["ingested"]
@@ -322,8 +317,7 @@ def test_choose_a_destination_and_a_folder_tick_parts_and_send_into_an_inbox(pc,
     w2 = window()
     w2.scanned(pc["study"])
     assert w2.app.dest_var.get() == "foo" and w2.app.source_var.get() == str(pc["study"])
-    if has_parts():
-        assert w2.app.selection.parts == {"biopac", "eprime"} and not w2.app.selection.everything
+    assert w2.app.selection.parts == {"biopac", "eprime"} and not w2.app.selection.everything
     assert "password" not in (pc["client"] / "gui-choices.json").read_text()
 
 
@@ -354,7 +348,7 @@ def test_cancel_midway_leaves_only_a_dot_entry_and_the_next_send_resumes_and_say
     w.keys("alt+s")
     w.until(reached.is_set, what="the send to reach file 12")
     # The window stays responsive while the worker sends: it redraws progress and takes keys.
-    w.until(lambda: " · 12 of 2" in w.text("progress_label"), what="the progress line at file 12")
+    w.until(lambda: " · 12 of 28 files" in w.text("progress_label"), what="the progress line at file 12")
     assert 0 < float(app.progress.cget("value")) < 1000
     assert str(app.cancel_button.cget("state")) == "normal" and str(app.send_button.cget("state")) == "disabled"
     assert w.text("file_label").startswith("Sending eprime/")
@@ -469,8 +463,7 @@ def test_first_contact_shows_the_fingerprint_and_accepting_sends_over_sftp(pc, w
     w.shot("host-key")
     w.keys("alt+a")
     assert w.finished() == "sent", w.text("message")
-    assert w.text("message").startswith("Sent 29 files" if not has_parts() else "Sent 29 files") or \
-        w.text("message").startswith("Sent 28 files")
+    assert w.text("message").startswith("Sent 28 files (1.5 MB) to study foo.")
     known = (pc["client"] / "known_hosts").read_text()
     assert known == sshd.known_hosts_line()
     assert [r.outcome for r in lay.ingest("foo")] == ["ingested"]

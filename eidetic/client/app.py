@@ -15,7 +15,6 @@ host key) is posted as an event and the worker waits for :meth:`SendJob.answer`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -34,7 +33,7 @@ from typing import Callable
 
 from .. import __version__
 from ..core import errors, layout
-from ..core.errors import HostKeyError, LockBusy, SendError, TransportError, UsageError
+from ..core.errors import HostKeyError, LockBusy, SendCancelled, SendError, TransportError, UsageError
 from ..core.fsutil import write_atomic
 from .excludes import Excludes
 from .send import SendHooks, SendOptions, SendProgress, SendResult
@@ -61,8 +60,8 @@ def format_size(n: int) -> str:
     return f"{n} bytes"     # pragma: no cover
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
+def plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {words or word + 's'}"
 
 
 def format_rate(bytes_per_second: float) -> str:
@@ -540,32 +539,22 @@ def cannot_send_yet(dest: SavedDestination | None, source: str, scan: FolderScan
     return None
 
 
-def _has_field(cls: type, name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(cls)}
-
-
 def send_options(dest: SavedDestination, source: str, sel: Selection, user: str, home: str,
                  changed_only: bool = False, names: list[str] | None = None) -> SendOptions:
     """The send core's options for this Send."""
     parts = sel.chosen(names if names is not None else sorted(sel.parts))
-    opts = SendOptions(source=source, study=dest.study, to=address_with_user(dest.to, user),
+    return SendOptions(source=source, study=dest.study, to=address_with_user(dest.to, user),
                        changed_only=changed_only,
                        identity=os.path.expanduser(dest.identity) if dest.identity else None,
-                       accept_host_key=dest.host_key, client_home=home)
-    if not sel.everything:
-        if not _has_field(SendOptions, "parts"):
-            raise UsageError("this version of eidetic can only send the whole folder: tick Everything")
-        opts.parts = parts              # type: ignore[attr-defined]
-    if dest.exclude and _has_field(SendOptions, "excludes"):
-        opts.excludes = destination_excludes(dest)      # type: ignore[attr-defined]
-    return opts
+                       accept_host_key=dest.host_key, client_home=home, parts=parts,
+                       excludes=destination_excludes(dest))
 
 
 # ------------------------------------------------------------- sentences
 
 def success_message(res: SendResult, resumed: bool = False) -> str:
     """The sentence at the end of a send that worked."""
-    resumed = resumed or bool(getattr(res, "resumed", False)) or res.resumed_files > 0
+    resumed = resumed or res.resumed or res.resumed_files > 0
     if res.entry is None:
         if res.unchanged:
             return (f"Nothing was sent: none of the {plural(res.unchanged, 'file')} changed since the last "
@@ -582,9 +571,9 @@ def result_notes(res: SendResult) -> list[str]:
     notes = []
     if res.unchanged:
         notes.append(f"{plural(res.unchanged, 'file')} left out: sent before and not changed since.")
-    excluded = getattr(res, "excluded", 0)
-    if excluded:
-        notes.append(f"{plural(excluded, 'file')} left out that are never sent (such as Thumbs.db).")
+    if res.excluded:
+        notes.append(f"{plural(res.excluded, 'file or folder', 'files or folders')} left out (ones that are "
+                     "never sent, such as Thumbs.db).")
     if res.symlinks:
         notes.append(f"{plural(res.symlinks, 'shortcut')} (symbolic links) not sent.")
     if res.special:
@@ -797,21 +786,11 @@ def save_choices(home: str, choices: Choices) -> bool:
 
 # ---------------------------------------------------------------- workers
 
-class Stopped(Exception):
-    """Raised inside the worker (from the progress callback) to stop a send
-    whose core does not poll should_stop."""
-
-
 @dataclass
 class Event:
     kind: str           # "notice" | "ask_host_key" | "ask_password" | "done" | "cancelled" | "failed"
     value: object = None
     traceback: str | None = None
-
-
-def _cancelled_types() -> tuple[type[BaseException], ...]:
-    extra = getattr(errors, "SendCancelled", None)
-    return (Stopped, extra) if isinstance(extra, type) else (Stopped,)
 
 
 class SendJob:
@@ -832,7 +811,6 @@ class SendJob:
         self._stop = threading.Event()
         self._answers: queue.Queue[object] = queue.Queue()
         self._asking = False
-        self._core_stops = _has_field(SendHooks, "should_stop")   # else Cancel raises from progress
         self.thread: threading.Thread | None = None
         self.started = clock()
 
@@ -867,8 +845,6 @@ class SendJob:
     # -- the worker's side
 
     def _on_progress(self, p: SendProgress) -> None:
-        if self._stop.is_set() and not self._core_stops:
-            raise Stopped()
         with self._lock:
             self._progress = p
         if p.phase == "sending":
@@ -891,12 +867,10 @@ class SendJob:
             self._asking = False
 
     def hooks(self) -> SendHooks:
-        hooks = SendHooks(progress=self._on_progress, notice=self._on_notice,
-                          confirm_host_key=lambda info: bool(self._ask("ask_host_key", info)),
-                          password=lambda prompt: self._ask("ask_password", prompt) or None)
-        if self._core_stops:
-            hooks.should_stop = self._stop.is_set      # type: ignore[attr-defined]
-        return hooks
+        return SendHooks(progress=self._on_progress, notice=self._on_notice,
+                         confirm_host_key=lambda info: bool(self._ask("ask_host_key", info)),
+                         password=lambda prompt: self._ask("ask_password", prompt) or None,
+                         should_stop=self._stop.is_set)
 
     def _run(self) -> None:
         try:
@@ -906,7 +880,7 @@ class SendJob:
             else:
                 from .send import send
                 res = send(self.opts, hooks)
-        except _cancelled_types() as e:
+        except SendCancelled as e:
             self.events.put(Event("cancelled", e))
         except BaseException as e:     # everything reaches the window, in plain words
             # Cancel pressed while a question was open answers it "no": the
@@ -917,8 +891,7 @@ class SendJob:
             else:
                 self.events.put(Event("failed", e, traceback.format_exc()))
         else:
-            if getattr(res, "resumed", False):
-                self.resumed = True
+            self.resumed = self.resumed or res.resumed
             self.events.put(Event("done", res))
 
 
