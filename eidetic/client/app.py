@@ -770,15 +770,7 @@ def save_choices(home: str, choices: Choices) -> bool:
     data = (json.dumps(choices.to_json(), indent=1, sort_keys=True) + "\n").encode()
     try:
         os.makedirs(home, exist_ok=True)
-        if os.name == "posix":
-            write_atomic(choices_path(home), data, mode=0o600)
-        else:       # fsutil is POSIX-only (O_NOFOLLOW, fchmod): a temp file and os.replace
-            tmp = choices_path(home) + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, choices_path(home))
+        write_atomic(choices_path(home), data, mode=0o600)
         return True
     except OSError:
         return False

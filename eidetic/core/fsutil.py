@@ -72,6 +72,10 @@ def fsync(fd: int, what: str | bytes | None = None) -> None:
 
 
 def fsync_dir(path: str | bytes) -> None:
+    if not hasattr(os, "O_DIRECTORY"):
+        # Windows (the uploader's settings): a folder cannot be opened or
+        # fsynced there; NTFS journals the rename itself.
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fsync(fd, path)
@@ -98,7 +102,9 @@ def syncfs(path: str | bytes) -> None:
         os.close(fd)
 
 
-_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# O_BINARY: on Windows an fd opened without it translates "\n" to "\r\n".
+_TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
 
 
 class AtomicFile:
@@ -159,10 +165,13 @@ class AtomicFile:
         assert self._file is not None
         try:
             self._file.flush()
-            os.fchmod(self._file.fileno(), self.mode)
+            if hasattr(os, "fchmod"):
+                os.fchmod(self._file.fileno(), self.mode)
             if self.sync_file:
                 fsync(self._file.fileno(), self.path)
             self._file.close()
+            if not hasattr(os, "fchmod"):    # Windows before 3.13 (the uploader): only read-only exists
+                os.chmod(self.tmp, self.mode)
             if before_rename is not None:
                 before_rename()
             fd = self.dir_fd
