@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -912,6 +913,18 @@ def test_tree_damage_is_found_the_same_with_or_without_the_pool(two, rehash_in, 
         assert findings.stats["tree_entries"] > 0
     two.repair()
     assert list(two.check()) == []
+
+
+def test_a_pass_that_fails_stops_the_pool_and_its_error_is_raised(two, monkeypatch):
+    monkeypatch.setattr(fsck.objects, "POOL_MIN_SHARDS", 0)
+
+    def fails(self):
+        raise RuntimeError("the tree pass failed")
+
+    monkeypatch.setattr(fsck.tree.TreeScan, "run", fails)
+    with pytest.raises(RuntimeError, match="the tree pass failed"):
+        two.check()
+    assert multiprocessing.active_children() == []      # the workers were stopped and reaped
 
 
 def test_tree_is_checked_against_the_rebuild_when_the_live_index_differs(two, rehash_in):

@@ -55,7 +55,9 @@ class Rehash:
             return
         try:
             # spawned, never forked: this process may have an LMDB environment open (docs/design.md, "LMDB")
-            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
+            ctx = multiprocessing.get_context("spawn")
+            self.stop = ctx.Event()      # set by close(): a check that failed need not wait for the hashing
+            self.pool = ProcessPoolExecutor(workers, ctx, initializer=_worker, initargs=(self.stop,))
             self.futures = [self.pool.submit(hash_shards, objects, b) for b in self.batches]
         except OSError:     # no process to start: hash in this process
             self.close()
@@ -73,8 +75,17 @@ class Rehash:
 
     def close(self) -> None:
         if self.pool is not None:
+            self.stop.set()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+
+_stop = None    # in a worker: the pool's stop event
+
+
+def _worker(stop) -> None:
+    global _stop
+    _stop = stop
 
 
 def hash_shards(objects: ObjectStore, dirs: list[bytes]) -> tuple[list[Bad], int]:
@@ -97,6 +108,8 @@ def hash_shard(objects: ObjectStore, sdir: bytes, bad: list[Bad]) -> int:
         parsed = layout.parse_object_relpath(shard, name.decode("ascii", "replace"))
         if parsed is None:
             continue
+        if _stop is not None and _stop.is_set():
+            break
         oid, twin = parsed
         path = sdir + b"/" + name
         try:
