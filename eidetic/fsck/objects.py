@@ -89,23 +89,16 @@ def _worker(stop) -> None:
 
 
 def hash_shards(objects: ObjectStore, dirs: list[bytes]) -> tuple[list[Bad], int]:
-    """Re-hash the objects of some shard directories (in a worker process)."""
+    """Re-hash the objects under some shard directories (small ones read whole,
+    large ones with blake3's own threads): (problems, bytes hashed)."""
     bad: list[Bad] = []
     done = 0
-    for sdir in dirs:
-        done += hash_shard(objects, sdir, bad)
-    return bad, done
-
-
-def hash_shard(objects: ObjectStore, sdir: bytes, bad: list[Bad]) -> int:
-    """Re-hash the objects of one shard directory (small ones read whole, large
-    ones with blake3's own threads) into *bad*; returns the bytes hashed."""
-    if os.path.islink(sdir) or not os.path.isdir(sdir):
-        return 0      # a foreign file: the merge reports it
-    shard = os.path.basename(sdir).decode("ascii", "replace")
-    done = 0
-    for name in sorted(os.listdir(sdir)):
-        parsed = layout.parse_object_relpath(shard, name.decode("ascii", "replace"))
+    # (a shard that is no directory is a foreign file: the merge reports it)
+    files = ((sdir, name) for sdir in dirs if os.path.isdir(sdir) and not os.path.islink(sdir)
+             for name in sorted(os.listdir(sdir)))
+    for sdir, name in files:
+        parsed = layout.parse_object_relpath(os.path.basename(sdir).decode("ascii", "replace"),
+                                             name.decode("ascii", "replace"))
         if parsed is None:
             continue
         if _stop is not None and _stop.is_set():
@@ -141,7 +134,7 @@ def hash_shard(objects: ObjectStore, sdir: bytes, bad: list[Bad]) -> int:
         done += size
         if actual != oid:
             bad.append(("E020", oid, path, f"its {size} bytes hash to {actual}"))
-    return done
+    return bad, done
 
 
 def stat_problem(st: os.stat_result) -> tuple[str, str] | None:
