@@ -60,9 +60,6 @@ def test_store_format_md_has_the_same_codes_with_the_same_titles():
     assert {c: t for c, (t, _) in doc.items()} == {c: t for c, (t, _) in code.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="store_format.md says more than codes.py for W042 ('(one behind while an "
-                                       "upload is applied is no finding)') and E043 (\"; 'fsck --repair' or the "
-                                       "next ingest rebuilds it\"): reported, for the owner of store_format.md")
 def test_store_format_md_has_the_same_meanings():
     doc, code = doc_table(), code_table()
     differ = {c: (doc[c][1], code[c][1]) for c in code if c in doc and doc[c][1] != code[c][1]}

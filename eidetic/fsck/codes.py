@@ -51,9 +51,10 @@ CODES: dict[str, str] = {
     "E040": "index out of step: it differs from an index rebuilt from the manifests",
     "E041": "index missing: the index is missing or unreadable although there are manifests",
     "W042": "index behind HEAD while an ingest catches it up: it has applied fewer manifests than HEAD names "
-            "and an ingest holding the store lock is applying them",
+            "and an ingest holding the store lock is applying them (one behind while an upload is applied is no "
+            "finding)",
     "E043": "index damaged: data.mdb is empty, cut short, not an LMDB file, or its pages are not as LMDB wrote "
-            "them (disk damage, or an edit); readers refuse it",
+            "them (disk damage, or an edit); readers refuse it; 'fsck --repair' or the next ingest rebuilds it",
     "E044": "index behind HEAD: it has applied fewer manifests than HEAD names and no ingest is applying "
             "them (an interrupted ingest, or an old copy put back); readers refuse it until ingest or "
             "'fsck --repair' catches it up",
