@@ -128,7 +128,7 @@ class Findings(list):
 
 def first_of(items: list[str], total: int, limit: int) -> str:
     """``a, b and 7 more``: the first *limit* of *total* items."""
-    return ", ".join(items[:limit]) + (f" and {total - limit} more" if total > limit else "")
+    return layout.first_and_more(items, total, limit, sep=", ", more=" and {} more")
 
 
 Progress = Callable[[str, int, "int | None"], None]

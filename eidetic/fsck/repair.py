@@ -16,7 +16,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from ..core import layout
-from ..core.fsutil import fsync_dir, is_temp_name, makedirs, open_regular_nofollow
+from ..core.fsutil import fsync_dir, is_temp_name, link, makedirs, open_regular_nofollow, rename
 from ..core.hashing import hash_fd
 from ..store.manifest import digest_of
 from ..store.tree import Tree, TreeConflict
@@ -125,7 +125,7 @@ class _Repairer:
         dest = self._lost_dir(kind) + b"/" + rel
         try:
             makedirs(os.path.dirname(dest), 0o700, 0o700)
-            os.rename(src, dest)
+            rename(src, dest)
         except FileNotFoundError:
             return
         except OSError as e:
@@ -219,7 +219,7 @@ class _Repairer:
                     if hash_fd(fd)[0] == oid:
                         dest = self.store.objects.path(oid)
                         makedirs(os.path.dirname(dest), 0o700, 0o700)
-                        os.link(self.tree_root + b"/" + rel, dest, follow_symlinks=False)
+                        link(self.tree_root + b"/" + rel, dest)
                         os.chmod(dest, 0o444)
                         fsync_dir(os.path.dirname(dest))
                         return True

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..core import layout
 from ..core.errors import IndexUnusable, IntegrityError, LockBusy, StoreFormatError, StoreIOError
-from ..core.fsutil import TEMP_PREFIX, AtomicFile, SyncFailed, fsync_dir, makedirs, syncfs, write_atomic
+from ..core.fsutil import (TEMP_PREFIX, AtomicFile, SyncFailed, fsync_dir, makedirs, rename, syncfs,
+                           write_atomic)
 from .manifest import Header, ManifestWriter
 from .objects import ObjectStore
 
@@ -298,8 +299,8 @@ class Store:
             self.close()
             close_env_at(live)     # this process's environment on the old files, if any
             if os.path.lexists(live):
-                os.rename(live, os.path.join(work, "old-index"))
-            os.rename(new_path, live)
+                rename(live, os.path.join(work, "old-index"))
+            rename(new_path, live)
             fsync_dir(self.root)
         finally:
             shutil.rmtree(work, ignore_errors=True)
