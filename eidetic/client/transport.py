@@ -9,7 +9,9 @@ the client's own ``known_hosts``; an unknown key is shown (type and SHA256
 fingerprint, like OpenSSH) to a ``confirm_host_key`` callback and saved to the
 client's file when accepted; a changed key is always refused.  Authentication
 tries ``--identity``, then the SSH agent, then ``~/.ssh/id_*``, then a
-password from the ``password`` callback (never stored).
+password from the ``password`` callback (never stored); when keys were tried,
+its prompt says so ("the server refused the key ~/.ssh/id_ed25519; password
+for jdoe@host: "), so a collector knows their key did not work.
 """
 
 from __future__ import annotations
@@ -687,7 +689,11 @@ class SFTPTransport:
                         return
         passwords_allowed = allowed is None or bool({"password", "keyboard-interactive"} & set(allowed))
         if self.opts.password is not None and passwords_allowed:
-            pw = self.opts.password(f"{user}@{self.dest.host}'s password: ")
+            refused = _refused_keys(tried, allowed)
+            if refused:     # say why a password is asked when the collector expected their key to work
+                pw = self.opts.password(f"{refused}; password for {user}@{self.dest.host}: ")
+            else:
+                pw = self.opts.password(f"{user}@{self.dest.host}'s password: ")
             if pw:
                 tried.append("password")
                 try:
@@ -883,6 +889,25 @@ class _GuardedWriter:
 
     def abort(self) -> None:
         self.w.abort()
+
+
+def _refused_keys(tried: list[str], allowed: list[str] | None) -> str:
+    """What to say before asking for a password after keys were tried: "" if none was."""
+    if not tried:
+        return ""
+    if allowed is not None and "publickey" not in allowed:
+        return "the server does not take SSH keys for this account"
+    home = os.path.expanduser("~")
+    names: list[str] = []
+    for label in tried:
+        if label.startswith("key "):
+            p = label[4:]
+            if home not in ("", "~", "/") and p.startswith(home + os.sep):
+                p = "~" + p[len(home):]
+            names.append(f"the key {p}")
+        elif "your SSH agent's keys" not in names:
+            names.append("your SSH agent's keys")
+    return "the server refused " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
 
 
 def open_transport(dest: Destination, opts: SFTPOptions | None = None) -> Transport:
