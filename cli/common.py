@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import click
 
 from eidetic.core.errors import ServerNotInstalled
-from eidetic.core.layout import human_bytes  # noqa: F401 - re-exported for the commands
+from eidetic.core.layout import human_bytes, plural  # noqa: F401 - re-exported for the commands
 
 if TYPE_CHECKING:
     from eidetic.server.config import Config
@@ -26,10 +26,35 @@ SERVER_LIBRARIES = ("lmdb", "watchdog", "sdnotify")
 
 
 class Ctx:
-    def __init__(self, config_path: str | None, verbose: int) -> None:
+    """What the group's options say, shared by every command.  -v and -q may
+    be given before and after the command (``eidetic -v fsck -v``); their
+    counts add up, -q taking one -v back: *verbose* is how much more than
+    usual to say, *quiet* whether to say only errors, warnings and the
+    results that are the point of the command."""
+
+    def __init__(self, config_path: str | None, verbose: int, quiet: int = 0) -> None:
         self.config_path = config_path
-        self.verbose = verbose
+        self._v = verbose
+        self._q = quiet
         self._cfg = None
+        self._publish()
+
+    def add_verbosity(self, verbose: int, quiet: int) -> None:
+        self._v += verbose
+        self._q += quiet
+        self._publish()
+
+    @property
+    def verbose(self) -> int:
+        return max(self._v - self._q, 0)
+
+    @property
+    def quiet(self) -> bool:
+        return self._q > self._v
+
+    def _publish(self) -> None:
+        global _quiet
+        _quiet = self.quiet
 
     @property
     def cfg(self) -> Config:
@@ -79,8 +104,22 @@ def require_server(command: str) -> None:
         raise ServerNotInstalled(command, missing, server_install_command())
 
 
+_quiet = False
+
+
 def say(msg: str) -> None:
+    """A result: what the command is run for (printed even with -q)."""
     click.echo(msg)
+
+
+def note(msg: str) -> None:
+    """Progress and confirmations on stdout, left out with -q."""
+    if not _quiet:
+        click.echo(msg)
+
+
+def quiet() -> bool:
+    return _quiet
 
 
 def warn(msg: str) -> None:

@@ -26,19 +26,45 @@ CLIENT_COMMANDS = ("send", "gui")
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+        return ["help", *COMMANDS]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "help":
+            return help_command
         if name not in COMMANDS:
             return None
-        command = importlib.import_module(f"{__package__}.commands.{name}").command
+        command = _with_verbosity(importlib.import_module(f"{__package__}.commands.{name}").command)
         if name in CLIENT_COMMANDS:
             return command
         # Checked when the command runs, after its options are parsed: its --help
         # works in the client-only install too.
-        checked = copy.copy(command)
-        checked.callback = _needs_server(f"eidetic {name}", command.callback)
-        return checked
+        command.callback = _needs_server(f"eidetic {name}", command.callback)
+        return command
+
+
+def _with_verbosity(command: click.Command) -> click.Command:
+    """A copy of *command* that also takes -v/--verbose and -q/--quiet after
+    its name (``eidetic fsck -v``); they add to the ones before it."""
+    taken = {o for p in command.params for o in getattr(p, "opts", ())}
+    extra = []
+    if not taken & {"-v", "--verbose"}:
+        extra.append(click.Option(["-v", "--verbose", "_eidetic_verbose"], count=True,
+                                  help="Say more (may be repeated; also before the command)."))
+    if not taken & {"-q", "--quiet"}:
+        extra.append(click.Option(["-q", "--quiet", "_eidetic_quiet"], count=True,
+                                  help="Say only errors, warnings and results (also before the command)."))
+    wrapped = copy.copy(command)
+    wrapped.params = [*command.params, *extra]
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, _eidetic_verbose: int = 0, _eidetic_quiet: int = 0, **kwargs):
+        obj = click.get_current_context().find_object(Ctx)
+        if obj is not None:
+            obj.add_verbosity(_eidetic_verbose, _eidetic_quiet)
+        return callback(*args, **kwargs)
+    wrapped.callback = run
+    return wrapped
 
 
 def _needs_server(command: str, callback):
@@ -59,13 +85,39 @@ def _needs_server(command: str, callback):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="EIDETIC_CONFIG", type=click.Path(dir_okay=False),
               help="Config file (default: $EIDETIC_CONFIG, else /etc/eidetic/eidetic.yaml, "
-                   "else the built-in default layout under the data directory).")
-@click.option("-v", "--verbose", count=True, help="Say more.")
+                   "else the built-in default layout under the data directory).  The word "
+                   "'default' (--config default, EIDETIC_CONFIG=default) means the built-in "
+                   "default layout even when /etc/eidetic/eidetic.yaml exists.")
+@click.option("-v", "--verbose", count=True, help="Say more (may be repeated; also after the command).")
+@click.option("-q", "--quiet", count=True,
+              help="Say only errors, warnings and the results a command is run for "
+                   "(log's history, --json output, fsck's findings); also after the command.")
 @click.version_option(__version__, prog_name="eidetic")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
-    """eidetic: a content-addressed archive that never forgets a version."""
-    ctx.obj = Ctx(config_path, verbose)
+def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: int) -> None:
+    """eidetic: a content-addressed archive that never forgets a version.
+
+    `eidetic help COMMAND` (or `eidetic COMMAND --help`) explains a command.
+    """
+    ctx.obj = Ctx(config_path, verbose, quiet)
+
+
+@click.command("help")
+@click.argument("name", metavar="[COMMAND]", required=False)
+@click.pass_context
+def help_command(ctx: click.Context, name: str | None) -> None:
+    """Show the help of COMMAND, or of eidetic and its list of commands."""
+    group_ctx = ctx.parent if ctx.parent is not None else ctx
+    if name is None:
+        click.echo(group_ctx.get_help())
+        return
+    command = cli.get_command(group_ctx, name)
+    if command is None:
+        click.echo(f"eidetic: no command {name!r} (commands: {', '.join(cli.list_commands(group_ctx))})",
+                   err=True)
+        sys.exit(2)
+    with click.Context(command, info_name=name, parent=group_ctx) as sub:
+        click.echo(command.get_help(sub))
 
 
 def main(argv: list[str] | None = None) -> None:

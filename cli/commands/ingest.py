@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -10,7 +11,7 @@ from datetime import datetime
 
 import click
 
-from ..common import Ctx, human_bytes, say, warn
+from ..common import Ctx, human_bytes, note, plural, say, warn
 
 
 @click.command("ingest")
@@ -18,8 +19,10 @@ from ..common import Ctx, human_bytes, say, warn
 @click.option("--study", help="Only this study's entries.")
 @click.option("--settle", "settle", type=float, default=None, metavar="SECONDS",
               help="Override settle_seconds (how long an entry must be unchanged).")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --once: print one JSON document (see below) instead of text.")
 @click.pass_obj
-def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> None:
+def command(ctx: Ctx, once: bool, study: str | None, settle: float | None, as_json: bool) -> None:
     """Ingest complete inbox entries into their studies' stores.
 
     Without --once this is the daemon: it watches every configured inbox
@@ -39,7 +42,19 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     error, read-only, a failed sync): that study stops, the entry in hand
     stays in the inbox (not committed: taken again by the next run;
     committed: finished by the next run) and is never reported failed.
+
+    \b
+    With --once --json, stdout is one JSON object (printed at the end):
+      results   one object per entry: entry, study, outcome ("ingested",
+                "failed", "committed" or "waiting"), upload, files, bytes,
+                new_bytes, new_versions, skipped, seconds, verified, reason,
+                where (a failed entry's data), settles_in (a waiting entry)
+      summary   counts per outcome, "faults" (one message per study stopped
+                by its store) and "exit_status"
+    Failures are also said on stderr, as without --json.
     """
+    if as_json and not once:
+        raise click.UsageError("--json needs --once (the daemon logs to stderr)")
     from eidetic.server.deploy import become_service_user
     become_service_user(ctx.cfg)   # as root: go on as the configured service user, before any write
     if not once:
@@ -51,8 +66,8 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
 
     def log(msg: str) -> None:
         # Without -v only a wait on another process is worth a line: silence
-        # there looks like a hang.
-        if ctx.verbose or "another eidetic process" in msg:
+        # there looks like a hang (and -q silences even that).
+        if ctx.verbose or ("another eidetic process" in msg and not ctx.quiet):
             warn(f"{time.strftime('%H:%M:%S')} {msg}")
 
     # Mails are queued as each entry finishes, as in the daemon; one delivery
@@ -60,49 +75,66 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None) -> No
     notifier = Notifier(cfg, warn, debug=warn if ctx.verbose else None)
     ingester = Ingester(cfg, log=log, on_result=notifier.report)
     results = ingester.run_once(study=study, settle_seconds=settle)
+    tell = (lambda _msg: None) if as_json else note   # stdout is the JSON document
     failed = 0
+    counts = {"ingested": 0, "failed": 0, "committed": 0, "waiting": 0}
     for r in results:
+        if r.outcome in counts and (r.outcome != "waiting" or r.fault is None):
+            counts[r.outcome] += 1
         if r.outcome == "ingested":
-            say(f"ingested {r.entry}: upload {r.upload}, {r.files} files ({human_bytes(r.bytes)}), "
-                f"{r.new_versions} new versions"
-                + (f", {r.skipped} skipped (not regular files)" if r.skipped else "")
-                + (", verified against the sender's description" if r.verified else ""))
+            tell(f"ingested {r.entry}: upload {r.upload}, {plural(r.files, 'file')} ({human_bytes(r.bytes)}), "
+                 f"{plural(r.new_versions, 'new version')}"
+                 + (f", {r.skipped} skipped (not regular files)" if r.skipped else "")
+                 + (", verified against the sender's description" if r.verified else ""))
         elif r.outcome == "failed":
             failed += 1
             warn(f"FAILED {r.entry}: {r.reason}")
             if r.where:
                 warn(f"  the data is kept at {r.where}")
         elif r.outcome == "committed":
-            say(f"committed {r.entry}: upload {r.upload}, finishing later (the next run completes it)")
+            tell(f"committed {r.entry}: upload {r.upload}, finishing later (the next run completes it)")
         elif r.fault is None:
-            say(f"waiting {r.entry}: {r.reason}")
+            tell(f"waiting {r.entry}: {r.reason}")
     if not results and not ingester.faults:
-        say("nothing to ingest")
+        tell("nothing to ingest")
     notifier.deliver()
     for fault in ingester.faults:
         warn(f"eidetic: {fault.message}")
         if fault.entry_note:
             warn(f"  {fault.entry_note}")
-    sys.exit(3 if ingester.faults else 1 if failed else 0)
+    code = 3 if ingester.faults else 1 if failed else 0
+    if as_json:
+        say(json.dumps({"results": [_result_json(r) for r in results if r.fault is None or r.outcome != "waiting"],
+                        "summary": {**counts, "faults": [f.message for f in ingester.faults],
+                                    "exit_status": code}}, indent=1))
+    sys.exit(code)
+
+
+def _result_json(r) -> dict:
+    return {"entry": r.entry, "study": r.study, "outcome": r.outcome, "upload": r.upload,
+            "files": r.files, "bytes": r.bytes, "new_bytes": r.new_bytes, "new_versions": r.new_versions,
+            "skipped": r.skipped, "seconds": round(r.seconds, 3), "verified": r.verified,
+            "reason": r.reason, "where": r.where, "settles_in": r.settles_in}
 
 
 def _daemon(ctx: Ctx, study: str | None, settle: float | None) -> int:
     from eidetic.server.daemon import Daemon
 
-    return Daemon(ctx.cfg, _line_logger(ctx.verbose), config_path=ctx.config_path, study=study,
+    return Daemon(ctx.cfg, _line_logger(ctx.verbose, ctx.quiet), config_path=ctx.config_path, study=study,
                   settle=settle).run()
 
 
-def _line_logger(verbose: int):
+def _line_logger(verbose: int, quiet: bool = False):
     """One line per event on stderr, flushed at once.  Under journald
     ($JOURNAL_STREAM set) with an sd-daemon priority prefix and no time
-    (the journal adds its own); otherwise with an ISO local time stamp."""
+    (the journal adds its own); otherwise with an ISO local time stamp.
+    Debug lines only with -v; with -q only warnings and errors."""
     journal = bool(os.environ.get("JOURNAL_STREAM"))
     lock = threading.Lock()
     tags = {3: "error: ", 4: "warning: "}
 
     def log(priority: int, msg: str) -> None:
-        if priority >= 7 and not verbose:
+        if priority >= 7 and not verbose or priority > 4 and quiet:
             return
         lines = msg.splitlines() or [""]
         if journal:

@@ -278,6 +278,17 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count with its noun in the right number: ``plural(1, "file")`` is
+    "1 file", ``plural(2, "new version")`` "2 new versions", ``plural(3,
+    "study")`` "3 studies" (*many* for any other irregular plural)."""
+    if n == 1:
+        return f"{n} {word}"
+    if many is None:
+        many = word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else word + "s"
+    return f"{n} {many}"
+
+
 # ----------------------------------------------------------------- messages
 
 def first_and_more(named: Sequence[str], total: int | None = None, limit: int | None = None,

@@ -3,7 +3,9 @@
 Lookup order: an explicit path (``--config``), else ``$EIDETIC_CONFIG``, else
 ``/etc/eidetic/eidetic.yaml``; when none exists, the self-contained default
 layout under the data directory (``$EIDETIC_HOME``, else
-``$XDG_DATA_HOME/eidetic``, else ``~/.local/share/eidetic``).
+``$XDG_DATA_HOME/eidetic``, else ``~/.local/share/eidetic``).  The word
+``default`` as the path (``--config default``, ``EIDETIC_CONFIG=default``)
+asks for that default layout even when ``/etc/eidetic/eidetic.yaml`` exists.
 
 Every problem is a :class:`ConfigError` naming the key; nothing here prints.
 """
@@ -121,13 +123,22 @@ def default_layout() -> Config:
                   settle_seconds=DEFAULT_LAYOUT_SETTLE_SECONDS, studies={DEFAULT_STUDY: study})
 
 
+# --config default / EIDETIC_CONFIG=default: the built-in default layout even
+# when SYSTEM_CONFIG exists (a file named "default" is ./default).
+DEFAULT_WORD = "default"
+
+
 def find_config_path(explicit: str | None) -> str | None:
     """The config file to use, or None for the default layout."""
+    if explicit == DEFAULT_WORD:
+        return None
     if explicit:
         if not os.path.isfile(explicit):
             raise ConfigError("file not found", explicit)
         return explicit
     env = os.environ.get("EIDETIC_CONFIG")
+    if env == DEFAULT_WORD:
+        return None
     if env:
         if not os.path.isfile(env):
             raise ConfigError("file not found (named by $EIDETIC_CONFIG)", env)

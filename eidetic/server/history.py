@@ -59,6 +59,10 @@ def resolve(cfg: Config, arg: str) -> Target:
             if absp == root or absp.startswith(root + b"/"):
                 store = Store.open(*s.store_args())
                 return _resolve_rel(store, absp[len(root) + 1:], absp)
+    studies = ", ".join(sorted(cfg.studies))
+    if sep and layout.STUDY_NAME_RE.match(study_name) and not os.path.lexists(arg):
+        # STUDY:path with a study that is not configured: say that, not "not in a tree"
+        raise NotFound(f"no study {study_name} (studies: {studies})")
     trees = ", ".join(s.tree for s in cfg.studies.values())
     raise NotFound(f"{arg} is not inside a study's tree ({trees}); "
                    f"or name it as STUDY:path (studies: {', '.join(sorted(cfg.studies))})")
