@@ -324,7 +324,7 @@ def test_a_folder_checkout_restores_nested_folders_modes_and_mtimes(layout, tmp_
     assert tree_files(tmp_path / "d") == {b"a.sh": b"#!/bin/sh\n", b"deep/er/b.txt": b"b"}
     st = os.stat(tmp_path / "d" / "a.sh")
     assert st.st_mtime_ns == mtime and stat.S_IMODE(st.st_mode) == 0o750
-    assert "restored 2 file(s)" in res.stdout
+    assert "restored 2 files" in res.stdout
     _no_temp_names(tmp_path)
 
 

@@ -128,3 +128,87 @@ def test_config_default_wins_over_the_system_config(tmp_path, monkeypatch):
     assert config.load("default").is_default_layout
     monkeypatch.setenv("EIDETIC_CONFIG", "default")
     assert config.load(None).is_default_layout
+
+
+# ------------------------------------------------------------------ --json
+
+def test_ingest_once_json_is_one_document_with_results_and_a_summary(layout):
+    drop(layout.inbox, "s1-labA-1", {"a.txt": b"a", "b.txt": b"bb"})
+    drop(layout.inbox, "nostudy-labA-1", {"g.txt": b"y"})
+    res = layout.cli("ingest", "--once", "--settle", "0", "--json")
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)
+    by_entry = {r["entry"]: r for r in doc["results"]}
+    ok = by_entry["s1-labA-1"]
+    assert (ok["outcome"], ok["study"], ok["files"], ok["bytes"], ok["new_versions"]) == ("ingested", "s1", 2, 3, 2)
+    assert ok["upload"]
+    bad = by_entry["nostudy-labA-1"]
+    assert bad["outcome"] == "failed" and bad["reason"]
+    assert doc["summary"] == {"ingested": 1, "failed": 1, "committed": 0, "waiting": 0, "faults": [],
+                              "exit_status": 1}
+    assert "FAILED nostudy-labA-1" in res.stderr
+    res = layout.cli("ingest", "--once", "--settle", "0", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["results"] == []
+
+
+def test_ingest_json_without_once_is_a_usage_error(layout):
+    res = layout.cli("ingest", "--json")
+    assert res.returncode == 2 and "--once" in res.stderr
+
+
+def test_checkout_json_names_dest_files_bytes_and_version(layout, tmp_path):
+    _ingest(layout, files={"d/a.txt": b"one", "d/b.txt": b"two!"})
+    _ingest(layout, "s1-labA-2", files={"d/a.txt": b"one again"})
+    res = layout.cli("checkout", "s1:d/a.txt", "--version", "1", "-o", tmp_path / "a1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"dest": str(tmp_path / "a1"), "files": 1, "bytes": 3, "version": 1,
+                                      "path": "s1:d/a.txt"}
+    res = layout.cli("checkout", "s1:d", "-o", tmp_path / "d", "--json")
+    doc = json.loads(res.stdout)
+    assert (doc["dest"], doc["files"], doc["bytes"], doc["version"]) == (str(tmp_path / "d"), 2, 13, None)
+
+
+# ------------------------------------------------------------ plurals, units
+
+def test_counts_have_the_right_number(layout, tmp_path):
+    res = _ingest(layout)
+    assert ", 1 file (1 B), 1 new version" in res.stdout
+    res = _ingest(layout, "s1-labA-2", files={"a": b"a", "b": b"b"})
+    assert ", 2 files (2 B), 2 new versions" in res.stdout
+    res = layout.cli("checkout", "s1:f.txt", "-o", tmp_path / "f")
+    assert res.stdout.startswith("restored version 1, 1 file, 1 B, verified, to ")
+    res = layout.cli("fsck", "--study", "s1")
+    assert res.stdout.splitlines()[-1].startswith("fsck: clean (1 study, 3 objects, ")
+
+
+@pytest.mark.parametrize("n,text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+                                    (5 << 20, "5.0 MiB"), (3 << 30, "3.0 GiB"), (2 << 40, "2.0 TiB")])
+def test_sizes_are_iec(n, text):
+    assert L.human_bytes(n) == text
+
+
+def test_plural():
+    assert [L.plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
+    assert L.plural(1, "new version") == "1 new version" and L.plural(3, "study") == "3 studies"
+    assert L.plural(2, "day") == "2 days" and L.plural(2, "entry") == "2 entries"
+
+
+# ---------------------------------------------------------------- messages
+
+def test_checkout_of_a_file_onto_a_folder_says_what_is_wrong(layout, tmp_path):
+    _ingest(layout)
+    (tmp_path / "here").mkdir()
+    for args in (["-o", "."], ["-o", ".", "--force"], ["--force", "-o", str(tmp_path / "here")]):
+        res = layout.cli("checkout", "s1:f.txt", *args, cwd=tmp_path / "here")
+        assert res.returncode == 2, res.stderr
+        line = one_line_error(res)
+        assert "--force" not in line and "is a folder" in line and "never replaces a folder" in line
+    assert os.listdir(tmp_path / "here") == []
+
+
+def test_log_of_an_unknown_study_names_the_studies(layout):
+    res = layout.cli("log", "bar:x")
+    assert res.returncode == 1
+    assert one_line_error(res) == "eidetic: no study bar (studies: s1, s2)"
+    res = layout.cli("log", "bar:")
+    assert one_line_error(res) == "eidetic: no study bar (studies: s1, s2)"

@@ -731,7 +731,7 @@ def test_cli_exits_1_with_one_line_per_error(two):
     assert r.returncode == 1
     lines = r.stdout.splitlines()
     assert lines[0].startswith("E030 tree name missing: " + two.tree)
-    assert lines[-1].startswith("fsck: 1 error(s), 0 warning(s)")
+    assert lines[-1].startswith("fsck: 1 error, 0 warnings")
 
 
 def test_cli_exits_0_when_only_warnings(two):

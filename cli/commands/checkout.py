@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
-from ..common import Ctx, human_bytes, say
+from ..common import Ctx, human_bytes, note, plural, say
 
 
 @click.command("checkout")
@@ -16,9 +18,12 @@ from ..common import Ctx, human_bytes, say
 @click.option("--force", is_flag=True,
               help="Replace an existing file at DEST (a symlink: the link itself, never its target), "
                    "or write a folder into an existing folder (its files replaced).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object: {"dest", "files", "bytes", "version" (a file\'s; null '
+                   'for a folder), "path" (PATH as given)}.')
 @click.pass_obj
 def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: str | None,
-            dest: str | None, force: bool) -> None:
+            dest: str | None, force: bool, as_json: bool) -> None:
     """Restore a version of a file, or a folder as it stood, to DEST.
 
     Every byte is verified against its BLAKE3; recorded mtimes and modes are
@@ -33,4 +38,9 @@ def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: st
     from eidetic.server.checkout import checkout
 
     r = checkout(ctx.cfg, path, version=version, at=at, upload=upload, dest=dest, force=force)
-    say(f"restored {r.files} file(s), {human_bytes(r.bytes)}, verified, to {r.dest}")
+    if as_json:
+        say(json.dumps({"dest": r.dest, "files": r.files, "bytes": r.bytes, "version": r.version,
+                        "path": path}, indent=1))
+        return
+    what = f"version {r.version}, " if r.version is not None else ""
+    note(f"restored {what}{plural(r.files, 'file')}, {human_bytes(r.bytes)}, verified, to {r.dest}")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..common import Ctx, human_bytes, is_tty, say, warn
+from ..common import Ctx, human_bytes, is_tty, plural, say, warn
 
 
 class _Bars:
@@ -104,9 +104,10 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
                 say(f.line())
     if as_json:
         click.echo(json.dumps(report, indent=1))
-    what = f"{len(names)} stud{'y' if len(names) == 1 else 'ies'}, {objects} objects"
+    what = f"{plural(len(names), 'study')}, {plural(objects, 'object')}"
     what += ", sizes only (--quick)" if quick else f", {human_bytes(hashed)} re-hashed"
     verdict = "clean" if not errors and not warnings else \
-        f"{errors} error(s), {warnings} warning(s)" + (" remain" if repair else "")
-    out(f"fsck: {verdict} ({what})")
+        f"{plural(errors, 'error')}, {plural(warnings, 'warning')}" + (" remain" if repair else "")
+    if not ctx.quiet:    # the findings are the result; -q leaves out the summary line
+        out(f"fsck: {verdict} ({what})")
     sys.exit(1 if errors else 0)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..common import Ctx, say
+from ..common import Ctx, note, say
 
 
 @click.command("init")
@@ -50,9 +50,9 @@ def command(ctx: Ctx, check: bool, as_json: bool, systemd_dropin: bool) -> None:
             for f in findings:
                 say(str(f))
             if not findings:
-                say("all is well: every directory matches the deployment design")
+                note("all is well: every directory matches the deployment design")
         sys.exit(1 if findings else 0)
     if cfg.is_default_layout:
-        say(f"no config file: using the default layout under {cfg.state.rsplit('/', 1)[0]}")
+        note(f"no config file: using the default layout under {cfg.state.rsplit('/', 1)[0]}")
     for a in deploy.init(cfg):
-        say(str(a))
+        note(str(a))

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..common import Ctx, human_bytes, say, warn
+from ..common import Ctx, human_bytes, note, plural, say, warn
 
 
 @click.command("purge")
@@ -38,8 +38,9 @@ def command(ctx: Ctx, days: float, dry_run: bool, study: str | None, as_json: bo
         if as_json:
             return
         if r.outcome in ("removed", "would remove"):
-            say(f"{r.outcome} {display(r.where)} (study {r.study}, upload {r.upload}): {r.files} files, "
-                f"{human_bytes(r.bytes)}")
+            # what --dry-run is run for; with -q a real purge says only what it kept
+            (say if dry_run else note)(f"{r.outcome} {display(r.where)} (study {r.study}, upload {r.upload}): "
+                                       f"{plural(r.files, 'file')}, {human_bytes(r.bytes)}")
         elif r.outcome == "kept":
             say(f"kept {display(r.where)} (study {r.study}, upload {r.upload}): {r.reason}")
         elif ctx.verbose:
@@ -54,5 +55,5 @@ def command(ctx: Ctx, days: float, dry_run: bool, study: str | None, as_json: bo
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=1))
     elif not any(r.outcome != "gone" for r in results):
-        say(f"nothing to purge: no ingested entry older than {days:g} days")
+        note(f"nothing to purge: no ingested entry older than {days:g} day{'' if days == 1 else 's'}")
     sys.exit(1 if any(r.outcome == "kept" for r in results) else 0)

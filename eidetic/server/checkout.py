@@ -50,6 +50,7 @@ class CheckoutResult:
     dest: str
     files: int
     bytes: int
+    version: int | None = None     # a file's version number (a folder's files have their own)
 
 
 def parse_time(text: str) -> datetime:
@@ -103,7 +104,7 @@ def checkout(cfg: Config, arg: str, version: int | None = None, at: str | None =
             n = _write(t.store.objects, v, pfd, name, out)
             if progress:
                 progress(1, n)
-            return CheckoutResult(os.fsdecode(out), 1, n)
+            return CheckoutResult(os.fsdecode(out), 1, n, v.n)
 
         dfd = _open_folder_dest(st, pfd, name, out, force, guard)
         try:
