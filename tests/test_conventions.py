@@ -212,3 +212,26 @@ def test_log_of_an_unknown_study_names_the_studies(layout):
     assert one_line_error(res) == "eidetic: no study bar (studies: s1, s2)"
     res = layout.cli("log", "bar:")
     assert one_line_error(res) == "eidetic: no study bar (studies: s1, s2)"
+
+
+@pytest.mark.parametrize("to,suggested", [("user@host:/inbox", "sftp://user@host/inbox"),
+                                          ("collector@dropbox.example.org:/data/inbox/",
+                                           "sftp://collector@dropbox.example.org/data/inbox"),
+                                          ("host:inbox", "sftp://host/~/inbox")])
+def test_send_refuses_an_scp_style_address_suggesting_sftp(tmp_path, to, suggested):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"a")
+    res = run_cli("send", tmp_path / "src", "--study", "s1", "--to", to, cwd=tmp_path)
+    assert res.returncode == 2
+    line = one_line_error(res)
+    assert line.endswith(f"use --to {suggested}") and "scp" in line
+    assert sorted(os.listdir(tmp_path)) == ["src"]      # nothing made as a local folder
+
+
+def test_send_takes_an_existing_local_folder_with_a_colon(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"a")
+    (tmp_path / "in:box").mkdir()
+    res = run_cli("send", tmp_path / "src", "--study", "s1", "--to", "in:box", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert len(os.listdir(tmp_path / "in:box")) == 1

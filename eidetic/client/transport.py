@@ -21,6 +21,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import socket
 import stat
 import sys
@@ -105,12 +106,23 @@ class Destination:
         return f"sftp://{self.user}@{host}{port}{path}"
 
 
+# user@host:path or host:path as scp and rsync write it (a colon before any
+# slash); a one-letter "host" is a Windows drive (C:\\inbox, C:/inbox).
+_SCP_STYLE = re.compile(r"^(?P<user>[^@/\\:]+@)?(?P<host>[^@/\\:]{2,}):(?P<path>.*)\Z", re.DOTALL)
+
+
 def parse_destination(text: str) -> Destination:
     """``sftp://user@host[:port]/path`` (the path is absolute on the server;
     ``/~/path`` is relative to the login's home) or a local folder."""
     if not text.lower().startswith("sftp://"):
         if "://" in text:
             raise UsageError(f"--to {text}: only sftp:// addresses or folders are supported")
+        scp = _SCP_STYLE.match(text)
+        if scp and not os.path.lexists(text):
+            user, host, path = scp.group("user") or "", scp.group("host"), scp.group("path")
+            url = f"sftp://{user}{host}/{path.lstrip('/') if path.startswith('/') else '~/' + path}"
+            raise UsageError(f"--to {text} is an scp-style address, which eidetic does not take: "
+                             f"use --to {url.rstrip('/')}")
         return Destination("local", os.path.abspath(text))
     u = urllib.parse.urlsplit(text)
     if u.query or u.fragment:
