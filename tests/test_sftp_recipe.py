@@ -30,6 +30,7 @@ from conftest import clean_env, eidetic_argv, make_layout, one_line_error, plain
 from eidetic.client.transport import SFTPOptions, open_transport, parse_destination
 from eidetic.core.errors import TransportError
 from sshd_peer import SSHD, free_port, keygen, need_sshd
+from test_send import run_on_terminal
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "admin.md"
 SECTION = "## SFTP accounts for collectors"
@@ -385,6 +386,20 @@ def test_a_refused_key_is_named_before_the_password_is_asked(tmp_path, recipe, m
         with pytest.raises(TransportError) as e:
             open_transport(parse_destination(server.url(names.user)), SFTPOptions(accept_host_key=fp))
         assert f"(tried: key {home}/.ssh/id_ed25519)" in str(e.value)
+
+        # The CLI on a terminal: the same words, then the send goes through.
+        env = clean_env(EIDETIC_CLIENT_HOME=str(tmp_path / "client"), HOME=str(home))
+        env.pop("SSH_AUTH_SOCK", None)
+        before = set(os.listdir(lay.inbox))
+        code, out = run_on_terminal(eidetic_argv() + ["send", str(source(tmp_path)), "--study", "s1", "--to",
+                                                      server.url(names.user), "--accept-host-key", fp,
+                                                      "--location", "labA"],
+                                    env, {f"password for {names.user}@127.0.0.1: ".encode(): f"{password}\n".encode()})
+        text = out.decode("utf-8", "replace")
+        assert code == 0, text
+        assert f"the server refused the key ~/.ssh/id_ed25519; password for {names.user}@127.0.0.1: " in text
+        assert password not in text
+        assert len(set(os.listdir(lay.inbox)) - before) == 1
     finally:
         server.stop()
         run(f"usermod -p '*' {names.user}")
