@@ -416,3 +416,22 @@ def test_a_chroot_writable_by_others_is_refused_as_openssh_rules(tmp_path, recip
         assert "bad ownership or modes for chroot directory" in server.log.read_text()
     finally:
         os.chmod(names.chroot, 0o755)
+
+
+def test_the_fingerprint_as_host_key_in_the_machine_wide_settings_needs_no_question(tmp_path, recipe, collector):
+    lay, names, server = recipe
+    machine = tmp_path / "machine" / "eidetic-client.yaml"
+    machine.parent.mkdir()
+    machine.write_text("location: labA\n"
+                       "destinations:\n"
+                       "  foo:\n"
+                       "    study: s1\n"
+                       f"    to: {server.url(names.user)}\n"
+                       f"    host_key: {handed_out_fingerprint(names)}\n"
+                       f"    identity: {names.key}\n")
+    env = dict(collector, EIDETIC_CLIENT_MACHINE_SETTINGS=str(machine))
+    before = set(os.listdir(lay.inbox))
+    r = subprocess.run(eidetic_argv() + ["send", str(source(tmp_path)), "--dest", "foo"], capture_output=True,
+                       text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert len(set(os.listdir(lay.inbox)) - before) == 1
