@@ -235,3 +235,46 @@ def test_send_takes_an_existing_local_folder_with_a_colon(tmp_path):
     res = run_cli("send", tmp_path / "src", "--study", "s1", "--to", "in:box", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert len(os.listdir(tmp_path / "in:box")) == 1
+
+
+# --------------------------------------------------------------------- log
+
+def test_log_of_a_file_is_a_table_with_a_header(layout):
+    _ingest(layout, files={"d/a.txt": b"one"})
+    _ingest(layout, "s1-labA-2", files={"d/a.txt": b"one again"})
+    res = layout.cli("log", "s1:d/a.txt")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "study s1, file d/a.txt: 2 versions"
+    assert lines[1].split() == ["VER", "RECEIVED", "(UTC)", "SIZE", "BLAKE3", "UPLOAD", "FROM"]
+    assert [ln.split()[0] for ln in lines[2:]] == ["v2", "v1"]
+    assert "9 B" in lines[2] and "3 B" in lines[3] and lines[2].endswith("labA by root")
+    assert all(len(ln) <= 100 for ln in lines)
+
+
+def test_log_of_a_folder_groups_the_versions_under_each_path(layout):
+    _ingest(layout, files={"d/a.txt": b"a1", "d/sub/b.txt": b"b1"})
+    _ingest(layout, "s1-labA-2", files={"d/a.txt": b"a2"})
+    _ingest(layout, "s1-labA-3", files={"d/sub/b.txt": b"b2", "d/a.txt": b"a3"})
+    res = layout.cli("log", "s1:d")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "study s1, folder d: 5 versions of 2 files"
+    assert lines[1].split()[0] == "VER"
+    assert [ln.split()[0] for ln in lines[2:]] == ["d/a.txt", "v3", "v2", "v1", "d/sub/b.txt", "v2", "v1"]
+    assert all(len(ln) <= 100 for ln in lines)
+
+
+def test_log_cuts_long_names_in_the_middle_and_wide_shows_them_whole(layout):
+    long_name = "a-rather-long-folder-name-for-one-session/" * 3 + "the-file-with-a-long-name-as-well.csv"
+    _ingest(layout, files={long_name: b"x"}, name="s1-" + "l" * 60 + "-1")
+    for arg in ("s1:", f"s1:{long_name}"):
+        res = layout.cli("log", arg)
+        assert res.returncode == 0, res.stderr
+        assert all(len(ln) <= 100 for ln in res.stdout.splitlines()), res.stdout
+        assert "…" in res.stdout and long_name not in res.stdout
+        assert res.stdout.count("…") >= 2          # the name and the location
+        wide = layout.cli("log", arg, "-w")
+        assert long_name in wide.stdout and "l" * 60 in wide.stdout and "…" not in wide.stdout
+        assert max(len(ln) for ln in wide.stdout.splitlines()) > 100
+        assert layout.cli("log", "--wide", arg).stdout == wide.stdout

@@ -240,7 +240,7 @@ def test_a_study_with_no_upload_and_no_index_file_shows_empty_and_gets_none(tmp_
     assert (lay.store() / "index" / "data.mdb").exists()        # init makes it, as its owner
     shutil.rmtree(lay.store() / "index")                        # (a store made before it did)
     r = lay.cli("log", "s1:")
-    assert r.returncode == 0 and "0 version(s)" in r.stdout, r.stderr
+    assert r.returncode == 0 and "0 versions" in r.stdout, r.stderr
     r = lay.cli("status", "--study", "s1", "--json")
     assert r.returncode == 0 and _store_numbers(json.loads(r.stdout)) == {"uploads": 0, "paths": 0,
                                                                           "versions": 0, "objects": 0}

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ..common import Ctx, human_bytes, say
+from ..common import Ctx, human_bytes, plural, say
 
 
 def _drop(inbox: str, name: str, files: dict[str, bytes]) -> None:
@@ -26,7 +26,7 @@ def _ingest(cfg) -> None:
 
     for r in Ingester(cfg).run_once(study="demo", settle_seconds=0):
         if r.outcome == "ingested":
-            say(f"   ingested {r.entry}: {r.files} files, {r.new_versions} new versions")
+            say(f"   ingested {r.entry}: {plural(r.files, 'file')}, {plural(r.new_versions, 'new version')}")
         else:
             say(f"   {r.outcome} {r.entry}: {r.reason}")
 
@@ -72,5 +72,5 @@ def command(ctx: Ctx) -> None:
     say("5. eidetic fsck")
     store = Store.open(*study.store_args())
     errors = [f for f in fsck.check(store) if f.severity == "error"]
-    say("   clean" if not errors else f"   {len(errors)} problem(s): run 'eidetic fsck' for details")
+    say("   clean" if not errors else f"   {plural(len(errors), 'problem')}: run 'eidetic fsck' for details")
     say("Try: eidetic log demo:eprime   eidetic checkout demo:eprime/sub-01_run-1.txt --version 1")

@@ -6,18 +6,46 @@ import json
 
 import click
 
-from ..common import Ctx, human_bytes, say
+from ..common import Ctx, human_bytes, plural, say
+
+WIDTH = 100   # the human output fits this many columns unless --wide
+
+
+def fit(text: str, width: int) -> str:
+    """*text* cut in the middle with '…' to at most *width* characters."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    head = (width - 1) // 2
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail else "")
 
 
 @click.command("log")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-w", "--wide", is_flag=True,
+              help="Full width: nothing cut short, full BLAKE3s, each version's name in the tree "
+                   "and its whole provenance.")
 @click.pass_obj
-def command(ctx: Ctx, path: str, as_json: bool) -> None:
+def command(ctx: Ctx, path: str, as_json: bool, wide: bool) -> None:
     """Show the version history of PATH, newest first.
 
     PATH is a file or folder in a study's tree (plain name or any version
     name) or STUDY:relative/path.
+
+    \b
+    A table that fits 100 columns (-w: as wide as it needs):
+      VER       the version number (1 = oldest)
+      RECEIVED  when the archive received it (UTC)
+      SIZE      in IEC units (KiB = 1024 bytes)
+      BLAKE3    the start of the content's BLAKE3
+      UPLOAD    the upload it came in (checkout --upload takes it)
+      FROM      the location and sender; "verified": checked against the
+                sender's upload description
+    For a folder, each file has a heading line with its versions under it
+    (files in path order).  Long names are cut in the middle with '…'.
     """
     from eidetic.server import history
     from eidetic.core import layout
@@ -27,12 +55,37 @@ def command(ctx: Ctx, path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([e.to_json(t.store.name) for e in entries], indent=1))
         return
-    what = layout.display(t.path) or "(whole study)"
-    say(f"{what}  study {t.store.name}, {len(entries)} version(s)")
+    limit = None if wide else WIDTH
+    shorten = (lambda text, width: text) if wide else fit
+    groups: dict[bytes, list] = {}
     for e in entries:
-        v = e.version
-        vrel = layout.version_relpath(v.path, v.n, v.stamp)
-        shown = layout.display(vrel if t.is_dir else vrel.rpartition(b"/")[2])
-        # The location is in the provenance text, escaped: it is the uploader's string.
-        say(f"  v{v.n:<4} {v.received[:19].replace('T', ' ')}Z  {e.upload}  "
-            f"{human_bytes(v.size):>10}  {v.blake3[:12]}  {shown}  [{history.provenance_text(e.provenance)}]")
+        groups.setdefault(e.version.path, []).append(e)
+    count = plural(len(entries), "version")
+    if t.is_dir:
+        count += f" of {plural(len(groups), 'file')}"
+    title = f"study {t.store.name}, "
+    if not t.path:
+        title += "the whole study"
+    else:
+        kind = "folder " if t.is_dir else "file "
+        title += kind + shorten(layout.display(t.path), (limit or 0) - len(title) - len(kind) - len(count) - 2)
+    say(f"{title}: {count}")
+    if not entries:
+        return
+    indent = "  " if t.is_dir else ""
+    b3 = 64 if wide else 8
+    cols = f"{indent}{'VER':<5}  {'RECEIVED (UTC)':<19}  {'SIZE':>10}  {'BLAKE3':<{b3}}  {'UPLOAD':<25}  "
+    rest = None if limit is None else max(limit - len(cols), 8)
+    say(cols + "FROM" + ("  NAME IN THE TREE" if wide else ""))
+    for p in sorted(groups):
+        if t.is_dir:
+            say(shorten(layout.display(p), limit or 0))
+        for e in groups[p]:
+            v = e.version
+            row = (f"{indent}{'v' + str(v.n):<5}  {v.received[:19].replace('T', ' '):<19}  "
+                   f"{human_bytes(v.size):>10}  {v.blake3[:b3]:<{b3}}  {e.upload:<25}  ")
+            if wide:
+                name = layout.display(layout.version_relpath(v.path, v.n, v.stamp))
+                say(row + f"{history.provenance_text(e.provenance)}  {name}")
+            else:
+                say(row + fit(history.provenance_short(e.provenance), rest))

@@ -149,23 +149,36 @@ def provenance(summary: dict) -> dict:
     return prov
 
 
+def _show(x) -> str:
+    """The sender chose these strings: no control characters reach a terminal."""
+    text = str(x)
+    try:   # a location cut from an undecodable entry name shows its original bytes
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return layout.display(raw)
+
+
 def provenance_text(prov: dict) -> str:
     """One readable line: "from labA by jdoe@LAB-PC-3 (eidetic 0.2.0), verified"."""
-    def show(x) -> str:   # the sender chose these strings: no control characters reach a terminal
-        text = str(x)
-        try:   # a location cut from an undecodable entry name shows its original bytes
-            raw = text.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            raw = text.encode("utf-8", "surrogatepass")
-        return layout.display(raw)
-
-    loc = show(prov.get("location", "?"))
+    loc = _show(prov.get("location", "?"))
     if prov.get("verified"):
-        return (f"from {loc} by {show(prov.get('user'))}@{show(prov.get('host'))} "
-                f"({show(prov.get('client'))}), verified")
+        return (f"from {loc} by {_show(prov.get('user'))}@{_show(prov.get('host'))} "
+                f"({_show(prov.get('client'))}), verified")
+    return f"from {loc} by {_uploader(prov)}, no description"
+
+
+def provenance_short(prov: dict) -> str:
+    """For a table column: "labA by jdoe@LAB-PC-3, verified", "labA by root"."""
+    loc = _show(prov.get("location", "?"))
+    if prov.get("verified"):
+        return f"{loc} by {_show(prov.get('user'))}@{_show(prov.get('host'))}, verified"
+    return f"{loc} by {_uploader(prov)}"
+
+
+def _uploader(prov: dict) -> str:
     up = prov.get("uploader") or {}
-    who = show(up.get("name") or (f"uid {up['uid']}" if up.get("uid") is not None else "?"))
-    return f"from {loc} by {who}, no description"
+    return _show(up.get("name") or (f"uid {up['uid']}" if up.get("uid") is not None else "?"))
 
 
 def select(versions: list[Version], n: int | None = None, at: datetime | None = None,
