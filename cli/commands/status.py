@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..common import Ctx, human_bytes, say
+from ..common import Ctx, human_bytes, plural, say
 
 
 def _hours(seconds: float) -> str:
@@ -54,15 +54,15 @@ def command(ctx: Ctx, study: str | None, as_json: bool) -> None:
             say(f"    {display(p.entry)} in {p.inbox}: untouched for {_hours(p.idle_seconds)} ({who})")
         if s.last_ingest:
             li = s.last_ingest
-            say(f"  last ingest  {li.time} {display(li.entry)} (upload {li.upload}): {li.files} files, "
+            say(f"  last ingest  {li.time} {display(li.entry)} (upload {li.upload}): {plural(li.files, 'file')}, "
                 f"{human_bytes(li.bytes)}")
         else:
             say("  last ingest  none")
         if s.versions is not None:
-            paths = "?" if s.paths is None else f"{s.paths}"
+            paths = "? paths" if s.paths is None else plural(s.paths, "path")
             size = "?" if s.store_bytes is None else human_bytes(s.store_bytes)
-            say(f"  store        {s.uploads} uploads, {paths} paths, {s.versions} versions, "
-                f"{s.objects} objects, {size}")
+            say(f"  store        {plural(s.uploads, 'upload')}, {paths}, {plural(s.versions, 'version')}, "
+                f"{plural(s.objects, 'object')}, {size}")
         if s.percent_used is not None:
             say(f"  filesystem   {s.percent_used}% used, {human_bytes(s.free_bytes or 0)} free of "
                 f"{human_bytes(s.total_bytes or 0)}")
