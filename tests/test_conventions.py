@@ -278,3 +278,24 @@ def test_log_cuts_long_names_in_the_middle_and_wide_shows_them_whole(layout):
         assert long_name in wide.stdout and "l" * 60 in wide.stdout and "…" not in wide.stdout
         assert max(len(ln) for ln in wide.stdout.splitlines()) > 100
         assert layout.cli("log", "--wide", arg).stdout == wide.stdout
+
+
+def test_fsck_progress_counts_bytes_in_iec_units():
+    import io
+    from eidetic_cli.commands.fsck import iec_bar
+    for total in (5 << 20, None):
+        out = io.StringIO()
+        bar = iec_bar(total=total, desc="s1: objects", file=out, disable=False, mininterval=0)
+        bar.update(3 << 19)
+        bar.close()
+        text = out.getvalue()
+        assert "1.5 MiB" in text and re.search(r"\d (B|KiB|MiB|GiB|TiB)/s", text), text
+        assert ("of 5.0 MiB" in text) == (total is not None)
+        assert not re.search(r"\d(k|M|G)B?\b", text), text       # no SI prefixes
+
+
+def test_status_counts_have_the_right_number(layout):
+    _ingest(layout)
+    res = layout.cli("status", "--study", "s1")
+    assert "1 upload, 1 path, 1 version, 1 object, " in res.stdout, res.stdout
+    assert re.search(r"last ingest .*: 1 file, 1 B$", res.stdout, re.MULTILINE), res.stdout
