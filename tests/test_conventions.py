@@ -246,7 +246,7 @@ def test_log_of_a_file_is_a_table_with_a_header(layout):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "study s1, file d/a.txt: 2 versions"
-    assert lines[1].split() == ["VER", "RECEIVED", "(UTC)", "SIZE", "BLAKE3", "UPLOAD", "FROM"]
+    assert lines[1].split() == ["VER", "RECEIVED", "(UTC)", "SIZE", "UPLOAD", "FROM"]
     assert [ln.split()[0] for ln in lines[2:]] == ["v2", "v1"]
     assert "9 B" in lines[2] and "3 B" in lines[3] and lines[2].endswith("labA by root")
     assert all(len(ln) <= 100 for ln in lines)
@@ -299,3 +299,13 @@ def test_status_counts_have_the_right_number(layout):
     res = layout.cli("status", "--study", "s1")
     assert "1 upload, 1 path, 1 version, 1 object, " in res.stdout, res.stdout
     assert re.search(r"last ingest .*: 1 file, 1 B$", res.stdout, re.MULTILINE), res.stdout
+
+
+def test_quiet_send_says_nothing_when_all_went_well(layout, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"a")
+    res = run_cli("send", tmp_path / "src", "--study", "s1", "--to", layout.inbox, "-q")
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stdout + res.stderr
+    assert len(os.listdir(layout.inbox)) == 1
+    res = run_cli("-q", "send", tmp_path / "src", "--study", "s1", "--to", layout.inbox, "--dry-run")
+    assert res.returncode == 0 and res.stdout.startswith("would send 1 file")   # what --dry-run is for

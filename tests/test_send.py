@@ -508,7 +508,7 @@ def test_an_sftp_upload_is_verified_at_ingest_and_log_shows_where_it_came_from(t
     assert prov["verified"] is True
     assert (prov["location"], prov["user"], prov["host"]) == ("labA", "root", socket.gethostname())
     assert prov["client"].startswith("eidetic ") and prov["folder"] == str(tmp_path / "src")
-    text = layout.cli("log", "s1:eprime/s01.txt")
+    text = layout.cli("log", "-w", "s1:eprime/s01.txt")     # -w: the whole provenance
     assert f"from labA by root@{socket.gethostname()} (eidetic " in text.stdout
 
 

@@ -26,8 +26,8 @@ def fit(text: str, width: int) -> str:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-w", "--wide", is_flag=True,
-              help="Full width: nothing cut short, full BLAKE3s, each version's name in the tree "
-                   "and its whole provenance.")
+              help="Full width: nothing cut short, with each version's BLAKE3, its name in the "
+                   "tree and its whole provenance.")
 @click.pass_obj
 def command(ctx: Ctx, path: str, as_json: bool, wide: bool) -> None:
     """Show the version history of PATH, newest first.
@@ -40,7 +40,7 @@ def command(ctx: Ctx, path: str, as_json: bool, wide: bool) -> None:
       VER       the version number (1 = oldest)
       RECEIVED  when the archive received it (UTC)
       SIZE      in IEC units (KiB = 1024 bytes)
-      BLAKE3    the start of the content's BLAKE3
+      BLAKE3    the content's BLAKE3 (with -w)
       UPLOAD    the upload it came in (checkout --upload takes it)
       FROM      the location and sender; "verified": checked against the
                 sender's upload description
@@ -73,19 +73,22 @@ def command(ctx: Ctx, path: str, as_json: bool, wide: bool) -> None:
     if not entries:
         return
     indent = "  " if t.is_dir else ""
-    b3 = 64 if wide else 8
-    cols = f"{indent}{'VER':<5}  {'RECEIVED (UTC)':<19}  {'SIZE':>10}  {'BLAKE3':<{b3}}  {'UPLOAD':<25}  "
+    b3 = f"{'BLAKE3':<64}  " if wide else ""     # the narrow table leaves it to -w and --json
+    names = {id(e): layout.display(layout.version_relpath(e.version.path, e.version.n, e.version.stamp))
+             for e in entries} if wide else {}
+    nw = max(map(len, names.values()), default=0)
+    name_col = f"{'NAME IN THE TREE':<{nw}}  " if wide else ""
+    cols = f"{indent}{'VER':<5}  {'RECEIVED (UTC)':<19}  {'SIZE':>10}  {b3}{'UPLOAD':<25}  {name_col}"
     rest = None if limit is None else max(limit - len(cols), 8)
-    say(cols + "FROM" + ("  NAME IN THE TREE" if wide else ""))
+    say(cols + "FROM")
     for p in sorted(groups):
         if t.is_dir:
             say(shorten(layout.display(p), limit or 0))
         for e in groups[p]:
             v = e.version
             row = (f"{indent}{'v' + str(v.n):<5}  {v.received[:19].replace('T', ' '):<19}  "
-                   f"{human_bytes(v.size):>10}  {v.blake3[:b3]:<{b3}}  {e.upload:<25}  ")
+                   f"{human_bytes(v.size):>10}  {v.blake3 + '  ' if wide else ''}{e.upload:<25}  ")
             if wide:
-                name = layout.display(layout.version_relpath(v.path, v.n, v.stamp))
-                say(row + f"{history.provenance_text(e.provenance)}  {name}")
+                say(row + f"{names[id(e)]:<{nw}}  {history.provenance_text(e.provenance)}")
             else:
                 say(row + fit(history.provenance_short(e.provenance), rest))

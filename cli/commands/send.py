@@ -9,7 +9,7 @@ import time
 
 import click
 
-from ..common import Ctx, human_bytes, is_tty, say, warn
+from ..common import Ctx, human_bytes, is_tty, note, say, warn
 
 
 @click.command("send")
@@ -100,7 +100,7 @@ def _send(ctx: Ctx, out: "_JsonOut | None", source, dest_name, study, to, parts,
             raise UsageError(f"--exclude {pat!r}: {why}")
 
     interactive = sys.stdin.isatty() and sys.stderr.isatty() and out is None
-    bar = _Bar() if is_tty() and not dry_run and out is None else None
+    bar = _Bar() if is_tty() and not dry_run and out is None and not ctx.quiet else None
 
     def tell(msg: str) -> None:
         if out is not None:
@@ -108,7 +108,7 @@ def _send(ctx: Ctx, out: "_JsonOut | None", source, dest_name, study, to, parts,
         elif bar is not None:
             bar.write(msg)
         else:
-            say(msg)
+            note(msg)      # -q: not said
 
     def listed(what: str, path: str) -> None:
         if out is not None and what == "excluded":
@@ -181,10 +181,10 @@ def _send(ctx: Ctx, out: "_JsonOut | None", source, dest_name, study, to, parts,
     elif res.entry is None:
         what = "nothing changed since the last send: nothing sent" if changed_only else \
             "nothing to send: no regular files"
-        say(f"{what}{tail}")
+        note(f"{what}{tail}")
     else:
         resumed = f", {res.resumed_files} of them sent before the interruption" if res.resumed_files else ""
-        say(f"sent {files}{resumed} to {res.dest} as {res.entry}: it will appear in the study's archive "
+        note(f"sent {files}{resumed} to {res.dest} as {res.entry}: it will appear in the study's archive "
             f"within a minute{tail}")
 
 
