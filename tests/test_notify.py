@@ -98,7 +98,8 @@ def test_failed_entry_mails_the_studys_people_and_the_admin_with_what_why_where(
     assert "s1-labA-1" in body and r.upload in body
     assert "not a folder" in body                       # why
     assert r.where in body and os.path.exists(r.where)  # where the data lies now
-    assert "mv " in body and "What to do next" in body  # what to do
+    assert "What to do next" in body and "Send the data again" in body   # what to do: a file cannot
+    assert "mv " not in body                            # become a folder by a rename
     assert outbox(lay) == []
 
 

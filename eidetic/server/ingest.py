@@ -27,6 +27,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import stat
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ from typing import Callable, NoReturn
 
 from ..core import layout
 from .config import Config
-from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
+from ..core.description import (DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader,
+                                open_description, walk_key)
 from ..core.errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy, StoreIOError
 from ..core.fsutil import SyncFailed, open_regular_nofollow, raise_nofile_limit
 from ..core.walk import DIR, ERROR, FILE, SYMLINK, kind_at, kind_of, kind_word, listing, walk
@@ -67,6 +69,7 @@ class EntryResult:
     where: str | None = None
     settles_in: float | None = None   # "waiting" for an entry still changing: seconds until it may be taken
     verified: bool = False     # every file was checked against the sender's upload description
+    resend: bool = False       # failed so that only sending it again can fix it (renaming the entry cannot)
     fault: StoreIOError | None = None   # the store fault that stopped this entry (and its study)
 
 
@@ -76,7 +79,8 @@ class Stats:
     bytes: int = 0
     new_bytes: int = 0
     new_objects: int = 0
-    new_oids: list[str] = field(default_factory=list)   # written by this attempt: dropped if its sync fails
+    new_oids: list[str] = field(default_factory=list)   # written by this attempt: dropped if it is not committed
+    denied: bool = False       # a file or folder could not be read for lack of permission
     problems: layout.FirstN = field(default_factory=lambda: layout.FirstN(MAX_REPORTED_PROBLEMS))
 
 
@@ -213,16 +217,65 @@ class Ingester:
         waiting = self._unsettled(c, disp, settle)
         if waiting is not None:   # refused or not, an entry still being written is left alone
             return waiting
-        known = ", ".join(sorted(self.cfg.studies))
-        reason = (f"entry name {disp!r} does not start with a configured study name and '-' "
-                  f"(configured: {known}); it was not ingested")
+        named, source = _peek_description(c.path)
+        if named is not None:     # sent with 'eidetic send --study <no such study>'
+            reason = self._wrong_study(c, named, source, None)
+        else:                     # copied in by hand: a correct name is all it needs
+            known = ", ".join(sorted(self.cfg.studies))
+            reason = (f"entry name '{disp}' does not start with a configured study name and '-' "
+                      f"(configured: {known}); it was not ingested")
         cl = self.state.claim(c)
         if cl is None:
             return EntryResult(disp, None, "waiting", reason="vanished before it could be examined")
-        self.state.finish(cl, "failed", reason)
+        self.state.finish(cl, "failed", reason, extra={"resend": True} if named is not None else None)
         self.log(f"failed {disp}: {reason}")
         return self._report(EntryResult(disp, None, "failed", upload=cl.upload, reason=reason,
-                                        where=os.fsdecode(cl.path_in("failed"))))
+                                        where=os.fsdecode(cl.path_in("failed")), resend=named is not None))
+
+    # ------------------------------------------------------------ hints
+
+    def _inbox_of(self, study: str) -> str:
+        inbox = self.cfg.study(study).inbox or self.cfg.inbox
+        return inbox or "<the study's inbox>"
+
+    @staticmethod
+    def _send_command(source: str | None, study: str | None, to: str) -> str:
+        src = shlex.quote(source) if source else "<the folder you sent>"
+        return (f"eidetic send {src} --study {study or '<the study your study runner gave you>'} "
+                f"--to {shlex.quote(to)}")
+
+    def _wrong_study(self, c: "Candidate | Claim", named: str, source: str | None, study: str | None) -> str:
+        """The reason for an entry whose upload description names study
+        *named* while the entry is in *study* (None: its name maps to no
+        study).  Renaming cannot fix it (the description inside decides the
+        study); sending again with the right study does: say so, with the command."""
+        disp = layout.display(c.name if isinstance(c, Candidate) else c.original)
+        known = ", ".join(sorted(self.cfg.studies))
+        if study is None:
+            guess = next(iter(self.cfg.studies)) if len(self.cfg.studies) == 1 else None
+            what = (f"it was sent for study {_quoted(named)}, which is not a study here (configured: {known}), "
+                    f"so entry '{disp}' belongs to no study")
+            to = c.inbox
+        else:
+            guess = study
+            what = (f"it was sent for study {_quoted(named)} but arrived in study {study}'s inbox as "
+                    f"'{disp}'; an upload cannot change its study")
+            to = self._inbox_of(study)
+        text = (f"{what}. Nothing was ingested, and renaming the entry cannot fix it (the upload description "
+                f"inside names study {_quoted(named)}). Send the folder again with the right study: "
+                + self._send_command(source, guess, to))
+        if study is not None and named in self.cfg.studies and named != study:
+            text += (f" (or, if the data is study {named}'s: "
+                     + self._send_command(source, named, self._inbox_of(named)) + ")")
+        return text + " (over SFTP: the same --to as before)"
+
+    def _describe_oserror(self, e: OSError, cl: Claim) -> str:
+        """An entry's OSError in plain words: what is wrong and who can fix it."""
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return _unreadable_hint(layout.display(os.fsencode(e.filename)) if e.filename else "the entry",
+                                    cl.path_in("failed"))
+        where = f" ({layout.display(os.fsencode(e.filename))})" if e.filename else ""
+        return f"{e.strerror or 'error ' + str(e.errno)}{where}"
 
     def _unsettled(self, c: Candidate, disp: str, settle: float) -> EntryResult | None:
         try:
@@ -316,12 +369,12 @@ class Ingester:
                                    reason="abandoned on shutdown; redone at the next start",
                                    seconds=time.monotonic() - t0, where=os.fsdecode(path))
             except EntryRejected as e:
-                return self._fail(store, cl, disp, e.message, t0)
+                return self._fail(store, cl, disp, e.message, t0, stats, resend=_needs_resend(e))
             except StoreIOError as e:        # commit_manifest: the manifest has its name
                 self._finish_later(store, cl, disp, e, t0, path)
             except OSError as e:
                 if not _is_store_fault(e, store):
-                    return self._fail(store, cl, disp, _describe_oserror(e, store), t0)
+                    return self._fail(store, cl, disp, self._describe_oserror(e, cl), t0, stats)
                 self._not_committed(store, cl, disp, store.io_error(e, "storing the upload"), stats, t0, path)
         # Past the commit point the upload can no longer fail: a problem here
         # leaves the entry claimed, stops the study, and the next run finishes it.
@@ -365,12 +418,7 @@ class Ingester:
             # fsyncgate: the objects this attempt wrote may be lost on disk while
             # their pages still read back fine; remove them so the redo writes them
             # again rather than trusting them (none is referenced yet: not trusted).
-            for oid in stats.new_oids:
-                try:
-                    if not store.index.is_trusted(oid):
-                        os.unlink(store.objects.path(oid))
-                except (OSError, EideticError):
-                    pass
+            store.objects.remove_unreferenced(stats.new_oids, store.index.is_trusted)
         e.entry_note = (f"upload {cl.upload} (entry {disp}) was not committed: nothing of it is visible; "
                           "the entry stays in the inbox and the next run takes it again")
         self.log(f"not committed {disp} (upload {cl.upload}): {e.message}")
@@ -393,12 +441,18 @@ class Ingester:
                                                   where=os.fsdecode(path), fault=e)))
         raise e
 
-    def _fail(self, store: Store, cl: Claim, disp: str, reason: str, t0: float) -> EntryResult:
+    def _fail(self, store: Store, cl: Claim, disp: str, reason: str, t0: float, stats: Stats | None = None,
+              resend: bool = False) -> EntryResult:
         store.clean_tmp(best_effort=True)
-        self.state.finish(cl, "failed", reason)
+        if stats is not None:
+            # Refused before the commit point: the objects this attempt placed
+            # (its description, its files) that no committed upload refers to
+            # would be orphans (fsck W024); the ones the index knows stay.
+            store.objects.remove_unreferenced(stats.new_oids, store.index.is_trusted)
+        self.state.finish(cl, "failed", reason, extra={"resend": True} if resend else None)
         self.log(f"failed {disp} (upload {cl.upload}): {reason}")
         return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
-                           seconds=time.monotonic() - t0, where=os.fsdecode(cl.path_in("failed")))
+                           seconds=time.monotonic() - t0, where=os.fsdecode(cl.path_in("failed")), resend=resend)
 
     @staticmethod
     def _is_committed(store: Store, cl: Claim, head_seq: int) -> bool:
@@ -417,17 +471,18 @@ class Ingester:
                      stats: Stats) -> None:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
-            raise EntryRejected("the entry is a symbolic link; links are never followed. "
+            raise _resend("the entry is a symbolic link; links are never followed. "
                                 "Send the folder itself")
         if not stat.S_ISDIR(st.st_mode):
-            raise EntryRejected("the entry is not a folder; an upload must be a folder of files")
+            raise _resend("the entry is not a folder; an upload must be a folder of files: send the "
+                          "folder with 'eidetic send <folder> --study <study> --to <inbox>'")
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         desc: _Description | None = None
         try:
             dst = os.fstat(dfd)
             if (dst.st_dev, dst.st_ino) != (cl.dev, cl.ino):
                 raise EntryRejected("the entry was replaced after it was claimed")
-            desc = self._open_description(store, dfd, cl)
+            desc = self._open_description(store, dfd, cl, stats)
             header = Header(seq=seq, upload=cl.upload, prev=prev, study=store.name, entry=cl.original,
                             received=cl.received, uploader_uid=cl.uid, uploader_name=cl.uploader_name,
                             source=cl.location, description=desc.header if desc else None)
@@ -436,15 +491,17 @@ class Ingester:
                 out = _CheckedWriter(writer, _Verifier(desc.reader)) if desc else writer
                 self._walk(store, dfd, out, stats)
                 if stats.problems:
-                    raise EntryRejected(f"{stats.problems.count} file(s) could not be read: "
-                                        + stats.problems.text())
+                    text = f"{stats.problems.count} file(s) could not be read: " + stats.problems.text()
+                    if stats.denied:
+                        text = _unreadable_hint(text + "; at least one", cl.path_in("failed"))
+                    raise EntryRejected(text)
                 if isinstance(out, _CheckedWriter):
                     out.verifier.finish()     # before the commit point: a mismatch commits nothing
                 elif writer.files == 0 and writer.skipped == 0:
                     # A bare drop with nothing in it: a folder sent empty by mistake, or
                     # emptied by its sender after it was claimed.  An empty upload would
                     # record nothing but a misleading "0 files" line in the history.
-                    raise EntryRejected("the entry holds no files (was it sent empty, or emptied after it "
+                    raise _resend("the entry holds no files (was it sent empty, or emptied after it "
                                         "was handed in?); nothing was ingested. Send the folder again "
                                         "with its files")
                 store.commit_manifest(af, writer)
@@ -456,7 +513,7 @@ class Ingester:
             if desc is not None:
                 desc.close()
 
-    def _open_description(self, store: Store, dfd: int, cl: Claim) -> "_Description | None":
+    def _open_description(self, store: Store, dfd: int, cl: Claim, stats: Stats) -> "_Description | None":
         """Store the entry's upload description as an object and open that
         object (our own copy: the uploader cannot change what is checked).
         None for an entry without one."""
@@ -465,7 +522,7 @@ class Ingester:
             st = os.stat(DESCRIPTION_NAME, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             if self.cfg.study(store.name).require_description:
-                raise EntryRejected(f"study {store.name} requires an upload description ({name} at the "
+                raise _resend(f"study {store.name} requires an upload description ({name} at the "
                                     "top of the entry, written by 'eidetic send') and this entry has none; "
                                     "send it again with 'eidetic send'") from None
             return None
@@ -485,6 +542,8 @@ class Ingester:
             if e.errno in _STORE_ERRNOS:
                 raise
             raise EntryRejected(f"its upload description {name} could not be read ({e.strerror})") from None
+        if res.new:
+            stats.new_oids.append(res.oid)   # removed again if the entry is refused
         if not unchanged:
             raise EntryChanged(f"its upload description {name} changed while it was read; "
                                "is the upload still being written?")
@@ -494,16 +553,18 @@ class Ingester:
             try:
                 reader = DescriptionReader(f, name)
             except DescriptionError as e:
-                raise EntryRejected(f"its upload description is not valid: {e}") from None
+                raise _resend(f"its upload description is not valid: {e}; send the folder again with "
+                              "'eidetic send'") from None
             h = reader.header
             disp = layout.display(cl.original)
             if h.study != store.name:
-                raise EntryRejected(f"its upload description is for study {_quoted(h.study)} but the entry name "
-                                    f"{disp!r} puts it in study {store.name!r}; an entry cannot choose "
-                                    "another study, so nothing was ingested")
+                raise _resend(self._wrong_study(cl, h.study, h.source, store.name))
             if h.location != cl.location:
-                raise EntryRejected(f"its upload description says location {_quoted(h.location)} but the entry name "
-                                    f"{disp!r} says {cl.location!r}")
+                raise _resend(f"its upload description says location {_quoted(h.location)} but the entry name "
+                              f"'{disp}' says '{cl.location}', so nothing was ingested (renaming the entry "
+                              "cannot fix this). Send the folder again: "
+                              + self._send_command(h.source, store.name, cl.inbox)
+                              + " --location " + shlex.quote(cl.location))
         except BaseException:
             f.close()
             raise
@@ -522,6 +583,7 @@ class Ingester:
                 elif kind == DIR:
                     continue
                 elif kind == ERROR:        # a folder that could not be opened or listed
+                    stats.denied |= e.error.errno in (errno.EACCES, errno.EPERM)
                     stats.problems.add(f"{layout.display(e.rel)}/ ({e.error.strerror})")
                 elif kind == SYMLINK:
                     try:
@@ -542,6 +604,7 @@ class Ingester:
                 if e.errno in (errno.ELOOP, errno.EINVAL, errno.ENXIO):  # not a regular file after all
                     writer.add(SkipRecord(relpath, kind_at(dfd, name)))
                     return
+                stats.denied |= e.errno in (errno.EACCES, errno.EPERM)
                 stats.problems.add(f"{layout.display(relpath)} ({e.strerror})")
                 return
             try:
@@ -639,13 +702,13 @@ def _end_time(f, size: int, name: str) -> str:
             return end["end"]
         except (ValueError, TypeError, KeyError):
             problem = "its last line is not an end line"
-    raise EntryRejected(f"its upload description {name} is incomplete ({problem}): the send did not "
+    raise _resend(f"its upload description {name} is incomplete ({problem}): the send did not "
                         "finish; send the folder again")
 
 
 def _quoted(text: str, limit: int = 80) -> str:
     """The sender's string for a reason: quoted, escaped, never a whole megabyte."""
-    r = repr(text)
+    r = "'" + layout.display(text.encode("utf-8", "surrogateescape")).replace("'", "\\'") + "'"
     return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
@@ -701,10 +764,11 @@ class _Verifier:
         if not self.named:
             return
         counts = ", ".join(f"{n} {kind}" for kind, n in self.counts.items() if n)
-        raise EntryRejected(f"the entry does not match its upload description ({counts}): "
+        raise _resend(f"the entry does not match its upload description ({counts}): "
                             + self.named.text()
                             + ". Files changed after the sender described them, or were changed or lost on "
-                              "the way; nothing of this upload was ingested")
+                              "the way; nothing of this upload was ingested. Send the folder again with "
+                              "'eidetic send' (renaming the entry cannot fix this)")
 
 
 class _CheckedWriter:
@@ -737,6 +801,38 @@ def _is_store_fault(e: OSError, store: Store) -> bool:
     return False
 
 
-def _describe_oserror(e: OSError, store: Store) -> str:
-    where = f" ({layout.display(os.fsencode(e.filename))})" if e.filename else ""
-    return f"{e.strerror or e}{where}"
+def _resend(message: str) -> EntryRejected:
+    """An entry's problem that only sending it again can fix (a rename cannot)."""
+    e = EntryRejected(message)
+    e.resend = True          # type: ignore[attr-defined]
+    return e
+
+
+def _needs_resend(e: EntryRejected) -> bool:
+    return bool(getattr(e, "resend", False))
+
+
+def _peek_description(entry: bytes) -> tuple[str | None, str | None]:
+    """(study, source folder) an entry's upload description names, or (None,
+    None) without a readable one; only its header line is read, nothing stored."""
+    try:
+        r = open_description(entry + b"/" + DESCRIPTION_NAME)
+    except (OSError, DescriptionError, ValueError):
+        return None, None
+    try:
+        return r.header.study, r.header.source
+    finally:
+        r._f.close()
+
+
+def _unreadable_hint(what: str, failed_path: bytes) -> str:
+    """The reason for files the service user may not read, and who can fix it."""
+    try:
+        import pwd
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, ImportError):
+        user = f"uid {os.geteuid()}"
+    entry = shlex.quote(layout.display(failed_path))
+    return (f"{what} is not readable by the service user ({user}); nothing was ingested. Ask the sender to "
+            "send it again with 'eidetic send' (it sets the modes), or have the entry's owner run "
+            f"'chmod -R a+rX {entry}' and then rename it back to its original name (see the failure mail)")

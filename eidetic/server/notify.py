@@ -337,7 +337,13 @@ class Notifier:
         if r.upload and failed_name:
             lines.append(f"        The record is {os.path.join(self.cfg.state, 'failed', r.upload + '.json')}")
         lines += ["", "Nothing of this upload is in the study's tree.", "", "What to do next:"]
-        if where and failed_name:
+        if where and failed_name and r.resend:
+            lines += ["  1. Send the data again, as \"Why\" says (the sender runs 'eidetic send' on",
+                      "     the machine the data came from). Renaming this entry cannot help: it",
+                      "     would fail again for the same reason.",
+                      "  2. Once the new send is ingested, this failed copy may be removed",
+                      f"     (as the service user or root): rm -r {shlex.quote(where)}"]
+        elif where and failed_name:
             inbox, base = os.path.split(where)
             if r.study:
                 target = r.entry
@@ -350,10 +356,10 @@ class Notifier:
             else:
                 known = ", ".join(sorted(self.cfg.studies))
                 example = f"{min(self.cfg.studies)}-{r.entry}" if self.cfg.studies else "<study>-…"
-                lines += ["  Rename the entry to a name that starts with a configured study and '-'",
+                lines += ["  Rename the entry to a name that starts with the study it belongs to and '-'",
                           f"  (configured: {known}), for example (as the service user or root):",
                           f"       {_mv_command(inbox, base, example)}",
-                          "  or send the data again under a correct name."]
+                          "  or send the data again with 'eidetic send --study <study>'."]
         elif where:
             lines += ["  The entry was not marked failed; eidetic tries it again at its next run.",
                       "  If this mail repeats, look at the daemon's log (journalctl -u eidetic)."]
@@ -395,8 +401,8 @@ class Notifier:
             "When it is full, new uploads fail with \"no space\" and stay untouched in the",
             "inbox; nothing already stored is at risk. eidetic never deletes old versions,",
             "so space only comes back if the file system grows or other data moves away.", "",
-            "What to do next: enlarge the file system or move other data off it, then",
-            "rename any failed entries back (see the failure mails).", "",
+            "What to do next: enlarge the file system or move other data off it; uploads",
+            "that found the disk full wait in the inbox and are taken again by themselves.", "",
             "This mail is sent once per threshold crossing"
             + (f"; the next warning comes at {higher[0]}%." if higher else "."), ""])
 

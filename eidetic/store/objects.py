@@ -145,6 +145,27 @@ class ObjectStore:
             rename(tmp, final)
         self._placed.add(oid)
 
+    def remove_unreferenced(self, oids, trusted: Callable[[str], bool]) -> int:
+        """Remove objects an attempt placed (*oids*: the ones its puts reported
+        new) that no committed manifest refers to (*trusted* is the index's
+        answer): a refused upload, or one whose sync failed, leaves no orphan.
+        An object the index knows is shared with a committed upload and stays.
+        Best effort; returns how many were removed."""
+        n = 0
+        for oid in dict.fromkeys(oids):
+            try:
+                if trusted(oid):
+                    continue
+            except Exception:  # noqa: BLE001 - cannot tell: keep it (an orphan is only a warning)
+                continue
+            self._placed.discard(oid)       # a later put writes (or re-verifies) it again
+            try:
+                os.unlink(self.path(oid))
+                n += 1
+            except OSError:
+                pass
+        return n
+
     # ----------------------------------------------------------------- read
 
     def open(self, oid: str) -> int:
