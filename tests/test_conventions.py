@@ -309,3 +309,32 @@ def test_quiet_send_says_nothing_when_all_went_well(layout, tmp_path):
     assert len(os.listdir(layout.inbox)) == 1
     res = run_cli("-q", "send", tmp_path / "src", "--study", "s1", "--to", layout.inbox, "--dry-run")
     assert res.returncode == 0 and res.stdout.startswith("would send 1 file")   # what --dry-run is for
+
+
+def test_quiet_purge_says_only_what_it_kept_and_dry_run_still_lists(layout):
+    _ingest(layout)
+    res = layout.cli("-q", "purge", "--older-than", "0", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert re.match(r"would remove \S+ \(study s1, upload \S+\): 1 file, 1 B$", res.stdout), res.stdout
+    res = layout.cli("purge", "--older-than", "0", "-q")
+    assert res.returncode == 0 and res.stdout == "", res.stdout
+    res = layout.cli("purge", "--older-than", "0", "-q")
+    assert res.returncode == 0 and res.stdout == "", res.stdout
+
+
+def test_quiet_daemon_logs_only_warnings_and_errors(capsys, monkeypatch):
+    from eidetic_cli.commands.ingest import _line_logger
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    for verbose, quiet, shown in ((0, False, [3, 4, 6]), (1, False, [3, 4, 6, 7]), (0, True, [3, 4])):
+        log = _line_logger(verbose, quiet)
+        for priority in (3, 4, 6, 7):
+            log(priority, f"line {priority}")
+        err = capsys.readouterr().err
+        assert [int(ln.rsplit(" ", 1)[1]) for ln in err.splitlines()] == shown, err
+
+
+def test_send_takes_verbose_after_the_command(layout, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"a")
+    res = run_cli("send", tmp_path / "src", "--study", "s1", "--to", layout.inbox, "--dry-run", "-v")
+    assert res.returncode == 0 and "would send: a.txt" in res.stdout, res.stdout
