@@ -493,7 +493,8 @@ class Ingester:
                 if stats.problems:
                     text = f"{stats.problems.count} file(s) could not be read: " + stats.problems.text()
                     if stats.denied:
-                        text = _unreadable_hint(text + "; at least one", cl.path_in("failed"))
+                        text = _unreadable_hint(text + "; a file or folder that says 'Permission denied'",
+                                               cl.path_in("failed"))
                     raise EntryRejected(text)
                 if isinstance(out, _CheckedWriter):
                     out.verifier.finish()     # before the commit point: a mismatch commits nothing
@@ -834,5 +835,6 @@ def _unreadable_hint(what: str, failed_path: bytes) -> str:
         user = f"uid {os.geteuid()}"
     entry = shlex.quote(layout.display(failed_path))
     return (f"{what} is not readable by the service user ({user}); nothing was ingested. Ask the sender to "
-            "send it again with 'eidetic send' (it sets the modes), or have the entry's owner run "
-            f"'chmod -R a+rX {entry}' and then rename it back to its original name (see the failure mail)")
+            "send it again with 'eidetic send' (it sets the modes), or have the entry's owner run: "
+            f"chmod -R a+rX {entry}; then rename the entry back to its original name (the failure mail "
+            "has the command)")
