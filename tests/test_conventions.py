@@ -338,3 +338,12 @@ def test_send_takes_verbose_after_the_command(layout, tmp_path):
     (tmp_path / "src" / "a.txt").write_bytes(b"a")
     res = run_cli("send", tmp_path / "src", "--study", "s1", "--to", layout.inbox, "--dry-run", "-v")
     assert res.returncode == 0 and "would send: a.txt" in res.stdout, res.stdout
+
+
+def test_every_command_takes_verbose_and_quiet_after_its_name():
+    from eidetic_cli.main import cli
+    for name in cli.list_commands(None):
+        if name == "help":
+            continue
+        res = run_cli(name, "--help")
+        assert "-v, --verbose" in res.stdout and "-q, --quiet" in res.stdout, name
