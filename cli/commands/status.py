@@ -17,8 +17,10 @@ def _hours(seconds: float) -> str:
 @click.command("status")
 @click.option("--study", help="Only this study.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (stable keys) instead of text.")
+@click.option("--prometheus", is_flag=True,
+              help="node_exporter's textfile-collector format (docs/monitoring.md) instead of text.")
 @click.pass_obj
-def command(ctx: Ctx, study: str | None, as_json: bool) -> None:
+def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> None:
     """Per study: entries waiting, in processing, failed, stale partial
     uploads, the last ingest, what the store holds, how full its file system
     is, and whether a daemon serves it; then entries that map to no study.
@@ -31,10 +33,16 @@ def command(ctx: Ctx, study: str | None, as_json: bool) -> None:
     from eidetic.core.layout import display
     from eidetic.server.status import status
 
+    if as_json and prometheus:
+        raise click.UsageError("--json and --prometheus cannot be used together")
     st = status(ctx.cfg, study)
     code = 3 if st.index_unusable else 1 if st.has_failed else 0
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=1, sort_keys=False))
+        sys.exit(code)
+    if prometheus:
+        from eidetic.server.status import to_prometheus
+        click.echo(to_prometheus(st), nl=False)
         sys.exit(code)
     for name, s in st.studies.items():
         daemon = ("daemon running" + (f" (pid {s.daemon_pid})" if s.daemon_pid and s.daemon_pid > 0 else "")

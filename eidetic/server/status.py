@@ -10,8 +10,10 @@ index that is missing, damaged or out of step with HEAD is reported as such
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 
 from . import inbox as inbox_mod
@@ -20,6 +22,7 @@ from ..core.errors import EideticError, IndexUnusable
 from ..core.fsutil import disk_percent_used
 from .inbox import RECORD_KINDS, Candidate, Claim, PartialEntry, StateDir, user_name
 from ..core.jsonl import encode_bytes
+from ..core.layout import parse_utc_iso
 from ..store.store import Store
 
 
@@ -132,6 +135,15 @@ class StudyStatus:
     def daemon_running(self) -> bool:
         return self.daemon_pid is not None
 
+    def last_ingest_timestamp(self) -> float | None:
+        """When the last ingest finished, as Unix time (None: never, or a time not understood)."""
+        if self.last_ingest is None:
+            return None
+        try:
+            return parse_utc_iso(self.last_ingest.time).timestamp()
+        except ValueError:
+            return None
+
     def to_json(self) -> dict:
         return {
             "waiting": [w.to_json() for w in self.waiting],
@@ -175,6 +187,84 @@ class Status:
         return {"studies": {n: s.to_json() for n, s in self.studies.items()},
                 "unknown": [u.to_json() for u in self.unknown],
                 "daemon_running": self.daemon_running}
+
+
+# --------------------------------------------------------------- prometheus
+
+# (name, type, help, value of a StudyStatus or None when unknown): the samples
+# of ``eidetic status --prometheus``, one per study, in this order.  An unknown
+# value (no index, an unreadable store, never ingested) has no sample at all,
+# never a made-up 0.
+def _age(s: StudyStatus, now: float) -> float | None:
+    t = s.last_ingest_timestamp()
+    return None if t is None else max(0.0, now - t)
+
+
+PROMETHEUS_METRICS = [
+    ("entries_waiting", "gauge", "Complete inbox entries waiting to be ingested.", lambda s, now: len(s.waiting)),
+    ("entries_failed", "gauge", "Refused entries still in the inbox, waiting for someone to act.",
+     lambda s, now: len(s.failed)),
+    ("entries_processing", "gauge", "Entries claimed by an ingest and not finished yet.",
+     lambda s, now: len(s.processing)),
+    ("entries_stale", "gauge", "Partial uploads (dot entries) untouched for stale_hours or more.",
+     lambda s, now: len(s.stale)),
+    ("uploads_in_progress", "gauge", "Partial uploads (dot entries) in the inbox, stale ones included.",
+     lambda s, now: s.partial),
+    ("seconds_since_last_ingest", "gauge", "Seconds since the study's last ingest finished.", _age),
+    ("last_ingest_timestamp_seconds", "gauge", "When the study's last ingest finished (Unix time).",
+     lambda s, now: s.last_ingest_timestamp()),
+    ("store_uploads", "gauge", "Uploads in the study's store.", lambda s, now: s.uploads),
+    ("store_bytes", "gauge", "Bytes the study's store holds (objects, manifests, index).",
+     lambda s, now: s.store_bytes),
+    ("store_objects", "gauge", "Distinct file contents in the study's store.", lambda s, now: s.objects),
+    ("store_paths", "gauge", "Paths in the study's tree that have a history.", lambda s, now: s.paths),
+    ("store_versions", "gauge", "Versions of all paths in the study's store.", lambda s, now: s.versions),
+    ("filesystem_percent_used", "gauge", "Percent used of the file system holding the study's store.",
+     lambda s, now: s.percent_used),
+    ("filesystem_free_bytes", "gauge", "Bytes free on the file system holding the study's store.",
+     lambda s, now: s.free_bytes),
+    ("index_usable", "gauge", "1 when the study's index may be used, 0 when it must be rebuilt.",
+     lambda s, now: 0 if s.index_error is not None else 1),
+    ("status_errors", "gauge", "Things status could not read for the study (eidetic status lists them).",
+     lambda s, now: len(s.errors)),
+    ("daemon_up", "gauge", "1 when an ingest daemon serves the study, else 0.",
+     lambda s, now: 1 if s.daemon_running else 0),
+]
+
+
+def _label_value(v: str) -> str:
+    """A label value in the text exposition format: backslash, double quote
+    and line feed escaped."""
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample_value(v: float) -> str:
+    if isinstance(v, bool):
+        v = int(v)
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def to_prometheus(st: Status, now: float | None = None) -> str:
+    """The Prometheus text exposition format (node_exporter's textfile
+    collector): every metric named ``eidetic_...`` with its HELP and TYPE
+    lines, one sample per study labelled ``study="NAME"``."""
+    now = time.time() if now is None else now
+    out = []
+    for name, kind, help_text, get in PROMETHEUS_METRICS:
+        full = "eidetic_" + name
+        out.append(f"# HELP {full} {help_text}")
+        out.append(f"# TYPE {full} {kind}")
+        for study, s in st.studies.items():
+            v = get(s, now)
+            if v is not None:
+                out.append(f'{full}{{study="{_label_value(study)}"}} {_sample_value(v)}')
+    return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------- gather
