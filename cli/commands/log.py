@@ -42,6 +42,7 @@ def command(ctx: Ctx, path: str, as_json: bool, wide: bool) -> None:
       SIZE      in IEC units (KiB = 1024 bytes)
       BLAKE3    the content's BLAKE3 (with -w)
       UPLOAD    the upload it came in (checkout --upload takes it)
+      NAME      the version's own name in the tree (with -w)
       FROM      the location and sender; "verified": checked against the
                 sender's upload description
     For a folder, each file has a heading line with its versions under it
@@ -77,7 +78,7 @@ def command(ctx: Ctx, path: str, as_json: bool, wide: bool) -> None:
     names = {id(e): layout.display(layout.version_relpath(e.version.path, e.version.n, e.version.stamp))
              for e in entries} if wide else {}
     nw = max(map(len, names.values()), default=0)
-    name_col = f"{'NAME IN THE TREE':<{nw}}  " if wide else ""
+    name_col = f"{'NAME':<{nw}}  " if wide else ""
     cols = f"{indent}{'VER':<5}  {'RECEIVED (UTC)':<19}  {'SIZE':>10}  {b3}{'UPLOAD':<25}  {name_col}"
     rest = None if limit is None else max(limit - len(cols), 8)
     say(cols + "FROM")
