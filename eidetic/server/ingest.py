@@ -251,15 +251,21 @@ class Ingester:
         study); sending again with the right study does: say so, with the command."""
         disp = layout.display(c.name if isinstance(c, Candidate) else c.original)
         known = ", ".join(sorted(self.cfg.studies))
-        if study is None:
+        if study is None and named in self.cfg.studies:     # a hand-made name; the description is right
+            guess = named
+            what = (f"it was sent for study {named}, but its entry name '{disp}' maps to no study (was it "
+                    "renamed?)")
+            to = self._inbox_of(named)
+        elif study is None:
             guess = next(iter(self.cfg.studies)) if len(self.cfg.studies) == 1 else None
             what = (f"it was sent for study {_quoted(named)}, which is not a study here (configured: {known}), "
                     f"so entry '{disp}' belongs to no study")
             to = c.inbox
         else:
             guess = study
-            what = (f"it was sent for study {_quoted(named)} but arrived in study {study}'s inbox as "
-                    f"'{disp}'; an upload cannot change its study")
+            where = (f"arrived in study {study}'s inbox as '{disp}'" if self.cfg.study(study).inbox
+                     else f"its entry name '{disp}' puts it in study {study}")
+            what = f"it was sent for study {_quoted(named)} but {where}; an upload cannot change its study"
             to = self._inbox_of(study)
         text = (f"{what}. Nothing was ingested, and renaming the entry cannot fix it (the upload description "
                 f"inside names study {_quoted(named)}). Send the folder again with the right study: "
