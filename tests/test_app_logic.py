@@ -365,6 +365,9 @@ def test_notices_and_questions_in_plain_words():
         ("The server dropbox.example.org asks for the password of jdoe.", "Password:")
     assert app.password_text("Enter passphrase for key '/k/id_ed25519': ") == \
         ("Your key /k/id_ed25519 is protected by a passphrase.", "Passphrase:")
+    assert app.password_text("the server refused the key ~/.ssh/id_ed25519; password for jdoe@h.example: ") == \
+        ("The server refused the key ~/.ssh/id_ed25519. The server h.example asks for the password of jdoe "
+         "instead.", "Password:")
 
 
 def test_the_details_for_the_study_runner_hold_the_technical_truth():

@@ -691,6 +691,8 @@ def host_key_text(info: HostKeyInfo) -> tuple[str, str, str]:
 
 _PASSWORD_PROMPT = re.compile(r"^(?P<user>.+)@(?P<host>[^@]+)'s password:\s*$")
 _PASSPHRASE_PROMPT = re.compile(r"^Enter passphrase for key '(?P<key>.+)':\s*$")
+# The send core names refused keys before asking (client/transport.py).
+_REFUSED_PROMPT = re.compile(r"^(?P<why>.+); password for (?P<user>.+)@(?P<host>[^@]+):\s*$")
 
 
 def password_text(prompt: str) -> tuple[str, str]:
@@ -701,6 +703,11 @@ def password_text(prompt: str) -> tuple[str, str]:
     m = _PASSPHRASE_PROMPT.match(prompt)
     if m:
         return (f"Your key {m.group('key')} is protected by a passphrase.", "Passphrase:")
+    m = _REFUSED_PROMPT.match(prompt)
+    if m:
+        why = m.group("why")
+        return (f"{why[:1].upper()}{why[1:]}. The server {m.group('host')} asks for the password of "
+                f"{m.group('user')} instead.", "Password:")
     return (prompt.strip().rstrip(":"), "Password:")
 
 
