@@ -266,7 +266,12 @@ def test_an_entry_refused_after_its_files_were_stored_leaves_no_orphan(tmp_path,
 
 # ---------------------------------------------------------- unreadable file
 
-def test_an_unreadable_file_says_so_in_plain_words_and_chmod_then_the_rename_fixes_it(two_uids, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("modes, named", [
+    ({"secret/b.txt": 0o600}, "secret/b.txt (Permission denied)"),      # one file
+    ({".": 0o700}, "the entry 's1-labA-1' is not readable"),             # the whole entry (seen on main as
+])                                                                      # "Permission denied (b'/…')")
+def test_an_unreadable_file_says_so_in_plain_words_and_chmod_then_the_rename_fixes_it(
+        two_uids, tmp_path, modes, named):  # noqa: F811
     t: TwoUids = two_uids
     lay = t.lay
     with SMTPServer(tmp_path / "smtp") as smtp:
@@ -275,14 +280,14 @@ def test_an_unreadable_file_says_so_in_plain_words_and_chmod_then_the_rename_fix
                          "sender": "eidetic@dropbox.example.org", "admin": [ADMIN]}
         lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
         entry = t.upload("s1-labA-1", {"a.txt": "readable", "secret/b.txt": "not for the daemon"},
-                         modes={"secret/b.txt": 0o600})
+                         modes=modes)
         res = t.ingest()
         assert res.returncode == 1, res.stdout + res.stderr
         (name,) = os.listdir(lay.inbox)
         failed = lay.inbox / name
         assert name.startswith(".eidetic~failed~")
         reason = json.loads((lay.state / "failed" / (name.split("~")[2] + ".json")).read_text())["reason"]
-        assert "secret/b.txt (Permission denied)" in reason
+        assert named in reason
         assert "is not readable by the service user" in reason
         assert f"chmod -R a+rX {shlex.quote(str(failed))};" in reason
         for text in (reason, res.stdout + res.stderr):

@@ -278,8 +278,12 @@ class Ingester:
     def _describe_oserror(self, e: OSError, cl: Claim) -> str:
         """An entry's OSError in plain words: what is wrong and who can fix it."""
         if e.errno in (errno.EACCES, errno.EPERM):
-            return _unreadable_hint(layout.display(os.fsencode(e.filename)) if e.filename else "the entry",
-                                    cl.path_in("failed"))
+            name = os.fsencode(e.filename) if e.filename else b""
+            claimed = cl.path_in("claimed")
+            what = (f"{layout.display(name[len(claimed) + 1:])} in the entry" if name.startswith(claimed + b"/")
+                    else f"the entry '{layout.display(cl.original)}'" if name in (claimed, b"")
+                    else layout.display(name))
+            return _unreadable_hint(what, cl.path_in("failed"))
         where = f" ({layout.display(os.fsencode(e.filename))})" if e.filename else ""
         return f"{e.strerror or 'error ' + str(e.errno)}{where}"
 
