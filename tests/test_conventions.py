@@ -282,7 +282,7 @@ def test_log_cuts_long_names_in_the_middle_and_wide_shows_them_whole(layout):
 
 def test_fsck_progress_counts_bytes_in_iec_units():
     import io
-    from eidetic_cli.commands.fsck import iec_bar
+    from eidetic_cli.common import iec_bar
     for total in (5 << 20, None):
         out = io.StringIO()
         bar = iec_bar(total=total, desc="s1: objects", file=out, disable=False, mininterval=0)

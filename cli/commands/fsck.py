@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..common import Ctx, human_bytes, is_tty, plural, say, warn
+from ..common import Ctx, human_bytes, iec_bar, is_tty, plural, say, warn
 
 
 class _Bars:
@@ -42,25 +42,6 @@ class _Bars:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def iec_bar(total: int | None, **kw):
-    """A tqdm bar counting bytes, shown in IEC units ("1.5 MiB of 3.0 GiB [00:12, 250.0 MiB/s]")."""
-    from tqdm import tqdm
-
-    class IecBar(tqdm):
-        @property
-        def format_dict(self):
-            d = super().format_dict
-            rate = d.get("rate") or (d["n"] / d["elapsed"] if d.get("elapsed") else None)
-            d.update(iec_n=human_bytes(d["n"]),
-                     iec_total="?" if d["total"] is None else human_bytes(d["total"]),
-                     iec_rate="?" if not rate else human_bytes(int(rate)) + "/s")
-            return d
-
-    fmt = ("{l_bar}{bar}| {iec_n} of {iec_total} [{elapsed}<{remaining}, {iec_rate}]" if total is not None
-           else "{desc}: {iec_n} [{elapsed}, {iec_rate}]")
-    return IecBar(total=total, bar_format=fmt, **kw)
 
 
 def _check(store, name: str, quick: bool, lock: bool):
