@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -28,10 +29,21 @@ def _eidetic_script() -> str:
     return str(script)
 
 
+def _man_pages(tmp_path: Path) -> Path:
+    """The man pages installed as docs/admin.md says (python -m eidetic_cli.manpages DIR/man1):
+    verify runs man for each man: in Documentation= and complains about a missing page."""
+    mandir = tmp_path / "man"
+    if not (mandir / "man1").is_dir():
+        subprocess.run([sys.executable, "-m", "eidetic_cli.manpages", str(mandir / "man1")], check=True,
+                       capture_output=True, timeout=60)
+    return mandir
+
+
 def _verify(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
     unit = tmp_path / "eidetic.service"
     unit.write_text(text)
-    return subprocess.run([_analyze(), "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "MANPATH": str(_man_pages(tmp_path))}
+    return subprocess.run([_analyze(), "verify", str(unit)], capture_output=True, text=True, timeout=60, env=env)
 
 
 def _installed_text() -> str:
@@ -65,6 +77,16 @@ def test_verify_would_catch_a_directive_systemd_252_does_not_know(tmp_path):
     """Guards the test above: verify's complaints reach us (Type=notify-reload is systemd 253+)."""
     res = _verify(tmp_path, _installed_text().replace("Type=notify\n", "Type=notify-reload\n"))
     assert "notify-reload" in res.stderr
+
+
+def test_documentation_names_man_pages_the_generator_writes(tmp_path):
+    """Documentation= points at pages that exist once installed; verify would name a missing one."""
+    docs = _directives(UNIT.read_text())["Documentation"][0].split()
+    assert docs == ["man:eidetic(1)", "man:eidetic-ingest(1)"]
+    pages = set(os.listdir(_man_pages(tmp_path) / "man1"))
+    assert {"eidetic.1", "eidetic-ingest.1"} <= pages
+    res = _verify(tmp_path, _installed_text().replace("man:eidetic-ingest(1)", "man:eidetic-nosuch(1)"))
+    assert "eidetic-nosuch" in res.stderr
 
 
 def test_verify_would_catch_a_missing_executable(tmp_path):
