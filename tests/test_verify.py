@@ -321,7 +321,7 @@ def test_a_description_for_another_study_never_lets_the_entry_choose_it(layout):
     results = layout.ingest()
     assert [r.outcome for r in results] == ["failed"]
     reason = results[0].reason
-    assert "sent for study 's2' but arrived in study s1's inbox" in reason
+    assert "sent for study 's2' but its entry name 's1-labA-1' puts it in study s1" in reason
     assert "renaming the entry cannot fix it" in reason and "--study s1 --to" in reason   # the fix, as a command
     assert layout.manifests("s1") == [] and layout.manifests("s2") == []
     assert tree_files(layout.tree("s1")) == {} and tree_files(layout.tree("s2")) == {}
