@@ -268,7 +268,7 @@ def test_an_entry_refused_after_its_files_were_stored_leaves_no_orphan(tmp_path,
 
 @pytest.mark.parametrize("modes, named", [
     ({"secret/b.txt": 0o600}, "secret/b.txt (Permission denied)"),      # one file
-    ({".": 0o700}, "the entry 's1-labA-1' is not readable"),             # the whole entry (seen on main as
+    ({".": 0o700}, "the entry 's1-labA-1' (Permission denied) is not readable"),             # the whole entry (seen on main as
 ])                                                                      # "Permission denied (b'/…')")
 def test_an_unreadable_file_says_so_in_plain_words_and_chmod_then_the_rename_fixes_it(
         two_uids, tmp_path, modes, named):  # noqa: F811

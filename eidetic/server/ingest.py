@@ -283,7 +283,7 @@ class Ingester:
             what = (f"{layout.display(name[len(claimed) + 1:])} in the entry" if name.startswith(claimed + b"/")
                     else f"the entry '{layout.display(cl.original)}'" if name in (claimed, b"")
                     else layout.display(name))
-            return _unreadable_hint(what, cl.path_in("failed"))
+            return _unreadable_hint(f"{what} ({e.strerror})", cl.path_in("failed"))
         where = f" ({layout.display(os.fsencode(e.filename))})" if e.filename else ""
         return f"{e.strerror or 'error ' + str(e.errno)}{where}"
 
