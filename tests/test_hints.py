@@ -309,3 +309,26 @@ def test_an_unreadable_file_says_so_in_plain_words_and_chmod_then_the_rename_fix
         res = t.daemon("fsck", "--study", "s1", "--json")
         assert res.returncode == 0, res.stdout + res.stderr
         assert json.loads(res.stdout) == []
+
+
+# ------------------------------------------------------- unfinished upload
+
+def test_an_unfinished_upload_known_complete_is_taken_after_the_rename_the_mail_names(tmp_path, smtp):
+    import time
+
+    from eidetic.server.notify import Notifier
+    lay = hint_layout(tmp_path / "srv", smtp.port)
+    partial = lay.inbox / ".s1-labA-1"
+    make_source(partial, FILES)              # complete, but its client never renamed it
+    n = Notifier(lay.cfg, lambda _: None)
+    n.check_stale(now=time.time() + (lay.cfg.stale_hours + 1) * 3600)
+    assert n.deliver() == 1
+    (m,) = smtp.wait_for(1)
+    (mv,) = [ln.strip() for ln in m.body.splitlines() if " && mv " in ln]
+    subprocess.run(["sh", "-c", mv], check=True)          # as root
+    res = ingest(lay)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (done,) = lay.records("done")
+    assert done["study"] == "s1"
+    check_store(lay, "s1")
+    fsck_clean(lay, "s1")
