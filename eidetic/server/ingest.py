@@ -40,7 +40,7 @@ from ..core.description import (DESCRIPTION_NAME, DescribedFile, DescriptionErro
 from ..core.errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy, StoreIOError
 from ..core.fsutil import SyncFailed, open_regular_nofollow, raise_nofile_limit
 from ..core.walk import DIR, ERROR, FILE, SYMLINK, kind_at, kind_of, kind_word, listing, walk
-from .inbox import Candidate, Claim, StateDir, rename_entry, scan, wait_settled
+from .inbox import Candidate, Claim, StateDir, rename_entry, scan, user_name, wait_settled
 from ..store.manifest import DESCRIPTION_KEYS, FileRecord, Header, ManifestReader, SkipRecord
 from ..store.objects import PutResult
 from ..store.store import Store
@@ -838,11 +838,7 @@ def _peek_description(entry: bytes) -> tuple[str | None, str | None]:
 
 def _unreadable_hint(what: str, failed_path: bytes) -> str:
     """The reason for files the service user may not read, and who can fix it."""
-    try:
-        import pwd
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except (KeyError, ImportError):
-        user = f"uid {os.geteuid()}"
+    user = user_name(os.geteuid()) or f"uid {os.geteuid()}"
     entry = shlex.quote(layout.display(failed_path))
     return (f"{what} is not readable by the service user ({user}); nothing was ingested. Ask the sender to "
             "send it again with 'eidetic send' (it sets the modes), or have the entry's owner run: "
