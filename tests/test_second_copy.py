@@ -1,7 +1,7 @@
 """docs/admin.md, "Keeping a second copy", done as written: copy a store and
 its tree with rsync -aH under the store's lock, check the copy with a config
 pointing at it, rebuild a lost tree (and index) with fsck --repair; a backup
-of the store alone (HEAD, eidetic-store, manifests, objects) is enough."""
+of the store alone (without its index and tmp/) is enough."""
 
 from __future__ import annotations
 
@@ -94,19 +94,25 @@ def test_without_H_the_copy_takes_more_room_and_fsck_says_the_tree_was_replaced(
 
 
 def test_a_backup_of_the_store_alone_restores_index_and_tree(original, tmp_path):
-    """What admin.md says to give restic or borg: HEAD, eidetic-store, manifests/, objects/."""
+    """What admin.md gives restic or borg: the store without index/ and tmp/; restored, then
+    init, fsck --repair, fsck as the section says."""
     copy = copy_config(tmp_path / "copy", original)
     dest = copy.store("s1")
-    dest.mkdir(parents=True)
-    src = original.store("s1")
-    for name in ("HEAD", "eidetic-store", "manifests", "objects"):
-        rsync("-a", src / name, f"{dest}/")
+    dest.parent.mkdir(parents=True)
+    rsync("-a", "--exclude=/index/", "--exclude=/tmp/", f"{original.store('s1')}/", f"{dest}/")
+    assert sorted(p.name for p in dest.iterdir()) == ["HEAD", "eidetic-store", "lock", "manifests", "objects"]
     res = fsck(copy)
     assert res.returncode == 1 and codes(res) == ["E003", "E035", "E041"], res.stdout
-    res = run_cli("fsck", "--repair", config=copy.config_path)
+    res = run_cli("init", config=copy.config_path)
     assert res.returncode == 0, res.stdout + res.stderr
+    res = run_cli("fsck", "--repair", "--study", "s1", config=copy.config_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "rebuilt the index" in res.stdout and "re-created" in res.stdout
     assert tree_files(copy.tree("s1")) == tree_files(original.tree("s1"))
-    assert fsck(copy).returncode == 0
+    res = fsck(copy, "--study", "s1")
+    assert res.returncode == 0 and codes(res) == [], res.stdout
+    res = run_cli("init", "--check", config=copy.config_path)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_the_store_lock_held_by_flock_keeps_writers_out(original):
