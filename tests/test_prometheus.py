@@ -146,3 +146,45 @@ def test_prometheus_and_json_are_one_or_the_other(tmp_path):
 def test_the_parser_is_strict(bad):
     with pytest.raises(AssertionError):
         parse("# HELP eidetic_x x\n# TYPE eidetic_x gauge\n" + bad + "\n")
+
+
+def test_the_cron_line_of_monitoring_md_writes_the_file_even_while_an_entry_failed(tmp_path):
+    """docs/monitoring.md's cron line, run by sh as cron would: the .prom file appears whole, no
+    temporary file stays behind, and exit status 1 (a failed entry) still updates it."""
+    import subprocess
+    from pathlib import Path
+
+    from conftest import REPO, clean_env, eidetic_argv
+    doc = (REPO / "docs" / "monitoring.md").read_text()
+    (line,) = [ln for ln in doc.splitlines() if ln.startswith("* * * * * ")]
+    fields = line.split(None, 6)
+    assert fields[5] == "eidetic"                                   # /etc/cron.d's user field
+    command = fields[6]
+    layout = make_layout(tmp_path / "lay")
+    textfile_dir = tmp_path / "node-exporter"
+    textfile_dir.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "eidetic").write_text("#!/bin/sh\nexec " + " ".join(eidetic_argv()) + f" --config {layout.config_path}"
+                                    ' "$@"\n')
+    (bindir / "eidetic").chmod(0o755)
+    command = command.replace("/var/lib/prometheus/node-exporter", str(textfile_dir))
+    env = clean_env(PATH=f"{bindir}:/usr/bin:/bin")
+
+    def run() -> dict:
+        res = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        assert sorted(p.name for p in textfile_dir.iterdir()) == ["eidetic.prom"]
+        return parse((textfile_dir / "eidetic.prom").read_text())
+
+    assert by_study(run(), "entries_failed") == {"s1": 0, "s2": 0}
+    (layout.inbox / "s1-labA-1").write_bytes(b"not a folder")
+    assert [r.outcome for r in layout.ingest()] == ["failed"]
+    assert layout.cli("status", "--prometheus").returncode == 1
+    assert by_study(run(), "entries_failed") == {"s1": 1, "s2": 0}
+    # An eidetic that prints nothing (a broken config) keeps the last file rather than an empty one.
+    (bindir / "eidetic").write_text("#!/bin/sh\nexit 2\n")
+    before = (textfile_dir / "eidetic.prom").read_text()
+    res = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+    assert sorted(p.name for p in textfile_dir.iterdir()) == ["eidetic.prom"]
+    assert (textfile_dir / "eidetic.prom").read_text() == before
