@@ -776,7 +776,16 @@ class App:
                 break
 
     def _show_progress(self, p, job: logic.SendJob) -> None:
-        if p.phase == "sending" or p.phase == "finishing":
+        if p.phase == "finishing":
+            # The last step (the upload's description, then flushing the whole
+            # upload to disk) reports no progress and can take seconds after a
+            # large send: the bar moves, so the window keeps redrawing and never
+            # looks stuck (bench/gui_send.py counts its redraws).
+            if str(self.progress.cget("mode")) != "indeterminate":
+                self.progress.configure(mode="indeterminate", value=0)
+                self.progress.start(40)
+            self.progress_label.configure(text=logic.progress_line(p))
+        elif p.phase == "sending":
             if str(self.progress.cget("mode")) != "determinate":
                 self.progress.stop()
                 self.progress.configure(mode="determinate")
