@@ -104,10 +104,15 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: int) -
 
 @click.command("help")
 @click.argument("name", metavar="[COMMAND]", required=False)
+@click.option("--man", is_flag=True, help="Print the man page instead (roff; read it with 'man -l -').")
 @click.pass_context
-def help_command(ctx: click.Context, name: str | None) -> None:
+def help_command(ctx: click.Context, name: str | None, man: bool) -> None:
     """Show the help of COMMAND, or of eidetic and its list of commands."""
     group_ctx = ctx.parent if ctx.parent is not None else ctx
+    if man:
+        from .manpages import page
+        click.echo(page(name), nl=False)
+        return
     if name is None:
         click.echo(group_ctx.get_help())
         return

@@ -145,3 +145,21 @@ def test_the_bash_script_completes_commands_and_options(tmp_path):
                          cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["status", "--prometheus"], res.stdout + res.stderr
+
+
+def test_help_man_prints_the_page_that_man_reads(tmp_path):
+    import shutil
+    import subprocess as sp
+
+    from conftest import run_cli
+    res = run_cli("help", "--man", "status")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(".") and "prometheus" in res.stdout
+    if shutil.which("man"):
+        page = tmp_path / "eidetic-status.1"
+        page.write_text(res.stdout)
+        out = sp.run(["man", "-l", str(page)], capture_output=True, text=True, env={"MANPAGER": "cat",
+                     "PAGER": "cat", "PATH": "/usr/bin:/bin", "MANWIDTH": "80"})
+        assert out.returncode == 0 and "status" in out.stdout, out.stderr
+    bad = run_cli("help", "--man", "nosuch")
+    assert bad.returncode == 2
