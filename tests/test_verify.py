@@ -131,7 +131,7 @@ def test_a_matching_described_entry_is_ingested_with_its_provenance(layout):
     assert plain_files(layout.tree()) == FILES
     check_store(layout)
 
-    res = layout.cli("log", "s1:eprime/s1.txt")
+    res = layout.cli("log", "-w", "s1:eprime/s1.txt")
     assert res.returncode == 0, res.stderr
     assert "from labA by jdoe@LAB-PC-3 (eidetic 0.2.0), verified" in res.stdout
     res = layout.cli("log", "--json", "s1:eprime")
@@ -155,7 +155,7 @@ def test_a_bare_drop_is_still_ingested_and_log_says_it_was_not_verified(layout):
     (e,) = json.loads(layout.cli("log", "--json", "s1:a.txt").stdout)
     assert e["provenance"]["verified"] is False and e["provenance"]["location"] == "labB"
     assert "user" not in e["provenance"]
-    res = layout.cli("log", "s1:a.txt")
+    res = layout.cli("log", "-w", "s1:a.txt")
     assert "from labB by root, no description" in res.stdout
 
 
