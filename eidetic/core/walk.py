@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as _stat
+import sys
 from typing import Callable, Iterable, Iterator
 
 # ------------------------------------------------------------------ kinds
@@ -76,16 +77,23 @@ def kind_at(dir_fd: int | None, name: bytes | str) -> str:
 _JUNCTIONS = os.name == "nt"     # a junction is a link to a folder: never entered
 
 
+# os.fsencode's own encoding and error handler, without its Python-level
+# call per name (one per entry of every walk).
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
 def _entry_kind(e: os.DirEntry) -> str:
+    # Files first: most entries are files, and one call then tells.  Neither
+    # is_file nor is_dir with follow_symlinks=False is true for a link.
     try:
-        if e.is_symlink():
-            return SYMLINK
+        if e.is_file(follow_symlinks=False):
+            return FILE
         if e.is_dir(follow_symlinks=False):
             if _JUNCTIONS and getattr(e, "is_junction", lambda: False)():
                 return SYMLINK
             return DIR
-        if e.is_file(follow_symlinks=False):
-            return FILE
+        if e.is_symlink():
+            return SYMLINK
         return kind_of(e.stat(follow_symlinks=False).st_mode)    # d_type says neither: lstat
     except OSError:
         return UNKNOWN
@@ -95,7 +103,7 @@ def listing(dir_fd: int) -> list[tuple[bytes, str]]:
     """Sorted (name, kind) of an open folder, kinds from the directory
     entries (``d_type``), an ``lstat`` only where they do not say."""
     with os.scandir(dir_fd) as it:
-        out = [(os.fsencode(e.name), _entry_kind(e)) for e in it]
+        out = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), _entry_kind(e)) for e in it]
     out.sort()
     return out
 
@@ -112,7 +120,7 @@ def stream(dir_fd: int) -> Iterator[tuple[bytes, str]]:
 def _streamed(it) -> Iterator[tuple[bytes, str]]:
     with it:
         for e in it:
-            yield os.fsencode(e.name), _entry_kind(e)
+            yield e.name.encode(_FS_ENCODING, _FS_ERRORS), _entry_kind(e)
 
 
 def _path_listing(path: str | bytes, sort: bool) -> Iterable[tuple[bytes, str, os.DirEntry]]:
@@ -120,7 +128,7 @@ def _path_listing(path: str | bytes, sort: bool) -> Iterable[tuple[bytes, str, o
     if not sort:
         return _path_streamed(it)
     with it:
-        out = [(os.fsencode(e.name), _entry_kind(e), e) for e in it]
+        out = [(os.fsencode(e.name), _entry_kind(e), e) for e in it]   # bytes already for a bytes path
     out.sort(key=lambda t: t[0])
     return out
 
