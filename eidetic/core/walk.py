@@ -182,16 +182,21 @@ class Entry:
         walk made with ``stat=True``, else made now (while the walk is still
         in the entry's folder: ``dir_fd`` is closed when it leaves)."""
         if self.st is None:
-            if self.dir_fd is not None:
-                self.st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
-            elif self._de is not None:
-                self.st = self._de.stat(follow_symlinks=False)   # Windows: from the listing, no call
-            else:
-                self.st = os.lstat(self.path)
+            self.st = _lstat(self.name, self.dir_fd, self._de, self.path)
         return self.st
 
     def __repr__(self) -> str:
         return f"Entry({self.rel!r}, {self.kind})"
+
+
+def _lstat(name: bytes, dir_fd: int | None, de: os.DirEntry | None, path) -> os.stat_result:
+    """An entry's own stat: by name in its open folder, else (walking by
+    path) from its listing's DirEntry, else by path."""
+    if dir_fd is not None:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if de is not None:
+        return de.stat(follow_symlinks=False)   # Windows: from the listing, no call
+    return os.lstat(path)
 
 
 def _flag(name: str) -> int:
@@ -369,10 +374,9 @@ class _Walker:
                 path = self.join(base, name) if base is not None else None
                 de = item[2] if by_path else None
                 st = None
-                if want_stat:
+                if want_stat and kind != DIR:     # a folder's stat is the one made as it is entered
                     try:
-                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False) if dfd is not None \
-                            else (de.stat(follow_symlinks=False) if de is not None else os.lstat(path))
+                        st = _lstat(name, dfd, de, path)
                     except OSError as err:
                         yield Entry(r, name, ERROR, dfd, path, depth, error=err, listed=kind, de=de)
                         continue
