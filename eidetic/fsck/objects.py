@@ -27,7 +27,7 @@ from ..core.fsutil import is_temp_name, open_regular_nofollow
 from ..core.hashing import SMALL_FILE, hash_bytes
 from ..store.index import Index
 from ..store.objects import ObjectStore
-from .codes import Findings, first_of, no_progress
+from .codes import Findings, first_of
 
 POOL_MIN_SHARDS = 64   # fewer shard directories than this: a small store, hashed in this process
 REF_LIMIT = 1000       # affected versions remembered per bad object
@@ -154,7 +154,7 @@ def check_objects(out: Findings, objects: ObjectStore, fresh: Index, rehash: Reh
     out.stats["objects"], out.stats["object_bytes"] = merge(objects, fresh, rehash is None, emit)
     if rehash is None:
         return
-    total = None if progress is no_progress else sum(size for _, size in fresh.iter_objects())
+    total = out.stats["object_bytes"]       # what the merge just summed: the bytes the re-hash will read
     done = 0
     progress("objects", done, total)
     for bad, n in rehash.results():
