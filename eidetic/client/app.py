@@ -35,6 +35,8 @@ from .. import __version__
 from ..core import errors, layout
 from ..core.errors import HostKeyError, LockBusy, SendCancelled, SendError, TransportError, UsageError
 from ..core.fsutil import write_atomic
+from ..core.walk import DIR, FILE
+from ..core.walk import walk as walk_entries
 from .excludes import Excludes
 from .send import SendHooks, SendOptions, SendProgress, SendResult
 from .settings import SavedDestination
@@ -354,16 +356,24 @@ def scan_folder(source: str, excludes: Excludes | None = None, ledger: Ledger | 
                 stop: Callable[[], bool] | None = None) -> FolderScan:
     """The study folder's subfolders with their sizes, file counts and how
     many files are new or changed (size or modification time) since the
-    ledger's send; what a send leaves out (symbolic links, excluded names) is
-    not counted."""
+    ledger's send; what a send leaves out (symbolic links, junctions,
+    excluded names, what is not a regular file) is not counted.  Walked with
+    the send's own walker (core/walk.py), so it counts what a send sends."""
     excludes = excludes if excludes is not None else Excludes()
     scan = FolderScan(os.path.abspath(source) if source else "", sent_before=bool(ledger),
                       ledger_known=ledger is not None)
     if not source:
         scan.error = "Choose the study folder."
         return scan
+
+    def skip(rel: bytes) -> bool:
+        if excludes.excluded(rel):
+            scan.excluded += 1
+            return True
+        return False
+
     try:
-        top = sorted(os.scandir(source), key=lambda e: e.name.lower())
+        entries = walk_entries(source, skip=skip)
     except FileNotFoundError:
         scan.error = f"The folder {source} does not exist."
         return scan
@@ -373,61 +383,30 @@ def scan_folder(source: str, excludes: Excludes | None = None, ledger: Ledger | 
     except OSError as e:
         scan.error = f"The folder {source} cannot be read ({e.strerror or e})."
         return scan
-    for entry in top:
-        rel = os.fsencode(entry.name)
-        if excludes.excluded(rel):
-            scan.excluded += 1
-            continue
-        try:
-            if entry.is_symlink():
+    part = scan.top
+    with entries:
+        for n, e in enumerate(entries):
+            if e.kind == DIR or n % 512 == 511:
+                if stop is not None and stop():
+                    scan.complete = False
+                    break
+            if e.kind == DIR:
+                if e.depth == 0:
+                    part = Part(os.fsdecode(e.name))
+                    scan.parts.append(part)
                 continue
-            if entry.is_dir(follow_symlinks=False):
-                part = Part(entry.name)
-                scan.parts.append(part)
-                _scan_into(entry.path, rel, part, scan, excludes, ledger, stop)
-            elif entry.is_file(follow_symlinks=False):
-                _count(entry, rel, scan.top, scan, ledger)
-        except OSError:
-            continue        # vanished or unreadable: the send itself will say so
-        if stop is not None and stop():
-            scan.complete = False
-            return scan
-    return scan
-
-
-def _count(entry: os.DirEntry, rel: bytes, part: Part, scan: FolderScan, ledger: Ledger | None) -> None:
-    st = entry.stat(follow_symlinks=False)
-    last = ledger.get(rel) if ledger else None
-    changed = last is None or last != (st.st_size, st.st_mtime_ns)
-    part.add(st.st_size, changed)
-    scan.total.add(st.st_size, changed)
-
-
-def _scan_into(path: str, rel: bytes, part: Part, scan: FolderScan, excludes: Excludes,
-               ledger: Ledger | None, stop: Callable[[], bool] | None) -> None:
-    stack = [(path, rel)]
-    while stack:
-        if stop is not None and stop():
-            return
-        here, base = stack.pop()
-        try:
-            listing = list(os.scandir(here))
-        except OSError:
-            continue
-        for e in listing:
-            r = base + b"/" + os.fsencode(e.name)
-            if excludes.excluded(r):
-                scan.excluded += 1
-                continue
+            if e.kind != FILE:
+                continue        # links, FIFOs, unreadable folders: the send itself says so
             try:
-                if e.is_symlink():
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    stack.append((e.path, r))
-                elif e.is_file(follow_symlinks=False):
-                    _count(e, r, part, scan, ledger)
+                st = e.lstat()
             except OSError:
-                continue
+                continue        # vanished or unreadable: the send itself will say so
+            last = ledger.get(e.rel) if ledger else None
+            changed = last is None or last != (st.st_size, st.st_mtime_ns)
+            (part if e.depth else scan.top).add(st.st_size, changed)
+            scan.total.add(st.st_size, changed)
+    scan.parts.sort(key=lambda p: p.name.lower())
+    return scan
 
 
 def destination_excludes(dest: SavedDestination | None) -> Excludes:
