@@ -9,7 +9,7 @@ import time
 
 import click
 
-from ..common import Ctx, human_bytes, is_tty, note, say, warn
+from ..common import Ctx, human_bytes, is_tty, note, plural, say, warn
 
 
 @click.command("send")
@@ -165,16 +165,14 @@ def _send(ctx: Ctx, out: "_JsonOut | None", source, dest_name, study, to, parts,
     if res.unchanged:
         extras.append(f"{res.unchanged} unchanged files left out (sent before)")
     if res.excluded:
-        extras.append(f"excluded {res.excluded} file{'s' if res.excluded != 1 else ''} or folder"
-                      f"{'s' if res.excluded != 1 else ''} (OS and editor files, --exclude)"
-                      + ("" if ctx.verbose else " (-v lists them)"))
+        extras.append(f"excluded {plural(res.excluded, 'file or folder', 'files or folders')} "
+                      "(OS and editor files, --exclude)" + ("" if ctx.verbose else " (-v lists them)"))
     if res.symlinks:
-        extras.append(f"skipped {res.symlinks} symbolic link{'s' if res.symlinks != 1 else ''}"
-                      + ("" if ctx.verbose else " (-v lists them)"))
+        extras.append(f"skipped {plural(res.symlinks, 'symbolic link')}" + ("" if ctx.verbose else " (-v lists them)"))
     if res.special:
         extras.append(f"skipped {res.special} special files (not regular files)")
     tail = f"; {'; '.join(extras)}" if extras else ""
-    files = f"{res.files} file{'s' if res.files != 1 else ''} ({human_bytes(res.bytes)})"
+    files = f"{plural(res.files, 'file')} ({human_bytes(res.bytes)})"
     if res.dry_run:
         say(f"would send {files} to {res.dest} for study {res.study} from location {res.location}{tail}"
             + ("" if ctx.verbose else " (-v lists them)" if res.files else ""))
