@@ -76,9 +76,10 @@ def _send(ctx: Ctx, out: "_JsonOut | None", source, dest_name, study, to, parts,
     from eidetic.core.errors import UsageError
 
     # Never ctx.cfg: the lab PC has no server config.
-    saved = None
+    saved = settings = None
     if dest_name is not None or to is None:
-        saved = load_settings(client_dir()).pick(dest_name)
+        settings = load_settings(client_dir())      # handed to the send: read once
+        saved = settings.pick(dest_name)
     if saved is None and (study is None or to is None):
         missing = " and ".join(f"--{k}" for k, v in (("study", study), ("to", to)) if v is None)
         raise UsageError(f"say where to send: {missing} (or --dest NAME, a destination saved in "
@@ -136,7 +137,7 @@ def _send(ctx: Ctx, out: "_JsonOut | None", source, dest_name, study, to, parts,
                       password=password if interactive else None)
     opts = SendOptions(source=source, study=study, to=to, location=location, changed_only=changed_only,
                        dry_run=dry_run, identity=identity, accept_host_key=accept_host_key, parts=tuple(parts),
-                       excludes=Excludes(tuple(excludes), defaults=not no_default_excludes))
+                       excludes=Excludes(tuple(excludes), defaults=not no_default_excludes), settings=settings)
     try:
         res = send(opts, hooks)
     except KeyboardInterrupt:

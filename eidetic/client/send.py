@@ -37,7 +37,7 @@ from .. import __version__
 from ..core import layout
 from .state import ClientLock, Pending, SendState, client_dir, local_user, open_state, sanitize_location
 from .excludes import Excludes
-from .settings import load_settings
+from .settings import ClientSettings, load_settings
 from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionHeader, DescriptionWriter, walk_key
 from ..core.errors import SendCancelled, SendError, UsageError
 from ..core.fsutil import open_regular_nofollow
@@ -65,6 +65,7 @@ class SendOptions:
     client_home: str | None = None      # default: client.client_dir()
     parts: tuple[str, ...] = ()         # subfolders of source sent together (paths kept); () = everything
     excludes: Excludes | None = None    # None: the default excludes only
+    settings: ClientSettings | None = None  # the client settings the caller read already (None: read here)
 
 
 @dataclass
@@ -124,10 +125,11 @@ def entry_name(study: str, location: str, when: datetime) -> str:
     return f"{study}-{location}-{when.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
-def default_location(home: str) -> tuple[str, str]:
+def default_location(home: str, settings: ClientSettings | None = None) -> tuple[str, str]:
     """(location as given, where it came from) per the client settings (the
-    user's, else the machine-wide ones), else the host name."""
-    s = load_settings(home)
+    user's, else the machine-wide ones; *settings* when the caller read them
+    already), else the host name."""
+    s = settings if settings is not None else load_settings(home)
     if s.location:
         return s.location, s.location_origin or "the client settings"
     return socket.gethostname().split(".")[0] or "unknown", "the host name"
@@ -272,7 +274,7 @@ class _Sender:
             raise UsageError(f"{o.source} is neither a folder nor a regular file")
         self.excludes = o.excludes if o.excludes is not None else Excludes()
         self.dest: Destination = parse_destination(o.to)
-        given, origin = (o.location, "--location") if o.location else default_location(self.home)
+        given, origin = (o.location, "--location") if o.location else default_location(self.home, o.settings)
         self.location = sanitize_location(given)
         if self.location != given:
             self.notice(f"location {given!r} (from {origin}) may only hold letters, digits, '_' and '.' "
