@@ -21,7 +21,7 @@ from typing import IO, Iterator
 
 from . import layout
 from .fsutil import open_regular_nofollow
-from .jsonl import decode_bytes, dumps, encode_bytes, parse_json_line
+from .jsonl import decode_bytes, dumps, encode_bytes, int_field, parse_json_line
 
 DESCRIPTION_NAME = b".eidetic-description.jsonl"
 DESCRIPTION_VERSION = 1
@@ -93,11 +93,10 @@ class DescribedFile:
         layout.check_relpath(path)
         if path == DESCRIPTION_NAME:
             raise ValueError("the description cannot describe itself")
-        size, mtime = d.get("size"), d.get("mtime_ns")
+        size = d.get("size")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError("size must be an integer >= 0")
-        if isinstance(mtime, bool) or not isinstance(mtime, int):
-            raise ValueError("mtime_ns must be an integer")
+        mtime = int_field(d, "mtime_ns")
         oid = d.get("blake3")
         if not isinstance(oid, str) or not layout.valid_object_id(oid):
             raise ValueError("blake3 must be 64 lowercase hex digits")

@@ -17,12 +17,25 @@ def encode_bytes(obj: dict, key: str, value: bytes) -> None:
         obj[key + "_b64"] = base64.b64encode(value).decode("ascii")
 
 
+def int_field(obj: dict, key: str) -> int:
+    """*obj*[*key*], which must be an integer (not a bool); ValueError else."""
+    v = obj.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{key} must be an integer")
+    return v
+
+
+def str_field(obj: dict, key: str) -> str:
+    """*obj*[*key*], which must be a string; ValueError else."""
+    v = obj.get(key)
+    if not isinstance(v, str):
+        raise ValueError(f"{key} must be a string")
+    return v
+
+
 def decode_bytes(obj: dict, key: str) -> bytes:
     if key in obj:
-        v = obj[key]
-        if not isinstance(v, str):
-            raise ValueError(f"{key} must be a string")
-        return v.encode("utf-8")
+        return str_field(obj, key).encode("utf-8")
     v = obj.get(key + "_b64")
     if not isinstance(v, str):
         raise ValueError(f"missing {key}")

@@ -19,7 +19,7 @@ from typing import IO, Iterator
 from ..core import layout
 from ..core.errors import IntegrityError
 from ..core.hashing import new_hasher
-from ..core.jsonl import decode_bytes, dumps, encode_bytes, parse_json_line
+from ..core.jsonl import decode_bytes, dumps, encode_bytes, int_field as _int, parse_json_line, str_field as _str
 
 MANIFEST_VERSION = 2                  # what this eidetic writes
 READABLE_VERSIONS = (1, 2)            # 2 added the optional "description" header key
@@ -162,20 +162,6 @@ def _description(d: dict, version: int) -> dict | None:
     except ValueError as e:
         raise ValueError(f"description: {e}") from None
     return {k: desc[k] for k in DESCRIPTION_KEYS}
-
-
-def _int(d: dict, k: str) -> int:
-    v = d.get(k)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise ValueError(f"{k} must be an integer")
-    return v
-
-
-def _str(d: dict, k: str) -> str:
-    v = d.get(k)
-    if not isinstance(v, str):
-        raise ValueError(f"{k} must be a string")
-    return v
 
 
 # ------------------------------------------------------------------- writer
