@@ -130,19 +130,14 @@ DEFAULT_WORD = "default"
 
 def find_config_path(explicit: str | None) -> str | None:
     """The config file to use, or None for the default layout."""
-    if explicit == DEFAULT_WORD:
-        return None
-    if explicit:
-        if not os.path.isfile(explicit):
-            raise ConfigError("file not found", explicit)
-        return explicit
-    env = os.environ.get("EIDETIC_CONFIG")
-    if env == DEFAULT_WORD:
-        return None
-    if env:
-        if not os.path.isfile(env):
-            raise ConfigError("file not found (named by $EIDETIC_CONFIG)", env)
-        return env
+    for named, missing in ((explicit, "file not found"),
+                           (os.environ.get("EIDETIC_CONFIG"), "file not found (named by $EIDETIC_CONFIG)")):
+        if named == DEFAULT_WORD:
+            return None
+        if named:
+            if not os.path.isfile(named):
+                raise ConfigError(missing, named)
+            return named
     return SYSTEM_CONFIG if os.path.isfile(SYSTEM_CONFIG) else None
 
 
