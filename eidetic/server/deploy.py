@@ -276,7 +276,7 @@ def _apply(path: str, mode: int | None, ids: Ids, st: os.stat_result) -> list[st
     gid = -1 if ids.gid is None or ids.gid == st.st_gid else ids.gid
     if uid != -1 or gid != -1:
         os.chown(path, uid, gid, follow_symlinks=False)
-        changes.append(f"owner of {path} {_user_name(st.st_uid)}:{_group_name(st.st_gid)} -> "
+        changes.append(f"owner of {path} {_owner_of(st)} -> "
                        f"{_owner_text(path)}")
     if mode is not None:
         # chown may clear set-id bits, and mkdir's mode is filtered by the umask: always chmod.
@@ -294,26 +294,30 @@ def _apply(path: str, mode: int | None, ids: Ids, st: os.stat_result) -> list[st
 
 
 def _owner_text(path: str) -> str:
-    st = os.lstat(path)
-    return f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"
+    return _owner_of(os.lstat(path))
+
+
+def _owner_of(st: os.stat_result) -> str:
+    """The owner of a stat as "user:group", by name where the system has one."""
+    return Ids(st.st_uid, st.st_gid).text()
 
 
 def _user_name(uid: int | None) -> str:
-    if uid is None:
-        return "(unchanged)"
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    return _id_name(uid, lambda i: pwd.getpwuid(i).pw_name)
 
 
 def _group_name(gid: int | None) -> str:
-    if gid is None:
+    return _id_name(gid, lambda i: grp.getgrgid(i).gr_name)
+
+
+def _id_name(i: int | None, lookup) -> str:
+    """A user's or group's name, its number when it has none, "(unchanged)" for None."""
+    if i is None:
         return "(unchanged)"
     try:
-        return grp.getgrgid(gid).gr_name
+        return lookup(i)
     except KeyError:
-        return str(gid)
+        return str(i)
 
 
 # ------------------------------------------------ running as the service user
@@ -453,7 +457,7 @@ def _check_dir(w: Want) -> list[Finding]:
         out.append(Finding("mode", w.path, f"{w.role} has mode {mode:04o}, the design says {w.mode:04o}",
                            data={"mode": mode, "want": w.mode}))
     if w.ids.differ_from(st):
-        out.append(Finding("owner", w.path, f"owned by {_user_name(st.st_uid)}:{_group_name(st.st_gid)}, the "
+        out.append(Finding("owner", w.path, f"owned by {_owner_of(st)}, the "
                            f"design says {w.ids.text()}"))
     if w.role != "inbox":       # inbox entries belong to their uploaders
         out.extend(_check_owner_inside(w))
@@ -486,7 +490,7 @@ def _check_owner_inside(w: Want) -> list[Finding]:
             if _wrong_owner(w.ids, st):
                 count += 1
                 if len(examples) < MAX_OWNER_EXAMPLES:
-                    examples.append((path, f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"))
+                    examples.append((path, _owner_of(st)))
     except OSError as e:
         return [Finding("unreadable", w.path, f"cannot look inside the {w.role} to check its owners "
                         f"({e.strerror}): run 'eidetic init --check' as root or as the service user",
