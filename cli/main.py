@@ -146,8 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except OSError as e:
         # An environment problem we did not anticipate: one line, not a traceback.
-        # filename may be bytes (we pass bytes paths) and may hold any byte
-        where = f": {display(os.fsencode(e.filename))}" if e.filename else ""
+        # filename may be bytes (we pass bytes paths) and may hold any byte, or
+        # be a file descriptor (os.stat(fd) says which one): shown as it is
+        name = e.filename
+        where = (f": {display(os.fsencode(name)) if isinstance(name, (str, bytes)) else name}"
+                 if name is not None and name != "" else "")
         click.echo(f"eidetic: {e.strerror or e}{where}", err=True)
         sys.exit(3)
     except Exception as e:  # a bug: say so in one line; the traceback on request

@@ -230,3 +230,21 @@ def test_ingest_once_says_it_waits_for_a_store_another_process_holds_then_finish
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert "ingested s1-labA-1" in out
+
+
+def test_oserror_naming_a_file_descriptor_is_one_line(monkeypatch, capsys):
+    """An OSError whose filename is a descriptor (os.stat(fd) sets the number)
+    is still one line, not a TypeError's traceback from the handler."""
+    from eidetic_cli import main as cli_main
+    from eidetic_cli.commands import status
+
+    def boom(*args, **kwargs):
+        raise OSError(5, "Input/output error", 7)
+
+    monkeypatch.setattr(status.command, "callback", boom)
+    monkeypatch.setattr(cli_main, "require_server", lambda command: None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["status"])
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert err == "eidetic: Input/output error: 7\n"
