@@ -50,7 +50,6 @@ class TreeScan:
         self.pending = pending             # is manifest seq not yet applied to the live index?
         self.entries = 0
         self.closed: set[bytes] = set()    # source dirs already left (only a key order anomaly revisits one)
-        self.obj_root = objects.root + b"/objects/"
         self._last_oid = ""
         self._last_ids: tuple[int, int] | None = None
 
@@ -205,7 +204,7 @@ class TreeScan:
             want = self._last_ids
         else:
             try:
-                st = os.lstat(self.obj_root + oid[:2].encode() + b"/" + oid[2:].encode())
+                st = os.lstat(self.objects.path(oid))
                 want = (st.st_dev, st.st_ino)
             except FileNotFoundError:
                 want = None
