@@ -34,7 +34,7 @@ class Chain:
     def __init__(self, store: Store, out: Findings, progress: Progress, exclusive: bool, start_ns: int) -> None:
         self.store, self.out, self.progress, self.start_ns = store, out, progress, start_ns
         self.exclusive = exclusive            # the store lock is held: nothing changes under the check
-        self.ipath, self.hp = os.path.join(store.root, "index"), os.path.join(store.root, "HEAD")
+        self.ipath, self.hp = store.index_path, os.path.join(store.root, "HEAD")
         self.fresh_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "fsck-")
         self.fresh = Index(os.path.join(self.fresh_dir, "index"), durable=False, study=store.name)
         self.live: Index | None = None        # None: missing, unreadable or damaged
