@@ -76,24 +76,22 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None, as_js
     ingester = Ingester(cfg, log=log, on_result=notifier.report)
     results = ingester.run_once(study=study, settle_seconds=settle)
     tell = (lambda _msg: None) if as_json else note   # stdout is the JSON document
-    failed = 0
-    counts = {"ingested": 0, "failed": 0, "committed": 0, "waiting": 0}
-    for r in results:
-        if r.outcome in counts and (r.outcome != "waiting" or r.fault is None):
-            counts[r.outcome] += 1
+    # An entry left waiting by a store fault is said with the fault, below.
+    shown = [r for r in results if r.outcome != "waiting" or r.fault is None]
+    counts = {k: sum(r.outcome == k for r in shown) for k in ("ingested", "failed", "committed", "waiting")}
+    for r in shown:
         if r.outcome == "ingested":
             tell(f"ingested {r.entry}: upload {r.upload}, {plural(r.files, 'file')} ({human_bytes(r.bytes)}), "
                  f"{plural(r.new_versions, 'new version')}"
                  + (f", {r.skipped} skipped (not regular files)" if r.skipped else "")
                  + (", verified against the sender's description" if r.verified else ""))
         elif r.outcome == "failed":
-            failed += 1
             warn(f"FAILED {r.entry}: {r.reason}")
             if r.where:
                 warn(f"  the data is kept at {r.where}")
         elif r.outcome == "committed":
             tell(f"committed {r.entry}: upload {r.upload}, finishing later (the next run completes it)")
-        elif r.fault is None:
+        else:
             tell(f"waiting {r.entry}: {r.reason}")
     if not results and not ingester.faults:
         tell("nothing to ingest")
@@ -102,9 +100,9 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None, as_js
         warn(f"eidetic: {fault.message}")
         if fault.entry_note:
             warn(f"  {fault.entry_note}")
-    code = 3 if ingester.faults else 1 if failed else 0
+    code = 3 if ingester.faults else 1 if counts["failed"] else 0
     if as_json:
-        say(json.dumps({"results": [_result_json(r) for r in results if r.fault is None or r.outcome != "waiting"],
+        say(json.dumps({"results": [_result_json(r) for r in shown],
                         "summary": {**counts, "faults": [f.message for f in ingester.faults],
                                     "exit_status": code}}, indent=1))
     sys.exit(code)
