@@ -35,8 +35,7 @@ from typing import Callable, NoReturn
 
 from ..core import layout
 from .config import Config
-from ..core.description import (DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader,
-                                open_description, walk_key)
+from ..core.description import DESCRIPTION_NAME, DescribedFile, DescriptionError, DescriptionReader, walk_key
 from ..core.errors import EideticError, EntryChanged, EntryRejected, Interrupted, LockBusy, StoreIOError
 from ..core.fsutil import SyncFailed, open_regular_nofollow, raise_nofile_limit
 from ..core.walk import DIR, ERROR, FILE, SYMLINK, kind_at, kind_of, kind_word, listing, walk
@@ -827,13 +826,15 @@ def _peek_description(entry: bytes) -> tuple[str | None, str | None]:
     """(study, source folder) an entry's upload description names, or (None,
     None) without a readable one; only its header line is read, nothing stored."""
     try:
-        r = open_description(entry + b"/" + DESCRIPTION_NAME)
-    except (OSError, DescriptionError, ValueError):
+        fd, _ = open_regular_nofollow(entry + b"/" + DESCRIPTION_NAME)
+    except OSError:
         return None, None
-    try:
-        return r.header.study, r.header.source
-    finally:
-        r._f.close()
+    with os.fdopen(fd, "rb") as f:
+        try:
+            h = DescriptionReader(f).header
+        except (OSError, DescriptionError, ValueError):
+            return None, None
+    return h.study, h.source
 
 
 def _unreadable_hint(what: str, failed_path: bytes) -> str:
