@@ -100,6 +100,8 @@ class Chain:
         self.out.add("E043", self.ipath, f"{what}; {REBUILDS}")
         if self.snap is not None:
             self.snap.close()
+        if self.live is not None:
+            self.live.close()       # a damaged environment is not kept open for the repair to trip over
         self.snap = self.live = None
 
     def applied_now(self) -> int:
