@@ -69,6 +69,7 @@ class EntryResult:
     settles_in: float | None = None   # "waiting" for an entry still changing: seconds until it may be taken
     verified: bool = False     # every file was checked against the sender's upload description
     resend: bool = False       # failed so that only sending it again can fix it (renaming the entry cannot)
+    commands: tuple[str, ...] = ()   # the 'eidetic send' commands the reason names (the mail shows each)
     fault: StoreIOError | None = None   # the store fault that stopped this entry (and its study)
 
 
@@ -217,8 +218,9 @@ class Ingester:
         if waiting is not None:   # refused or not, an entry still being written is left alone
             return waiting
         named, source = _peek_description(c.path)
+        commands: tuple[str, ...] = ()
         if named is not None:     # sent with 'eidetic send --study <no such study>'
-            reason = self._wrong_study(c, named, source, None)
+            reason, commands = self._wrong_study(c, named, source, None)
         else:                     # copied in by hand: a correct name is all it needs
             known = ", ".join(sorted(self.cfg.studies))
             reason = (f"entry name '{disp}' does not start with a configured study name and '-' "
@@ -229,7 +231,8 @@ class Ingester:
         self.state.finish(cl, "failed", reason, extra={"resend": True} if named is not None else None)
         self.log(f"failed {disp}: {reason}")
         return self._report(EntryResult(disp, None, "failed", upload=cl.upload, reason=reason,
-                                        where=os.fsdecode(cl.path_in("failed")), resend=named is not None))
+                                        where=os.fsdecode(cl.path_in("failed")), resend=named is not None,
+                                        commands=commands))
 
     # ------------------------------------------------------------ hints
 
@@ -243,11 +246,13 @@ class Ingester:
         return (f"eidetic send {src} --study {study or '<the study your study runner gave you>'} "
                 f"--to {shlex.quote(to)}")
 
-    def _wrong_study(self, c: "Candidate | Claim", named: str, source: str | None, study: str | None) -> str:
+    def _wrong_study(self, c: "Candidate | Claim", named: str, source: str | None,
+                     study: str | None) -> tuple[str, tuple[str, ...]]:
         """The reason for an entry whose upload description names study
         *named* while the entry is in *study* (None: its name maps to no
-        study).  Renaming cannot fix it (the description inside decides the
-        study); sending again with the right study does: say so, with the command."""
+        study), and the send commands it names.  Renaming cannot fix it (the
+        description inside decides the study); sending again with the right
+        study does: say so, with the command."""
         disp = layout.display(c.name if isinstance(c, Candidate) else c.original)
         known = ", ".join(sorted(self.cfg.studies))
         if study is None and named in self.cfg.studies:     # a hand-made name; the description is right
@@ -266,13 +271,14 @@ class Ingester:
                      else f"its entry name '{disp}' puts it in study {study}")
             what = f"it was sent for study {_quoted(named)} but {where}; an upload cannot change its study"
             to = self._inbox_of(study)
+        commands = (self._send_command(source, guess, to),)
         text = (f"{what}. Nothing was ingested, and renaming the entry cannot fix it (the upload description "
                 f"inside names study {_quoted(named)}). Send the folder again with the right study: "
-                + self._send_command(source, guess, to))
+                + commands[0])
         if study is not None and named in self.cfg.studies and named != study:
-            text += (f" (or, if the data is study {named}'s: "
-                     + self._send_command(source, named, self._inbox_of(named)) + ")")
-        return text + " (over SFTP: the same --to as before)"
+            commands += (self._send_command(source, named, self._inbox_of(named)),)
+            text += f" (or, if the data is study {named}'s: {commands[1]})"
+        return text + " (over SFTP: the same --to as before)", commands
 
     def _describe_oserror(self, e: OSError, cl: Claim) -> str:
         """An entry's OSError in plain words: what is wrong and who can fix it."""
@@ -378,7 +384,8 @@ class Ingester:
                                    reason="abandoned on shutdown; redone at the next start",
                                    seconds=time.monotonic() - t0, where=os.fsdecode(path))
             except EntryRejected as e:
-                return self._fail(store, cl, disp, e.message, t0, stats, resend=_needs_resend(e))
+                return self._fail(store, cl, disp, e.message, t0, stats, resend=_needs_resend(e),
+                                  commands=getattr(e, "commands", ()))
             except StoreIOError as e:        # commit_manifest: the manifest has its name
                 self._finish_later(store, cl, disp, e, t0, path)
             except OSError as e:
@@ -451,7 +458,7 @@ class Ingester:
         raise e
 
     def _fail(self, store: Store, cl: Claim, disp: str, reason: str, t0: float, stats: Stats | None = None,
-              resend: bool = False) -> EntryResult:
+              resend: bool = False, commands: tuple[str, ...] = ()) -> EntryResult:
         store.clean_tmp(best_effort=True)
         if stats is not None:
             # Refused before the commit point: the objects this attempt placed
@@ -461,7 +468,8 @@ class Ingester:
         self.state.finish(cl, "failed", reason, extra={"resend": True} if resend else None)
         self.log(f"failed {disp} (upload {cl.upload}): {reason}")
         return EntryResult(disp, cl.study, "failed", upload=cl.upload, reason=reason,
-                           seconds=time.monotonic() - t0, where=os.fsdecode(cl.path_in("failed")), resend=resend)
+                           seconds=time.monotonic() - t0, where=os.fsdecode(cl.path_in("failed")), resend=resend,
+                           commands=commands)
 
     @staticmethod
     def _is_committed(store: Store, cl: Claim, head_seq: int) -> bool:
@@ -568,13 +576,13 @@ class Ingester:
             h = reader.header
             disp = layout.display(cl.original)
             if h.study != store.name:
-                raise _resend(self._wrong_study(cl, h.study, h.source, store.name))
+                raise _resend(*self._wrong_study(cl, h.study, h.source, store.name))
             if h.location != cl.location:
+                again = (self._send_command(h.source, store.name, cl.inbox)
+                         + " --location " + shlex.quote(cl.location))
                 raise _resend(f"its upload description says location {_quoted(h.location)} but the entry name "
                               f"'{disp}' says '{cl.location}', so nothing was ingested (renaming the entry "
-                              "cannot fix this). Send the folder again: "
-                              + self._send_command(h.source, store.name, cl.inbox)
-                              + " --location " + shlex.quote(cl.location))
+                              f"cannot fix this). Send the folder again: {again}", (again,))
         except BaseException:
             f.close()
             raise
@@ -811,10 +819,12 @@ def _is_store_fault(e: OSError, store: Store) -> bool:
     return False
 
 
-def _resend(message: str) -> EntryRejected:
-    """An entry's problem that only sending it again can fix (a rename cannot)."""
+def _resend(message: str, commands: tuple[str, ...] = ()) -> EntryRejected:
+    """An entry's problem that only sending it again can fix (a rename cannot);
+    *commands*: the 'eidetic send' commands *message* names."""
     e = EntryRejected(message)
     e.resend = True          # type: ignore[attr-defined]
+    e.commands = commands    # type: ignore[attr-defined]
     return e
 
 

@@ -22,7 +22,6 @@ import errno
 import functools
 import os
 import pwd
-import re
 import secrets
 import shlex
 import shutil
@@ -342,7 +341,7 @@ class Notifier:
             lines += ["  1. Send the data again, as \"Why\" says (the sender runs 'eidetic send' on",
                       "     the machine the data came from). Renaming this entry cannot help: it",
                       "     would fail again for the same reason.",
-                      *(f"       {c}" for c in _send_commands(r.reason)),
+                      *(f"       {_clean(c)}" for c in r.commands),
                       "  2. Once the new send is ingested, this failed copy may be removed",
                       f"     (as the service user or root): rm -r {shlex.quote(where)}"]
         elif where and failed_name:
@@ -445,12 +444,6 @@ def _dedupe(addresses) -> list[str]:
             seen.add(a.lower())
             out.append(a)
     return out
-
-
-def _send_commands(reason: str | None) -> list[str]:
-    """The 'eidetic send …' commands a reason names, each to go on a line of its own."""
-    return re.findall(r"eidetic send (?:'[^']*'|\S+) --study (?:<[^>]*>|\S+) --to (?:'[^']*'|[^\s)]+)",
-                      _clean(reason or ""))
 
 
 def _mv_command(inbox: str, src: str, dst: str) -> str:
