@@ -83,6 +83,11 @@ class Stats:
     denied: bool = False       # a file or folder could not be read for lack of permission
     problems: layout.FirstN = field(default_factory=lambda: layout.FirstN(MAX_REPORTED_PROBLEMS))
 
+    def unreadable(self, shown: str, e: OSError) -> None:
+        """*shown* (a file, or a folder with its '/') could not be opened or listed."""
+        self.denied |= e.errno in (errno.EACCES, errno.EPERM)
+        self.problems.add(f"{shown} ({e.strerror})")
+
 
 def _quiet(_: str) -> None:
     pass
@@ -601,8 +606,7 @@ class Ingester:
                 elif kind == DIR:
                     continue
                 elif kind == ERROR:        # a folder that could not be opened or listed
-                    stats.denied |= e.error.errno in (errno.EACCES, errno.EPERM)
-                    stats.problems.add(f"{layout.display(e.rel)}/ ({e.error.strerror})")
+                    stats.unreadable(layout.display(e.rel) + "/", e.error)
                 elif kind == SYMLINK:
                     try:
                         target = os.readlink(e.name, dir_fd=e.dir_fd)
@@ -622,8 +626,7 @@ class Ingester:
                 if e.errno in (errno.ELOOP, errno.EINVAL, errno.ENXIO):  # not a regular file after all
                     writer.add(SkipRecord(relpath, kind_at(dfd, name)))
                     return
-                stats.denied |= e.errno in (errno.EACCES, errno.EPERM)
-                stats.problems.add(f"{layout.display(relpath)} ({e.strerror})")
+                stats.unreadable(layout.display(relpath), e)
                 return
             try:
                 res, unchanged = _put(store, fd, before)
