@@ -363,7 +363,6 @@ class Daemon:
             name = e.filename
             shown = layout.display(os.fsencode(name)) if isinstance(name, (str, bytes)) else name
             text = f"{e.strerror or e}" + (f": {shown}" if name else "")   # a byte name never as b'...'
-
         else:
             text = (f"internal error: {type(e).__name__}: {e} (set EIDETIC_DEBUG=1 for the traceback, "
                     "and please report it)")

@@ -65,7 +65,7 @@ def resolve(cfg: Config, arg: str) -> Target:
         raise NotFound(f"no study {study_name} (studies: {studies})")
     trees = ", ".join(s.tree for s in cfg.studies.values())
     raise NotFound(f"{arg} is not inside a study's tree ({trees}); "
-                   f"or name it as STUDY:path (studies: {', '.join(sorted(cfg.studies))})")
+                   f"or name it as STUDY:path (studies: {studies})")
 
 
 def _resolve_rel(store: Store, rel: bytes, tree_abs: bytes) -> Target:
