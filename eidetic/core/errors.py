@@ -133,7 +133,16 @@ class EntryRejected(EideticError):
     """Raised inside ingest for an entry that cannot be ingested; the entry is
     marked failed with this reason and the run goes on with the next one.
 
-    {detail}"""
+    {detail}
+
+    *resend*: only sending the data again can fix it (renaming the entry
+    cannot); *commands*: the 'eidetic send' commands the reason names, for
+    the failure mail."""
+
+    def __init__(self, detail: str = "", resend: bool = False, commands: tuple[str, ...] = ()) -> None:
+        super().__init__(detail)
+        self.resend = resend
+        self.commands = commands
 
     @property
     def message(self) -> str:

@@ -389,8 +389,8 @@ class Ingester:
                                    reason="abandoned on shutdown; redone at the next start",
                                    seconds=time.monotonic() - t0, where=os.fsdecode(path))
             except EntryRejected as e:
-                return self._fail(store, cl, disp, e.message, t0, stats, resend=_needs_resend(e),
-                                  commands=getattr(e, "commands", ()))
+                return self._fail(store, cl, disp, e.message, t0, stats, resend=e.resend,
+                                  commands=e.commands)
             except StoreIOError as e:        # commit_manifest: the manifest has its name
                 self._finish_later(store, cl, disp, e, t0, path)
             except OSError as e:
@@ -825,14 +825,7 @@ def _is_store_fault(e: OSError, store: Store) -> bool:
 def _resend(message: str, commands: tuple[str, ...] = ()) -> EntryRejected:
     """An entry's problem that only sending it again can fix (a rename cannot);
     *commands*: the 'eidetic send' commands *message* names."""
-    e = EntryRejected(message)
-    e.resend = True          # type: ignore[attr-defined]
-    e.commands = commands    # type: ignore[attr-defined]
-    return e
-
-
-def _needs_resend(e: EntryRejected) -> bool:
-    return bool(getattr(e, "resend", False))
+    return EntryRejected(message, resend=True, commands=commands)
 
 
 def _peek_description(entry: bytes) -> tuple[str | None, str | None]:
