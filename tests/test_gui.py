@@ -147,7 +147,10 @@ class Window:
 
     def type(self, text: str) -> None:
         self.pump(0.02)
-        subprocess.run([XDOTOOL, "type", "--delay", "2", text], check=True, timeout=20)
+        # From stdin, not argv: a text starting with "-" (a random password
+        # can) would be read by xdotool as an option.
+        subprocess.run([XDOTOOL, "type", "--delay", "2", "--file", "-"], input=text.encode(), check=True,
+                       timeout=20)
         self.pump(0.1)
 
     def focus(self, widget) -> None:
