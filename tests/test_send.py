@@ -268,7 +268,13 @@ def test_ctrl_c_stops_the_send_with_status_130_and_the_next_run_resumes(tmp_path
     argv = eidetic_argv() + ["send", str(tmp_path / "src"), "--study", "s1", "--to", str(layout.inbox),
                              "--location", "labA"]
     proc = start_and_wait_for(argv, client, layout.inbox, "big.bin")
+    # Frozen first, so that a loaded machine cannot let the send finish
+    # between the size seen above and the Ctrl-C (it then rightly exits 0).
+    proc.send_signal(signal.SIGSTOP)
+    dots = [n for n in os.listdir(layout.inbox) if n.startswith(".")]
+    assert dots and (layout.inbox / dots[0] / "big.bin").stat().st_size < len(expected[b"big.bin"])
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "Traceback" not in err and "run the same command again to resume" in err
