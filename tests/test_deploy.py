@@ -56,8 +56,11 @@ def test_init_creates_each_directory_with_the_design_mode_and_says_so(tmp_path):
     assert res.returncode == 0, res.stderr
     assert mode(lay.inbox) == 0o3777
     assert mode(lay.state) == 0o700
-    assert mode(lay.store()) == 0o700
+    assert mode(lay.store()) == 0o2750      # the study group reads history (log, checkout)
     assert mode(lay.tree()) == 0o2750
+    for inner, want in (("objects", 0o2750), ("manifests", 0o2750), ("index", 0o2750), ("tmp", 0o2700),
+                        ("index/data.mdb", 0o640)):
+        assert mode(lay.store() / inner) == want, inner
     lines = res.stdout.splitlines()
     assert f"created {lay.tree()} (mode 2750, root:root)" in lines
     assert f"created {lay.inbox} (mode 3777, root:root)" in lines
@@ -83,22 +86,25 @@ def test_init_gives_configured_numeric_owners_to_the_directories_and_the_daemons
     res = lay.cli("init")
     assert res.returncode == 0, res.stderr
     service = (DAEMON_UID, DAEMON_UID)
-    assert owner(lay.inbox) == service and owner(lay.state) == service and owner(lay.store()) == service
-    assert owner(lay.tree()) == (DAEMON_UID, STUDY_GID)
+    readers = (DAEMON_UID, STUDY_GID)
+    assert owner(lay.inbox) == service and owner(lay.state) == service
+    assert owner(lay.tree()) == readers and owner(lay.store()) == readers
     # Everything inside the store and state the daemon must write, including the lock and index
-    # files that a root-run command would otherwise create as root.
-    for p in [lay.state / "claims", lay.state / "done", lay.store() / "objects", lay.store() / "tmp",
-              lay.store() / "lock", lay.store() / "index" / "data.mdb", lay.store() / "index" / "lock.mdb"]:
+    # files that a root-run command would otherwise create as root; the store's with the study group.
+    for p in [lay.state / "claims", lay.state / "done"]:
         assert owner(p) == service, p
+    for p in [lay.store() / "objects", lay.store() / "tmp", lay.store() / "lock", lay.store() / "index" / "data.mdb",
+              lay.store() / "index" / "lock.mdb"]:
+        assert owner(p) == readers, p
     assert f"created {lay.tree()} (mode 2750, {DAEMON_UID}:{STUDY_GID})" in res.stdout.splitlines()
     # A store directory left root-owned (say by an ingest run as root) is found and handed back.
     os.chown(lay.store() / "manifests", 0, 0)
     check = lay.cli("init", "--check")
     assert check.returncode == 1
-    assert (f"error: {lay.store()}: 1 file or directory inside the store is not owned by {DAEMON_UID}:{DAEMON_UID} "
+    assert (f"error: {lay.store()}: 1 file or directory inside the store is not owned by {DAEMON_UID}:{STUDY_GID} "
             "as designed") in check.stdout and "e.g. manifests (root:root)" in check.stdout
     res = lay.cli("init")
-    assert f"changed owner of {lay.store() / 'manifests'} root:root -> {DAEMON_UID}:{DAEMON_UID}" in res.stdout
+    assert f"changed owner of {lay.store() / 'manifests'} root:root -> {DAEMON_UID}:{STUDY_GID}" in res.stdout
     assert lay.cli("init", "--check").returncode == 0
 
 

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import DAEMON_UID, run_as
+from conftest import DAEMON_UID, clean_env, run_as
 
 from eidetic.server import config, deploy
 from eidetic import fsck
@@ -940,22 +940,27 @@ def test_tree_is_checked_against_the_rebuild_when_the_live_index_differs(two, re
 
 # ------------------------------------------------------ as another user
 
-def test_E002_fsck_by_a_user_who_cannot_read_the_store_says_so_not_that_it_is_missing(world_tmp, nonroot_venv):
+def test_fsck_by_a_user_who_cannot_read_the_store_is_refused_naming_who_can_never_a_finding(world_tmp,
+                                                                                           nonroot_venv):
     env = Env(world_tmp)
     env.send({"a.txt": b"one\n"})
-    assert stat.S_IMODE(os.stat(env.store_dir).st_mode) == 0o700     # the service user's alone
+    assert stat.S_IMODE(os.stat(env.store_dir).st_mode) == 0o2750    # the store's group reads, no one else
     r = run_as(DAEMON_UID + 7, [str(nonroot_venv / "bin" / "eidetic"), "--config", env.config_file(), "fsck"])
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    first = r.stdout.splitlines()[0]
-    assert first.startswith("E002 ") and "Permission denied" in first and "service user" in first
-    assert "init" not in r.stdout
+    assert (r.returncode, r.stdout) == (3, "")            # the environment stops us: not E002, not E001
+    assert r.stderr.startswith(f"eidetic: 'eidetic fsck' needs the service user's access to study {STUDY} ")
+    assert "run it as root, e.g. 'sudo eidetic --config " in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_E041_fsck_by_a_user_who_may_only_read_the_store_is_not_told_to_rebuild_the_index(world_tmp, nonroot_venv):
+def test_fsck_by_an_auditor_who_may_only_read_the_store_is_refused_naming_who_can(world_tmp, nonroot_venv):
+    """Read access alone is not enough: without the index's lock file the
+    check could not pin the index while an ingest goes on beside it."""
     env = Env(world_tmp)
     env.send({"a.txt": b"one\n"})
-    subprocess.run(["chmod", "-R", "a+rX", env.store_dir], check=True)      # an auditor's view
+    subprocess.run(["chmod", "-R", "a+rX", env.store_dir, env.tree], check=True)      # an auditor's view
     r = run_as(DAEMON_UID + 7, [str(nonroot_venv / "bin" / "eidetic"), "--config", env.config_file(), "fsck"])
-    assert "Traceback" not in r.stderr
-    index_line = next(line for line in r.stdout.splitlines() if line.startswith("E041 "))
-    assert "service user" in index_line and "repair" not in index_line
+    assert (r.returncode, r.stdout) == (3, "")
+    assert "lock.mdb" in r.stderr and "run it as root" in r.stderr and "Traceback" not in r.stderr
+    # What it says to do, done (as root, who may): the check runs, and the store is clean.
+    r = subprocess.run([str(nonroot_venv / "bin" / "eidetic"), "--config", env.config_file(), "fsck"],
+                       capture_output=True, text=True, env=clean_env())
+    assert r.returncode == 0 and r.stdout.startswith("fsck: clean"), r.stdout + r.stderr

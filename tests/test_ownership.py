@@ -94,9 +94,9 @@ def deployment(world_tmp, nonroot_venv) -> Deployment:
 def not_the_services(lay: Layout) -> list[str]:
     """Every path inside the store, tree and state whose owner is not the
     service user, or that is a directory without the service group (the study
-    group in the tree)."""
+    group in the store and the tree)."""
     out = []
-    for root, gid in ((lay.store(), DAEMON_UID), (lay.tree(), STUDY_GID), (lay.state, DAEMON_UID)):
+    for root, gid in ((lay.store(), STUDY_GID), (lay.tree(), STUDY_GID), (lay.state, DAEMON_UID)):
         for dirpath, dirs, files in os.walk(root):
             for n in dirs + files:
                 p = os.path.join(dirpath, n)
@@ -210,7 +210,7 @@ def test_init_check_counts_what_inside_store_tree_and_state_is_not_the_services_
     assert {e["path"] for e in store["examples"]} == {str(obj), str(lay.manifests()[0])}
     # Made in the setgid tree, the directory got the study group but not the service user.
     assert {"path": str(lay.tree() / "d" / "by-root"), "owner": f"root:{STUDY_GID}"} in tree["examples"]
-    assert store["fix"] == f"chown -R {DAEMON_UID}:{DAEMON_UID} {lay.store()}"
+    assert store["fix"] == f"chown -R {DAEMON_UID}:{STUDY_GID} {lay.store()}"
     assert tree["fix"] == f"chown -R {DAEMON_UID}:{STUDY_GID} {lay.tree()}"
     assert all(f["severity"] == "error" for f in found.values())
     text = d.as_root("init", "--check")

@@ -81,7 +81,10 @@ def command(ctx: Ctx, study: str | None, quick: bool, as_json: bool, repair: boo
     errors = warnings = 0
     hashed = objects = 0
     out = warn if as_json else say
+    from eidetic.server.access import check_service_access
     for name in names:
+        # A permission problem is never reported as damage: refused up front, naming who may.
+        check_service_access(cfg, cfg.study(name), "fsck")
         store = Store(*cfg.study(name).store_args())
         findings = _check(store, name, quick, repair)
         if repair and findings:

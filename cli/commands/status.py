@@ -25,10 +25,12 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
     uploads, the last ingest, what the store holds, how full its file system
     is, and whether a daemon serves it; then entries that map to no study.
 
-    Takes no lock: safe while the daemon runs.  Exit status 3 when a
-    study's index may not be used (it says which command rebuilds it), else
-    1 when a failed entry is waiting in an inbox for someone to act on it,
-    else 0.
+    Takes no lock: safe while the daemon runs.  A study member sees their
+    study's store; what only the service user or root may see is listed as
+    such, never guessed.  Exit status 3 when a study's index may not be used
+    (it says which command rebuilds it) or something could not be seen
+    (it says who may), else 1 when a failed entry is waiting in an inbox for
+    someone to act on it, else 0.
     """
     from eidetic.core.layout import display
     from eidetic.server.status import status
@@ -36,7 +38,7 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
     if as_json and prometheus:
         raise click.UsageError("--json and --prometheus cannot be used together")
     st = status(ctx.cfg, study)
-    code = 3 if st.index_unusable else 1 if st.has_failed else 0
+    code = 3 if st.index_unusable or st.incomplete else 1 if st.has_failed else 0
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=1, sort_keys=False))
         sys.exit(code)
@@ -46,13 +48,17 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
         sys.exit(code)
     for name, s in st.studies.items():
         daemon = ("daemon running" + (f" (pid {s.daemon_pid})" if s.daemon_pid and s.daemon_pid > 0 else "")
-                  if s.daemon_running else "no daemon running")
+                  if s.daemon_running else "daemon unknown" if s.daemon_running is None else "no daemon running")
         say(f"study {name}: {daemon}")
         say(f"  waiting      {len(s.waiting)}" + (": " + ", ".join(display(w.entry) for w in s.waiting[:5])
                                                   + (", ..." if len(s.waiting) > 5 else "") if s.waiting else ""))
-        say(f"  processing   {len(s.processing)}"
-            + "".join(f"\n    {display(p.entry)} (upload {p.upload}, since {p.received})" for p in s.processing))
-        say(f"  failed       {len(s.failed)}")
+        if s.records_known:
+            say(f"  processing   {len(s.processing)}"
+                + "".join(f"\n    {display(p.entry)} (upload {p.upload}, since {p.received})" for p in s.processing))
+            say(f"  failed       {len(s.failed)}")
+        else:
+            say("  processing   unknown")       # unseen below says who may see them
+            say("  failed       unknown")
         for f in s.failed:
             say(f"    {display(f.entry)} (upload {f.upload}, {f.finished}): {f.reason}")
             say(f"      kept as {display(f.where)}")
@@ -64,6 +70,8 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
             li = s.last_ingest
             say(f"  last ingest  {li.time} {display(li.entry)} (upload {li.upload}): {plural(li.files, 'file')}, "
                 f"{human_bytes(li.bytes)}")
+        elif not s.records_known and s.uploads != 0:
+            say("  last ingest  unknown")      # neither the records nor the store could say
         else:
             say("  last ingest  none")
         if s.versions is not None:
@@ -76,6 +84,8 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
                 f"{human_bytes(s.total_bytes or 0)}")
         for e in s.errors:
             say(f"  error        {e}")
+        for u in s.unseen:
+            say(f"  unseen       {u}")
     if st.unknown:
         say("entries that map to no study:")
         for u in st.unknown:

@@ -207,3 +207,17 @@ class ServerNotInstalled(EideticError):
     def message(self) -> str:
         k = self.kwargs
         return f"'{k['command']}' needs the server libraries ({k['missing']} not installed): {k['install']}"
+
+
+class AccessDenied(EideticError):
+    """This user may not read or change what the command needs (a study's
+    store, tree or state): never reported as damage.  The message names the
+    user or group that may.
+
+    {detail}"""
+
+    exit_code = 3
+
+    @property
+    def message(self) -> str:
+        return str(self.kwargs["detail"])

@@ -354,3 +354,30 @@ def disk_percent_used(path: str | bytes) -> int:
     u = shutil.disk_usage(path)
     total = u.used + u.free
     return math.ceil(100 * u.used / total) if total else 0
+
+
+PROC_LOCKS = "/proc/locks"
+
+
+def flock_holder(path: str | bytes, proc_locks: str = PROC_LOCKS) -> int | None:
+    """The pid holding an exclusive flock(2) on *path*, 0 when none does,
+    None when it cannot be told (no /proc, the file cannot be stat'ed).
+
+    For a process that may not open *path* (a study member and the store's
+    private lock): /proc/locks lists every lock by device and inode, and
+    stat(2) needs no read permission.  Opening the file to probe it would
+    need read access, and whoever may open a lock file may also hold it and
+    stop its writer for good."""
+    try:
+        st = os.stat(path)
+        with open(proc_locks, "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    want = b"%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 14636 fe:00:2146386 0 EOF" ("-> " marks a waiter)
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == b"FLOCK" and fields[3] == b"WRITE" and fields[5] == want:
+            return int(fields[4]) if fields[4].isdigit() else -1
+    return 0

@@ -19,6 +19,17 @@ import hashlib
 
 FORMAT_VERSION = 1
 STORE_MARKER = "eidetic-store"
+# Modes inside a store (store_format.md §2.2).  What a study member's log and
+# checkout read (the store's top, objects/ and its shards, manifests/, index/
+# and its data.mdb) is readable by the store's group, the study group, which
+# `eidetic init` gives it (setgid, so later directories inherit it).  What a
+# member must never touch stays the service user's alone: tmp/ (half-written
+# objects), lost+found/ and the lock, which a reader that could open it could
+# hold and so stop every ingest.
+READABLE_DIR_MODE = 0o750
+READABLE_FILE_MODE = 0o640
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 NAME_MAX = 255
 
 # Anchored with \Z, not $: $ also matches before a trailing newline ("<id>\n").

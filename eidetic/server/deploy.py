@@ -8,7 +8,9 @@ Directories, owners and modes (docs/admin.md, "Permissions"):
                                          is readable by eidetic without being readable by the
                                          other uploaders
     state   service:service        0700  private bookkeeping
-    store   service:service        0700  objects, manifests, index: study members never need it
+    store   service:<study group>  2750  objects, manifests and the index, readable by the study
+                                         group (members' log and checkout); tmp/, lost+found/ and
+                                         the lock inside stay the service user's alone (0700/0600)
     tree    service:<study group>  2750  readable by the study group only; setgid so the
                                          directories ingest creates later get the study group
 
@@ -47,7 +49,15 @@ from ..store.store import STORE_DIRS, Store
 
 INBOX_MODE = 0o3777
 STATE_MODE = 0o700
-STORE_MODE = 0o700
+STORE_MODE = 0o2750
+# Inside a store (core/layout.py, "Modes"): what init sets and init --check checks.
+# The setgid bit makes whatever the daemon creates later inherit the study group.
+STORE_INNER_MODES = {
+    "objects": 0o2750, "manifests": 0o2750, "index": 0o2750,
+    "tmp": 0o2700, "lost+found": 0o2700, "lock": 0o600,
+    "index/data.mdb": 0o640, "index/lock.mdb": 0o640,
+}
+SHARD_MODE = 0o2750      # objects/<2 hex>/
 TREE_MODE = 0o2750
 # What a command switched to the service user keeps of its umask at least: the
 # unit's UMask=0027, so a tree directory made by hand-run ingest is 2750 like the daemon's.
@@ -73,7 +83,7 @@ class Ids:
     gid: int | None
 
     def text(self) -> str:
-        return f"{_user_name(self.uid)}:{_group_name(self.gid)}"
+        return f"{user_name_of(self.uid)}:{group_name_of(self.gid)}"
 
     def differ_from(self, st: os.stat_result) -> bool:
         return (self.uid is not None and st.st_uid != self.uid) or (self.gid is not None and st.st_gid != self.gid)
@@ -105,7 +115,7 @@ class Action:
 @dataclass
 class Finding:
     """A difference from the design (``init --check``)."""
-    code: str             # missing | not-dir | mode | owner | owner-inside | unreadable | setgid
+    code: str             # missing | not-dir | mode | owner | owner-inside | mode-inside | unreadable | setgid
     #                       | filesystem | disk | inotify | network-fs | access | hardlinks
     path: str
     detail: str
@@ -156,17 +166,24 @@ def service_ids(cfg: Config) -> Ids:
     return Ids(uid, gid)
 
 
+def readers_of(cfg: Config, s: StudyConfig) -> Ids:
+    """Owner and group of a study's store and tree: the service user, and the
+    study's ``group`` (else the service group), which may read both."""
+    service = service_ids(cfg)
+    gid = _resolve_group(s.group, f"studies.{s.name}.group", cfg.source)
+    return Ids(service.uid, gid if gid is not None else service.gid)
+
+
 def design(cfg: Config) -> list[Want]:
     """Every directory ``init`` makes, with its mode and owner; unknown user or
     group names are a ConfigError."""
     service = service_ids(cfg)
-    uid, gid = service.uid, service.gid
     wants = [Want(inbox, "inbox", INBOX_MODE, service) for inbox, _ in cfg.inboxes()]
     wants.append(Want(cfg.state, "state", STATE_MODE, service))
     for s in cfg.studies.values():
-        tree_gid = _resolve_group(s.group, f"studies.{s.name}.group", cfg.source)
-        wants.append(Want(s.store, "store", STORE_MODE, service))
-        wants.append(Want(s.tree, "tree", TREE_MODE, Ids(uid, tree_gid if tree_gid is not None else gid)))
+        readers = readers_of(cfg, s)
+        wants.append(Want(s.store, "store", STORE_MODE, readers))
+        wants.append(Want(s.tree, "tree", TREE_MODE, readers))
     return wants
 
 
@@ -177,7 +194,7 @@ def _inner_paths(want: Want) -> Iterator[str]:
     not walked here (a store can hold millions): ``init --check`` finds them."""
     if want.role == "store":
         root = want.path
-        names = [os.path.join(root, n) for n in (*STORE_DIRS, layout.STORE_MARKER, "HEAD", "lock")]
+        names = [os.path.join(root, n) for n in (*STORE_DIRS, "lost+found", layout.STORE_MARKER, "HEAD", "lock")]
         for sub in ("objects", "index"):
             try:
                 names.extend(os.path.join(root, sub, n) for n in sorted(os.listdir(os.path.join(root, sub))))
@@ -248,10 +265,22 @@ def _init(cfg: Config, wants: list[Want]) -> list[Action]:
         for inner in _inner_paths(w):
             st = os.lstat(inner)
             if not stat.S_ISLNK(st.st_mode):
-                for c in _apply(inner, None, w.ids, st):
+                for c in _apply(inner, _inner_mode(w, inner, st), w.ids, st):
                     if existed[w.path]:
                         actions.append(Action(inner, "changed", c))
     return actions
+
+
+def _inner_mode(w: Want, path: str, st: os.stat_result) -> int | None:
+    """The design's mode of *path* inside a store (None: any, e.g. an object, 0444 by itself)."""
+    if w.role != "store":
+        return None
+    rel = os.path.relpath(path, w.path)
+    if rel in STORE_INNER_MODES:
+        return STORE_INNER_MODES[rel]
+    if os.path.dirname(rel) == "objects" and stat.S_ISDIR(st.st_mode):
+        return SHARD_MODE
+    return None
 
 
 def _service_ids(wants: list[Want]) -> Ids:
@@ -302,11 +331,11 @@ def _owner_of(st: os.stat_result) -> str:
     return Ids(st.st_uid, st.st_gid).text()
 
 
-def _user_name(uid: int | None) -> str:
+def user_name_of(uid: int | None) -> str:
     return _id_name(uid, lambda i: pwd.getpwuid(i).pw_name)
 
 
-def _group_name(gid: int | None) -> str:
+def group_name_of(gid: int | None) -> str:
     return _id_name(gid, lambda i: grp.getgrgid(i).gr_name)
 
 
@@ -363,14 +392,14 @@ def become_service_user(cfg: Config) -> bool:
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     except PermissionError as e:   # root without CAP_SETUID/CAP_SETGID (a sandbox)
-        raise PermissionError(e.errno, f"cannot switch to the service user {_user_name(uid)} "
+        raise PermissionError(e.errno, f"cannot switch to the service user {user_name_of(uid)} "
                               f"({e.strerror}): run this command as that user") from None
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-        raise PermissionError(errno.EPERM, f"could not switch to the service user {_user_name(uid)}")
+        raise PermissionError(errno.EPERM, f"could not switch to the service user {user_name_of(uid)}")
     os.umask(os.umask(SERVICE_UMASK) | SERVICE_UMASK)
     name = pw.pw_name if pw is not None else str(uid)
     os.environ.update(HOME=pw.pw_dir if pw is not None and pw.pw_dir else "/", USER=name, LOGNAME=name)
-    _check_readable_as_service(cfg, name, _group_name(gid), needed)
+    _check_readable_as_service(cfg, name, group_name_of(gid), needed)
     return True
 
 
@@ -461,14 +490,42 @@ def _check_dir(w: Want) -> list[Finding]:
                            f"design says {w.ids.text()}"))
     if w.role != "inbox":       # inbox entries belong to their uploaders
         out.extend(_check_owner_inside(w))
+    if w.role == "store":
+        out.extend(_check_modes_inside(w))
     return out
+
+
+def _check_modes_inside(w: Want) -> list[Finding]:
+    """The store's inner directories and index files with another mode than
+    the design's: members could not read history (too narrow), or could
+    reach what is the service user's alone (too wide: tmp/, the lock)."""
+    wrong: list[tuple[str, int, int]] = []
+    for inner in _inner_paths(w):
+        try:
+            st = os.lstat(inner)
+        except OSError:
+            continue
+        want = _inner_mode(w, inner, st)
+        if want is not None and not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != want:
+            wrong.append((inner, stat.S_IMODE(st.st_mode), want))
+    if not wrong:
+        return []
+    shown = ", ".join(f"{os.path.relpath(p, w.path)} ({now:04o}, not {want:04o})"
+                      for p, now, want in wrong[:MAX_OWNER_EXAMPLES])
+    more = f" and {len(wrong) - MAX_OWNER_EXAMPLES} more" if len(wrong) > MAX_OWNER_EXAMPLES else ""
+    return [Finding("mode-inside", w.path, f"{layout.plural(len(wrong), 'path')} inside the store "
+                    f"{'has' if len(wrong) == 1 else 'have'} another mode than the design's (study members "
+                    f"may be unable to read history): {shown}{more}; run 'eidetic init' as root to set them",
+                    data={"count": len(wrong), "examples": [{"path": os.path.relpath(p, w.path), "mode": now,
+                                                             "want": want} for p, now, want in wrong[:MAX_OWNER_EXAMPLES]]})]
 
 
 def _wrong_owner(ids: Ids, st: os.stat_result) -> bool:
     """Only a directory's group matters: it is the study group's gate in a
-    tree.  A file's group grants nothing here (the store and state are 0700,
-    objects and tree files 0444 behind the tree's directories), and tree files
-    are the objects' inodes, so they could not carry the study group and the
+    tree and a store.  A file's group grants nothing here (state is 0700,
+    objects and tree files 0444 behind the directories; the index files
+    inherit the study group from their setgid directory), and tree files are
+    the objects' inodes, so they could not carry the study group and the
     service group at once."""
     if ids.uid is not None and st.st_uid != ids.uid:
         return True
@@ -509,10 +566,10 @@ def _check_owner_inside(w: Want) -> list[Finding]:
 
 def _chown_spec(ids: Ids) -> str:
     if ids.gid is None:
-        return _user_name(ids.uid)
+        return user_name_of(ids.uid)
     if ids.uid is None:
-        return ":" + _group_name(ids.gid)
-    return f"{_user_name(ids.uid)}:{_group_name(ids.gid)}"
+        return ":" + group_name_of(ids.gid)
+    return f"{user_name_of(ids.uid)}:{group_name_of(ids.gid)}"
 
 
 def _check_disk(cfg: Config, wants: list[Want]) -> list[Finding]:
@@ -642,13 +699,13 @@ def _searchable(st: os.stat_result, uid: int | None, gids: set[int]) -> bool:
 
 
 def _check_access(wants: list[Want]) -> list[Finding]:
-    """Can the service user reach every directory, and the study group its tree?"""
+    """Can the service user reach every directory, and the study group its tree and store?"""
     out: list[Finding] = []
     for w in wants:
         who: list[tuple[str, int | None, set[int]]] = []
         if w.ids.uid is not None:
             who.append(("the service user", w.ids.uid, _groups_of(w.ids.uid, w.ids.gid)))
-        if w.role == "tree" and w.ids.gid is not None:
+        if w.role in ("tree", "store") and w.ids.gid is not None:
             who.append(("the study group", None, {w.ids.gid}))
         for label, uid, gids in who:
             parent = os.path.dirname(w.path)

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from ..core import layout
 from ..core.jsonl import encode_bytes
+from .access import reading
 from .config import Config
 from ..core.errors import NotFound
 from ..store.index import Version
@@ -48,17 +49,22 @@ class Entry:
 
 
 def resolve(cfg: Config, arg: str) -> Target:
+    """The study and path *arg* names, its store open and its index checked
+    (a permission problem says who may read the study: access.py)."""
     study_name, sep, rest = arg.partition(":")
     if sep and study_name in cfg.studies and not os.path.lexists(arg):
-        store = Store.open(*cfg.study(study_name).store_args())
-        rel = os.fsencode(rest.strip("/"))
-        return _resolve_rel(store, rel, os.fsencode(store.tree) + (b"/" + rel if rel else b""))
+        s = cfg.study(study_name)
+        with reading(cfg, s):
+            store = Store.open(*s.store_args())
+            rel = os.fsencode(rest.strip("/"))
+            return _resolve_rel(store, rel, os.fsencode(store.tree) + (b"/" + rel if rel else b""))
     absp = os.fsencode(os.path.abspath(arg))
     for s in cfg.studies.values():
         for root in {os.fsencode(os.path.abspath(s.tree)), os.fsencode(os.path.realpath(s.tree))}:
             if absp == root or absp.startswith(root + b"/"):
-                store = Store.open(*s.store_args())
-                return _resolve_rel(store, absp[len(root) + 1:], absp)
+                with reading(cfg, s):
+                    store = Store.open(*s.store_args())
+                    return _resolve_rel(store, absp[len(root) + 1:], absp)
     studies = ", ".join(sorted(cfg.studies))
     if sep and layout.STUDY_NAME_RE.match(study_name) and not os.path.lexists(arg):
         # STUDY:path with a study that is not configured: say that, not "not in a tree"
@@ -69,9 +75,9 @@ def resolve(cfg: Config, arg: str) -> Target:
 
 
 def _resolve_rel(store: Store, rel: bytes, tree_abs: bytes) -> Target:
+    index = store.index     # opened (and checked) here, where resolve() turns permission errors into a line
     if not rel:
         return Target(store, b"", True, None, tree_abs)
-    index = store.index
     parts = rel.split(b"/")
     try:
         for p in parts:

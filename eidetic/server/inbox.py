@@ -251,10 +251,13 @@ class StateDir:
         return fd
 
     def daemon_pid(self, study: str) -> int | None:
-        """The pid of the daemon holding the study's lock, or None when none runs."""
+        """The pid of the daemon holding the study's lock, or None when none runs
+        (PermissionError: this user may not look)."""
         path = self._daemon_lock_path(study)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except PermissionError:
+            raise       # not ours to see (status says so): never taken for "no daemon"
         except OSError:
             return None
         try:

@@ -10,6 +10,7 @@ index that is missing, damaged or out of step with HEAD is reported as such
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 
 from . import inbox as inbox_mod
 from .config import Config, StudyConfig
-from ..core.errors import EideticError, IndexUnusable
+from ..core.errors import AccessDenied, EideticError, IndexUnusable, StoreIOError
+from .access import reading
+from .deploy import service_ids, user_name_of
 from ..core.fsutil import disk_percent_used
 from .inbox import RECORD_KINDS, Candidate, Claim, PartialEntry, StateDir, user_name
 from ..core.jsonl import encode_bytes
@@ -128,11 +131,17 @@ class StudyStatus:
     free_bytes: int | None = None
     total_bytes: int | None = None
     daemon_pid: int | None = None          # -1: running, pid unknown
+    daemon_known: bool = True              # False: this user may not see whether a daemon runs
+    records_known: bool = True             # False: may not see the state's records (processing, failed)
     errors: list[str] = field(default_factory=list)
     index_error: str | None = None         # the index may not be used (IndexUnusable's message)
+    unseen: list[str] = field(default_factory=list)   # what this user may not see, and who may
 
     @property
-    def daemon_running(self) -> bool:
+    def daemon_running(self) -> bool | None:
+        """None: unknown (never reported as "no daemon" for a user who cannot look)."""
+        if not self.daemon_known:
+            return None
         return self.daemon_pid is not None
 
     def last_ingest_timestamp(self) -> float | None:
@@ -147,8 +156,8 @@ class StudyStatus:
     def to_json(self) -> dict:
         return {
             "waiting": [w.to_json() for w in self.waiting],
-            "processing": [p.to_json() for p in self.processing],
-            "failed": [f.to_json() for f in self.failed],
+            "processing": [p.to_json() for p in self.processing] if self.records_known else None,
+            "failed": [f.to_json() for f in self.failed] if self.records_known else None,
             "stale": [s.to_json() for s in self.stale],
             "partial": self.partial,
             "last_ingest": self.last_ingest.to_json() if self.last_ingest else None,
@@ -163,6 +172,7 @@ class StudyStatus:
                        "pid": self.daemon_pid if self.daemon_pid and self.daemon_pid > 0 else None},
             "errors": list(self.errors),
             "index_error": self.index_error,
+            "unseen": list(self.unseen),
         }
 
 
@@ -172,8 +182,14 @@ class Status:
     unknown: list[Unknown]
 
     @property
-    def daemon_running(self) -> bool:
-        return any(s.daemon_running for s in self.studies.values())
+    def daemon_running(self) -> bool | None:
+        known = [s.daemon_running for s in self.studies.values()]
+        return True if any(known) else None if None in known else False
+
+    @property
+    def incomplete(self) -> bool:
+        """Something could not be seen by this user (exit status 3, like an unusable index)."""
+        return any(s.unseen for s in self.studies.values())
 
     @property
     def index_unusable(self) -> bool:
@@ -203,9 +219,9 @@ def _age(s: StudyStatus, now: float) -> float | None:
 PROMETHEUS_METRICS = [
     ("entries_waiting", "gauge", "Complete inbox entries waiting to be ingested.", lambda s, now: len(s.waiting)),
     ("entries_failed", "gauge", "Refused entries still in the inbox, waiting for someone to act.",
-     lambda s, now: len(s.failed)),
+     lambda s, now: len(s.failed) if s.records_known else None),
     ("entries_processing", "gauge", "Entries claimed by an ingest and not finished yet.",
-     lambda s, now: len(s.processing)),
+     lambda s, now: len(s.processing) if s.records_known else None),
     ("entries_stale", "gauge", "Partial uploads (dot entries) untouched for stale_hours or more.",
      lambda s, now: len(s.stale)),
     ("uploads_in_progress", "gauge", "Partial uploads (dot entries) in the inbox, stale ones included.",
@@ -228,7 +244,9 @@ PROMETHEUS_METRICS = [
     ("status_errors", "gauge", "Things status could not read for the study (eidetic status lists them).",
      lambda s, now: len(s.errors)),
     ("daemon_up", "gauge", "1 when an ingest daemon serves the study, else 0.",
-     lambda s, now: 1 if s.daemon_running else 0),
+     lambda s, now: None if s.daemon_running is None else 1 if s.daemon_running else 0),
+    ("status_unseen", "gauge", "Things this user may not see for the study (run as the service user or root).",
+     lambda s, now: len(s.unseen)),
 ]
 
 
@@ -310,8 +328,12 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting:
            partial: list[PartialEntry]) -> StudyStatus:
     st = StudyStatus(s.name)
     st.waiting = [Waiting(c.name, c.inbox) for c in waiting]
+    hidden = []       # what of the state directory this user may not see
+    if any(isinstance(records[kind], PermissionError) for kind in RECORD_KINDS):
+        hidden.append("uploads being ingested, failed and done")
+        st.records_known = False
     for kind in RECORD_KINDS:
-        if isinstance(records[kind], OSError):
+        if isinstance(records[kind], OSError) and not isinstance(records[kind], PermissionError):
             st.errors.append(f"cannot read {os.path.join(cfg.state, kind)}: {records[kind].strerror}")
     claims = [r for r in _ok(records["claims"]) if r.get("study") == s.name]
     for r in claims:
@@ -336,15 +358,33 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting:
         if cl is not None:
             st.last_ingest = LastIngest(r["finished"], cl.upload, cl.original, int(r.get("files", 0)),
                                         int(r.get("bytes", 0)), r.get("seq"))
-    _store_numbers(s, st)
+    try:
+        with reading(cfg, s):
+            _store_numbers(s, st)
+    except AccessDenied as e:
+        st.unseen.append(f"cannot see study {s.name}'s store: {e.message}")
     try:
         u = shutil.disk_usage(s.store)
         st.percent_used = disk_percent_used(s.store)
         st.free_bytes, st.total_bytes = u.free, u.total
+    except PermissionError:
+        pass        # the store's line above says who may see it
     except OSError as e:
         st.errors.append(f"cannot stat {s.store}: {e.strerror}")
-    st.daemon_pid = state.daemon_pid(s.name)
+    try:
+        st.daemon_pid = state.daemon_pid(s.name)
+    except PermissionError:
+        st.daemon_known = False
+        hidden.insert(0, "whether a daemon runs")
+    if hidden:
+        st.unseen.insert(0, f"cannot see {cfg.state} ({' and '.join(hidden)}): run as the service user "
+                            f"({_service_user(cfg)}) or root")
     return st
+
+
+def _service_user(cfg: Config) -> str:
+    ids = service_ids(cfg)
+    return user_name_of(ids.uid) if ids.uid is not None else "the owner of " + cfg.state
 
 
 def _ok(records: list[dict] | OSError) -> list[dict]:
@@ -379,6 +419,14 @@ def _store_numbers(s: StudyConfig, st: StudyStatus) -> None:
         st.uploads = st.paths = st.versions = st.objects = st.store_bytes = None
         st.index_error = e.message
         st.errors.append(e.message)
+    except PermissionError:
+        st.uploads = st.paths = st.versions = st.objects = st.store_bytes = None
+        raise       # reading() says who may see it
+    except StoreIOError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            st.uploads = st.paths = st.versions = st.objects = st.store_bytes = None
+            raise
+        st.errors.append(f"store {s.store}: {e.message}")
     except (OSError, EideticError) as e:
         msg = e.message if isinstance(e, EideticError) else f"{e.strerror}: {e.filename}"
         st.errors.append(f"store {s.store}: {msg}")

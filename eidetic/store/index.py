@@ -47,7 +47,7 @@ from typing import Callable, Iterator
 import lmdb
 
 from ..core import layout
-from ..core.errors import EideticError, IndexUnusable, StoreFormatError, StoreIOError
+from ..core.errors import EideticError, IndexUnusable, LockBusy, StoreFormatError, StoreIOError
 from .manifest import FileRecord, Header, ManifestReader
 
 INDEX_FORMAT = b"1"
@@ -185,12 +185,38 @@ def _reading(index: "Index") -> Iterator[None]:
         raise _undecodable(e, index.study) from None
 
 
+# A reader that may not write lock.mdb (a study member: docs/design.md,
+# "Members read the index") opens the environment without LMDB's lock.  The
+# writer then does not know of it and may reuse the pages of the snapshot it
+# reads, but not at once: pages a commit frees are reused only by a write
+# transaction at least two later (LMDB's mdb_find_oldest: with no reader, the
+# oldest snapshot kept is the last one committed).  So whatever a lockless
+# reader read at snapshot N is sound as long as, *after* the read, the last
+# committed transaction is at most N + 1.  Checked after every query (retried
+# if not) and before every item a stream yields (an error if not: what was
+# yielded cannot be taken back).  Such reads never write anything anywhere.
+_LOCKLESS_TRIES = 5
+
+
 def _reads(fn):
-    """A query, under :func:`_reading`."""
+    """A query, under :func:`_reading`; checked and retried when lockless."""
     @functools.wraps(fn)
     def wrapper(self: "Index", *args, **kw):
-        with _reading(self):
-            return fn(self, *args, **kw)
+        if not self.lockless:
+            with _reading(self):
+                return fn(self, *args, **kw)
+        for _ in range(_LOCKLESS_TRIES):
+            start = self._txnid_now()
+            try:
+                with _reading(self):
+                    out = fn(self, *args, **kw)
+            except EideticError:
+                if self._moved_since(start):
+                    continue    # a page read was reused under us: the error says nothing of the index
+                raise
+            if not self._moved_since(start):
+                return out
+        raise self._busy()
     return wrapper
 
 
@@ -198,8 +224,17 @@ def _streams(fn):
     """:func:`_reads` for a generator."""
     @functools.wraps(fn)
     def wrapper(self: "Index", *args, **kw):
-        with _reading(self):
-            yield from fn(self, *args, **kw)
+        start = self._txnid_now() if self.lockless else 0
+        try:
+            with _reading(self):
+                for item in fn(self, *args, **kw):
+                    if self.lockless and self._moved_since(start):
+                        raise self._busy()
+                    yield item
+        except EideticError:
+            if self.lockless and self._moved_since(start):
+                raise self._busy() from None
+            raise
     return wrapper
 
 
@@ -240,6 +275,7 @@ class Index:
         self.study = study or "?"
         self.verified = False          # verify_structure() found it sound
         self.ident: tuple[int, int] | None = None
+        self.lockless = False          # opened without LMDB's lock (a reader that may not write it)
         try:
             if create:
                 self._create(durable)
@@ -274,8 +310,13 @@ class Index:
             raise io_fault(e.errno or errno.EIO, "opened", self.path, self.study) from None
         if size < _MIN_FILE:    # LMDB would take an empty file for a new environment and write one
             raise IndexUnusable(f"its index is damaged (data.mdb is {size} bytes: empty or cut short)", self.study)
-        lockless = not write and not os.path.exists(os.path.join(self.path, "lock.mdb"))
+        # Lockless when lock.mdb is missing (whoever reads must not make one:
+        # root's would lock the service user out) or not ours to write (a
+        # study member: see _reads).
+        lockless = not write and not (os.access(os.path.join(self.path, "lock.mdb"), os.W_OK)
+                                      and os.access(data, os.W_OK))
         self.env = _open_env(self.path, durable, create=False, lockless=lockless)
+        self.lockless = not self.env.flags()["lock"]    # a cached environment may be either
         self.ident = _idents.get(self.path)
         try:
             self._check_size(data)
@@ -305,6 +346,20 @@ class Index:
         if size < need:
             raise IndexUnusable(f"its index is damaged (data.mdb is {size} bytes, its last page ends at "
                                 f"{need}: cut short)", self.study)
+
+    def _txnid_now(self) -> int:
+        try:
+            return self.env.info()["last_txnid"]
+        except lmdb.Error as e:
+            raise _fault(e, "read", self.path, self.study) from None
+
+    def _moved_since(self, start: int) -> bool:
+        """Has the writer committed twice since *start* (see _reads)?"""
+        return self._txnid_now() > start + 1
+
+    def _busy(self) -> "LockBusy":
+        return LockBusy(f"study {self.study}: the index changed under a read {_LOCKLESS_TRIES} times (an "
+                        "ingest is busy); run the command again")
 
     # ---------------------------------------------------------------- state
 
@@ -842,9 +897,10 @@ def _open_env(path: str, durable: bool = True, create: bool = True, lockless: bo
             _idents.pop(path, None)
             env.close()
         if create:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.makedirs(path, mode=layout.READABLE_DIR_MODE, exist_ok=True)
         env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=16, subdir=True, readahead=False,
-                        sync=durable, metasync=durable, create=create, readonly=lockless, lock=not lockless)
+                        sync=durable, metasync=durable, create=create, readonly=lockless, lock=not lockless,
+                        mode=layout.READABLE_FILE_MODE)     # data.mdb (and lock.mdb): group-readable
         _envs[path] = env
         ident = _ident(data)
         if ident is not None:

@@ -141,7 +141,7 @@ class ObjectStore:
         try:
             rename(tmp, final)
         except FileNotFoundError:
-            makedirs(os.path.dirname(final), 0o700)
+            makedirs(os.path.dirname(final), layout.READABLE_DIR_MODE)
             rename(tmp, final)
         self._placed.add(oid)
 

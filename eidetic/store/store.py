@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..core import layout
 from ..core.errors import IndexUnusable, IntegrityError, LockBusy, StoreFormatError, StoreIOError
-from ..core.fsutil import (TEMP_PREFIX, AtomicFile, SyncFailed, fsync_dir, makedirs, rename, syncfs,
-                           write_atomic)
+from ..core.fsutil import (TEMP_PREFIX, AtomicFile, SyncFailed, flock_holder, fsync_dir, makedirs, rename,
+                           syncfs, write_atomic)
 from .manifest import Header, ManifestWriter
 from .objects import ObjectStore
 
@@ -53,6 +53,7 @@ def describe_io_error(e: OSError, doing: str, root: str) -> str:
 
 MARKER_TEXT = "eidetic store\nformat: {version}\nstudy: {study}\n"
 STORE_DIRS = ("objects", "manifests", "index", "tmp")
+PRIVATE_DIRS = ("tmp", "lost+found")     # the service user's alone (core/layout.py, "Modes")
 INDEX_VERDICT = "verified"    # <store>/index/verified: see Store._note_verdict
 
 
@@ -75,9 +76,10 @@ class Store:
     @classmethod
     def init(cls, name: str, root: str, tree: str) -> "Store":
         """Create the store and tree directories (idempotent)."""
-        makedirs(os.fsencode(root), 0o700)
+        makedirs(os.fsencode(root), layout.READABLE_DIR_MODE)
         for d in STORE_DIRS:
-            makedirs(os.fsencode(os.path.join(root, d)), 0o700)
+            makedirs(os.fsencode(os.path.join(root, d)),
+                     layout.PRIVATE_DIR_MODE if d in PRIVATE_DIRS else layout.READABLE_DIR_MODE)
         makedirs(os.fsencode(tree), 0o755)
         marker = os.path.join(root, layout.STORE_MARKER)
         if not os.path.exists(marker):
@@ -207,8 +209,13 @@ class Store:
         """Does another process hold the store lock now?  Probed with a
         shared, non-blocking flock on a read-only descriptor, released at
         once: a reader never waits for a writer, nor makes the lock file."""
+        path = os.path.join(self.root, "lock")
         try:
-            fd = os.open(os.path.join(self.root, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            # A study member: the lock is the service user's alone (a reader
+            # that could open it could hold it); /proc/locks tells instead.
+            return bool(flock_holder(path))
         except OSError:
             return False
         try:
@@ -283,7 +290,7 @@ class Store:
 
         head, _ = self.head()
         tmp = os.path.join(self.root, "tmp")
-        makedirs(os.fsencode(tmp), 0o700)
+        makedirs(os.fsencode(tmp), layout.PRIVATE_DIR_MODE)
         work = tempfile.mkdtemp(prefix=TEMP_PREFIX + "index-", dir=tmp)
         try:
             new_path = os.path.join(work, "index")
@@ -323,7 +330,8 @@ class Store:
 
     @contextmanager
     def lock(self, wait: bool = True) -> Iterator[None]:
-        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     layout.PRIVATE_FILE_MODE)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
