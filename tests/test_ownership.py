@@ -243,12 +243,23 @@ def test_init_check_counts_every_file_but_names_only_the_first_few(tmp_path):
     assert "40 files and directories inside the store" in f.detail
 
 
-def test_init_check_by_someone_who_cannot_look_inside_warns_instead_of_saying_all_is_well(deployment):
+def test_init_check_by_someone_who_cannot_look_inside_says_so_and_exits_3_never_all_is_well(deployment):
     d, lay = deployment, deployment.lay
+    os.chown(lay.store() / "manifests", 0, 0)          # a wrong owner only root or the service user can see
     res = run_as(UPLOADER_UID, [d.eidetic, "--config", str(lay.config_path), "init", "--check"], cwd=d.base)
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert f"warning: {lay.store()}: cannot look inside the store to check its owners" in res.stdout
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert (f"warning: {lay.store()}: cannot see inside the store to check its owners and modes (Permission "
+            f"denied): run 'eidetic init --check' as the service user ({DAEMON_UID}) or root") in res.stdout
+    assert f"warning: {lay.state}: cannot see inside the state" in res.stdout
     assert "all is well" not in res.stdout
+    # Done as it says, by the service user: the wrong owner is found, and what the service user
+    # cannot see inside the root-owned folder is said too (still exit 3); by root, all is seen.
+    res = d.as_service("init", "--check")
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "e.g. manifests (root:root)" in res.stdout
+    assert f"cannot see inside {lay.store() / 'manifests'} to check owners there" in res.stdout
+    res = d.as_root("init", "--check")
+    assert res.returncode == 1 and "e.g. manifests (root:root)" in res.stdout and "cannot see" not in res.stdout
 
 
 def test_a_config_file_only_root_can_read_stops_root_run_ingest_and_fsck_with_one_line(deployment):

@@ -15,7 +15,8 @@ from ..common import Ctx, note, say
               help="Change nothing: report what differs from the deployment design (modes; owners, "
                    "also of everything inside the stores, trees and state directory, with the chown that "
                    "fixes them; file systems, free space, inotify limits, network file systems). "
-                   "Exit status 1 if anything does, 0 if all is well.")
+                   "Exit status 3 if something could not be seen by this user (it says who may look), "
+                   "else 1 if anything differs, 0 if all is well.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: the findings as a JSON list.")
 @click.option("--systemd-dropin", is_flag=True,
               help="Print a systemd drop-in (ReadWritePaths= for every configured directory) for "
@@ -28,7 +29,7 @@ def command(ctx: Ctx, check: bool, as_json: bool, systemd_dropin: bool) -> None:
     \b
       inbox  service:service        3777 (sticky: uploaders keep off each other's entries)
       state  service:service        0700
-      store  service:service        0700
+      store  service:<study group>  2750 (members read history; tmp/ and the lock stay 0700/0600)
       tree   service:<study group>  2750 (setgid: new directories keep the study group)
 
     Owners come from the config keys 'user', 'group' and 'studies.<s>.group';
@@ -51,7 +52,8 @@ def command(ctx: Ctx, check: bool, as_json: bool, systemd_dropin: bool) -> None:
                 say(str(f))
             if not findings:
                 note("all is well: every directory matches the deployment design")
-        sys.exit(1 if findings else 0)
+        unseen = any(f.code == "unreadable" for f in findings)
+        sys.exit(3 if unseen else 1 if findings else 0)
     if cfg.is_default_layout:
         note(f"no config file: using the default layout under {cfg.state.rsplit('/', 1)[0]}")
     for a in deploy.init(cfg):

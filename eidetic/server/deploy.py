@@ -222,8 +222,13 @@ def walk_below(root: bytes, on_root_error: bool = False) -> Iterator[tuple[bytes
         return
     with entries:
         for e in entries:
-            if e.st is not None:    # (an ERROR with no stat: gone since the listing)
-                yield e.path, e.st
+            st = e.st
+            if st is None:          # a folder that could not be opened: still there, still ours to judge
+                try:
+                    st = os.lstat(e.path)
+                except OSError:
+                    continue        # gone since the listing
+            yield e.path, st
 
 
 # ----------------------------------------------------------------------- init
@@ -475,7 +480,11 @@ def _check_dir(w: Want) -> list[Finding]:
     try:
         st = os.stat(w.path)
     except FileNotFoundError:
+        if not os.access(os.path.dirname(w.path) or ".", os.X_OK):
+            return [_unseen(w, f"cannot see whether the {w.role} exists (a parent directory is closed to you)")]
         return [Finding("missing", w.path, f"{w.role} directory does not exist (run 'eidetic init')")]
+    except PermissionError as e:
+        return [_unseen(w, f"cannot see the {w.role} ({e.strerror})")]
     except OSError as e:
         return [Finding("missing", w.path, f"cannot stat: {e.strerror}")]
     if not stat.S_ISDIR(st.st_mode):
@@ -520,6 +529,12 @@ def _check_modes_inside(w: Want) -> list[Finding]:
                                                              "want": want} for p, now, want in wrong[:MAX_OWNER_EXAMPLES]]})]
 
 
+def _unseen(w: Want, what: str) -> Finding:
+    """Something this user may not look at: said, never taken for "all is well" (exit status 3)."""
+    who = f"the service user ({user_name_of(w.ids.uid)}) or root" if w.ids.uid is not None else "its owner or root"
+    return Finding("unreadable", w.path, f"{what}: run 'eidetic init --check' as {who}", "warning")
+
+
 def _wrong_owner(ids: Ids, st: os.stat_result) -> bool:
     """Only a directory's group matters: it is the study group's gate in a
     tree and a store.  A file's group grants nothing here (state is 0700,
@@ -542,23 +557,26 @@ def _check_owner_inside(w: Want) -> list[Finding]:
     root = os.fsencode(w.path)
     count = 0
     examples: list[tuple[bytes, str]] = []
+    closed: list[bytes] = []        # directories walk_below could not list (a member and tmp/)
     try:
         for path, st in walk_below(root, on_root_error=True):
+            if stat.S_ISDIR(st.st_mode) and not os.access(path, os.R_OK | os.X_OK):
+                closed.append(path)
             if _wrong_owner(w.ids, st):
                 count += 1
                 if len(examples) < MAX_OWNER_EXAMPLES:
                     examples.append((path, _owner_of(st)))
     except OSError as e:
-        return [Finding("unreadable", w.path, f"cannot look inside the {w.role} to check its owners "
-                        f"({e.strerror}): run 'eidetic init --check' as root or as the service user",
-                        "warning")]
+        return [_unseen(w, f"cannot see inside the {w.role} to check its owners and modes ({e.strerror})")]
+    shut = layout.first_and_more([layout.display(p) for p in closed], limit=3, sep=", ")
+    out = [_unseen(w, f"cannot see inside {shut} to check owners there")] if closed else []
     if not count:
-        return []
+        return out
     fix = f"chown -R {_chown_spec(w.ids)} {shlex.quote(w.path)}"
     shown = ", ".join(f"{layout.display(p[len(root) + 1:])} ({who})" for p, who in examples)
     what = ("1 file or directory inside the {} is" if count == 1 else
             f"{count} files and directories inside the {{}} are").format(w.role)
-    return [Finding("owner-inside", w.path, f"{what} not owned by {w.ids.text()} as designed "
+    return out + [Finding("owner-inside", w.path, f"{what} not owned by {w.ids.text()} as designed "
                     f"(the daemon may fail on {'it' if count == 1 else 'them'}), e.g. {shown}; run '{fix}' as root",
                     data={"count": count, "fix": fix,
                           "examples": [{"path": layout.display(p), "owner": who} for p, who in examples]})]
