@@ -17,6 +17,7 @@ Then a plain re-run finishes everything exactly once and fsck is clean.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -145,9 +146,15 @@ def test_a_failed_sync_stops_the_study_and_the_entry_waits_in_the_inbox(tmp_path
     assert len(lay.records("claims")) == 1 and lay.records("failed") == []
     fault = StateDir(lay.cfg.state).fault("s1")            # for eidetic status, until it is over
     assert fault is not None and fault["sync_failed"] and "durable" in fault["message"]
+    st = lay.cli("status")
+    assert st.returncode == 3 and f"  STOPPED      since {fault['since']}: {fault['message']}" in st.stdout
+    assert json.loads(lay.cli("status", "--json").stdout)["studies"]["s1"]["fault"] == fault
+    assert 'eidetic_store_fault{study="s1"} 1' in lay.cli("status", "--prometheus").stdout
     res = lay.cli("ingest", "--once", "--settle", "0")
     assert res.returncode == 0 and "ingested s1-labA-1" in res.stdout, res.stdout + res.stderr
     assert StateDir(lay.cfg.state).fault("s1") is None
+    st = lay.cli("status")
+    assert st.returncode == 0 and "STOPPED" not in st.stdout
     assert lay.cli("fsck").returncode == 0
 
 

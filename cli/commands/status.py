@@ -29,7 +29,8 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
     study's store; what only the service user or root may see is listed as
     such, never guessed.  Exit status 3 when a study's index may not be used
     (it says which command rebuilds it) or something could not be seen
-    (it says who may), else 1 when a failed entry is waiting in an inbox for
+    (it says who may) or a store fault stopped ingest of a study (a full
+    disk, an I/O error: it says what to do), else 1 when a failed entry is waiting in an inbox for
     someone to act on it, else 0.
     """
     from eidetic.core.layout import display
@@ -38,7 +39,7 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
     if as_json and prometheus:
         raise click.UsageError("--json and --prometheus cannot be used together")
     st = status(ctx.cfg, study)
-    code = 3 if st.index_unusable or st.incomplete else 1 if st.has_failed else 0
+    code = 3 if st.index_unusable or st.incomplete or st.faulted else 1 if st.has_failed else 0
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=1, sort_keys=False))
         sys.exit(code)
@@ -50,6 +51,10 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
         daemon = ("daemon running" + (f" (pid {s.daemon_pid})" if s.daemon_pid and s.daemon_pid > 0 else "")
                   if s.daemon_running else "daemon unknown" if s.daemon_running is None else "no daemon running")
         say(f"study {name}: {daemon}")
+        if s.fault is not None:
+            f = s.fault
+            say(f"  STOPPED      since {f.get('since', '?')}: {f['message']}"
+                + (f"; {f['entry']}" if f.get("entry") else ""))
         say(f"  waiting      {len(s.waiting)}" + (": " + ", ".join(display(w.entry) for w in s.waiting[:5])
                                                   + (", ..." if len(s.waiting) > 5 else "") if s.waiting else ""))
         if s.records_known:

@@ -136,6 +136,7 @@ class StudyStatus:
     errors: list[str] = field(default_factory=list)
     index_error: str | None = None         # the index may not be used (IndexUnusable's message)
     unseen: list[str] = field(default_factory=list)   # what this user may not see, and who may
+    fault: dict | None = None              # the store fault that stopped ingest of the study, until it is over
 
     @property
     def daemon_running(self) -> bool | None:
@@ -173,6 +174,7 @@ class StudyStatus:
             "errors": list(self.errors),
             "index_error": self.index_error,
             "unseen": list(self.unseen),
+            "fault": self.fault,
         }
 
 
@@ -185,6 +187,10 @@ class Status:
     def daemon_running(self) -> bool | None:
         known = [s.daemon_running for s in self.studies.values()]
         return True if any(known) else None if None in known else False
+
+    @property
+    def faulted(self) -> bool:
+        return any(s.fault is not None for s in self.studies.values())
 
     @property
     def incomplete(self) -> bool:
@@ -241,6 +247,8 @@ PROMETHEUS_METRICS = [
      lambda s, now: s.free_bytes),
     ("index_usable", "gauge", "1 when the study's index may be used, 0 when it must be rebuilt.",
      lambda s, now: 0 if s.index_error is not None else 1),
+    ("store_fault", "gauge", "1 while a store fault (full disk, I/O error, failed sync) stops ingest of the study.",
+     lambda s, now: None if not s.records_known else 1 if s.fault is not None else 0),
     ("status_errors", "gauge", "Things status could not read for the study (eidetic status lists them).",
      lambda s, now: len(s.errors)),
     ("daemon_up", "gauge", "1 when an ingest daemon serves the study, else 0.",
@@ -371,6 +379,8 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting:
         pass        # the store's line above says who may see it
     except OSError as e:
         st.errors.append(f"cannot stat {s.store}: {e.strerror}")
+    if st.records_known:
+        st.fault = state.fault(s.name)
     try:
         st.daemon_pid = state.daemon_pid(s.name)
     except PermissionError:
