@@ -665,3 +665,16 @@ def test_a_file_the_server_cannot_store_fails_the_send_naming_it_before_the_rena
     assert entry.name == dot[1:]
     assert entry_files(entry) == {**expected, DESCRIPTION_NAME: (entry / os.fsdecode(DESCRIPTION_NAME)).read_bytes()}
     check_description(entry, expected)
+
+
+def test_a_client_folder_that_is_a_file_is_one_line_and_pointing_it_at_a_folder_works(tmp_path, layout, client):
+    make_source(tmp_path / "src")
+    (tmp_path / "not-a-folder").write_text("x")
+    argv = eidetic_argv() + ["send", str(tmp_path / "src"), "--study", "s1", "--to", str(layout.inbox),
+                             "--location", "labA"]
+    res = run_argv(argv, dict(client, EIDETIC_CLIENT_HOME=str(tmp_path / "not-a-folder")))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr == (f"eidetic: the uploader's own folder {tmp_path / 'not-a-folder'} is a file, not a "
+                          "folder: set EIDETIC_CLIENT_HOME to a folder\n")
+    res = run_argv(argv, dict(client, EIDETIC_CLIENT_HOME=str(tmp_path / "a-folder")))      # as it says
+    assert res.returncode == 0, res.stderr

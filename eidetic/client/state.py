@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..core.errors import LockBusy
+from ..core.errors import LockBusy, UsageError
 
 SETTINGS_NAME = "eidetic-client.yaml"
 KNOWN_HOSTS_NAME = "known_hosts"
@@ -224,7 +224,7 @@ class ClientLock:
     it when the process dies, so a killed send never leaves it behind."""
 
     def __init__(self, directory: str, key: str, what: str) -> None:
-        os.makedirs(directory, exist_ok=True)
+        make_client_dir(directory)
         self.path = os.path.join(directory, hashlib.sha256(key.encode("utf-8", "surrogatepass"))
                                  .hexdigest()[:24] + ".lock")
         self.what = what
@@ -258,6 +258,17 @@ class ClientLock:
         self.release()
 
 
+def make_client_dir(directory: str) -> None:
+    """The client's folder, made if missing; a file in its place is one line
+    naming what to change (not "File exists")."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        how = ("set EIDETIC_CLIENT_HOME to a folder" if os.environ.get("EIDETIC_CLIENT_HOME")
+               else "move that file away")
+        raise UsageError(f"the uploader's own folder {directory} is a file, not a folder: {how}") from None
+
+
 def open_state(directory: str) -> SendState:
-    os.makedirs(directory, exist_ok=True)
+    make_client_dir(directory)
     return SendState(os.path.join(directory, STATE_NAME))
