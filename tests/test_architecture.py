@@ -23,8 +23,9 @@ MAY_IMPORT = {
     "core": {"core"},
     "store": {"core", "store"},
     "client": {"core", "client"},
-    "fsck": {"core", "store", "fsck"},
-    "server": {"core", "store", "server"},
+    "fsck": {"core", "store", "fsck", "replica"},
+    "server": {"core", "store", "server", "replica"},
+    "replica": {"core", "store", "replica"},
 }
 
 # os functions that are pure string/number work (everything else on os does I/O).
