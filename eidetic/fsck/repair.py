@@ -11,15 +11,13 @@ import stat
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import groupby
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from ..core import layout
 from ..core.fsutil import fsync_dir, is_temp_name, link, makedirs, open_regular_nofollow, rename
 from ..core.hashing import hash_fd
 from ..store.manifest import digest_of
-from ..store.tree import Tree, TreeConflict
+from ..store.tree import place_all
 from .codes import CHAIN_BROKEN, FATAL, Finding
 from .objects import name_versions
 
@@ -232,25 +230,8 @@ class _Repairer:
     def _materialize(self) -> None:
         """Give every version its names again (idempotent: existing right
         names are left alone, stale plain names replaced)."""
-        store = self.store
-        tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
-        tree.ensure_root()
-        made = 0
-        for _, group in groupby(store.index.iter_versions(), attrgetter("path")):
-            vs = list(group)
-            for v in vs:
-                if v.blake3 in self.bad_objects:
-                    continue
-                try:
-                    made += tree.place_version(v)
-                    if v is vs[-1]:
-                        tree.place_plain(v)
-                except TreeConflict as e:
-                    self.rep.cannot.append(f"{e.message} (it could not be moved aside)")
-                except OSError as e:
-                    self.rep.cannot.append(f"could not re-create the names of {layout.display(v.path)} "
-                                           f"v{v.n}: {e.strerror or e}")
-        store.sync()
+        made, problems = place_all(self.store, self.bad_objects)
+        self.rep.cannot.extend(problems)
         self.rep.done.append(f"re-created {made} missing version name(s); every plain name shows its "
                              "latest version")
 

@@ -1,0 +1,200 @@
+"""eidetic restore: disaster recovery from a file:// or S3 replica.
+
+Real stores made by ingesting, a real replica (a directory, or a bucket of
+moto's S3 server over HTTP with credentials from a profile), the real
+command line; a restore killed with SIGKILL at a chosen point and run again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import json
+
+import pytest
+from conftest import clean_env, one_line_error, run_cli
+from replica_helpers import KINDS, REPLICA, STUDY, close_envs, make_site
+from s3_peer import s3_creds, s3_peer  # noqa: F401 - fixtures
+
+from eidetic import fsck
+from eidetic.core.errors import ReplicaCorrupt, StoreFormatError
+from eidetic.replica.restore import restore
+from eidetic.store.store import RESTORE_MARKER, Store
+
+
+@pytest.fixture
+def site(request, tmp_path):
+    s = make_site(request, tmp_path, request.param)
+    yield s
+    close_envs(os.path.realpath(str(tmp_path)))
+
+
+def restore_cli(site, *extra):
+    return run_cli("restore", "--from", REPLICA, "--study", STUDY, *extra, config=site.config_path,
+                   env=clean_env())
+
+
+def assert_clean(site):
+    findings = fsck.check(Store.open(*site.cfg.study(STUDY).store_args()))
+    assert [f.line() for f in findings] == []
+
+
+@pytest.mark.parametrize("site", KINDS, indirect=True)
+def test_a_lost_store_and_tree_are_restored_byte_identical_and_fsck_clean(site):
+    site.three_uploads()
+    site.replicate()
+    before = site.snapshot()
+    site.lose_everything()
+    res = restore_cli(site, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert (report["manifests"], report["fsck"], report["resumed"]) == (3, [], False)
+    assert site.snapshot() == before        # every tree name and its bytes, manifests, HEAD, marker
+    assert_clean(site)
+    assert not os.path.exists(os.path.join(site.store_dir, "tmp", RESTORE_MARKER))
+
+
+@pytest.mark.parametrize("site", ["file"], indirect=True)
+def test_a_store_that_eidetic_init_made_again_is_empty_enough_to_restore_into(site):
+    site.three_uploads()
+    site.replicate()
+    before = site.snapshot()
+    site.lose_everything()
+    assert run_cli("init", config=site.config_path).returncode == 0
+    res = restore_cli(site)
+    assert res.returncode == 0, res.stderr
+    assert "restored study s from replica offsite: 3 uploads" in res.stderr + res.stdout
+    assert site.snapshot() == before
+    assert_clean(site)
+
+
+@pytest.mark.parametrize("site", ["file"], indirect=True)
+def test_restore_refuses_a_store_that_holds_uploads_and_touches_nothing(site):
+    site.three_uploads()
+    site.replicate()
+    before = site.snapshot()
+    res = restore_cli(site)
+    assert res.returncode == 2
+    line = one_line_error(res)
+    assert "refusing to restore study s" in line and "not empty" in line
+    assert site.snapshot() == before
+    assert os.listdir(os.path.join(site.store_dir, "tmp")) == []
+
+
+@pytest.mark.parametrize("site", ["file"], indirect=True)
+def test_restore_refuses_a_tree_that_is_not_empty(site):
+    site.three_uploads()
+    site.replicate()
+    site.lose_everything()
+    os.makedirs(site.tree)
+    with open(os.path.join(site.tree, "notes.txt"), "w") as f:
+        f.write("mine\n")
+    res = restore_cli(site)
+    assert res.returncode == 2
+    assert "is not empty" in one_line_error(res)
+    assert os.listdir(site.tree) == ["notes.txt"]
+
+
+KILLER = r"""
+import os, signal, sys
+from eidetic.server import config
+from eidetic.replica.backend import open_backend
+from eidetic.replica.restore import restore
+from eidetic.store.store import Store
+
+cfg = config.load(sys.argv[1])
+s = cfg.study("s")
+phase = sys.argv[2]
+
+def progress(p, done, total):
+    # SIGKILL: no clean-up of any kind runs, as after a power cut
+    if p == phase and done > 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+restore(Store(*s.store_args()), open_backend(s.replica("offsite")), progress=progress)
+"""
+
+
+@pytest.mark.parametrize("site", KINDS, indirect=True)
+def test_a_restore_killed_half_way_is_finished_by_running_it_again(site):
+    site.three_uploads()
+    site.replicate()
+    before = site.snapshot()
+    site.lose_everything()
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(site.config_path), "objects"],
+                            env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert os.path.exists(os.path.join(site.store_dir, "tmp", RESTORE_MARKER))
+    # Half a store: every other command refuses it, and says how to finish.
+    with pytest.raises(StoreFormatError, match="restore"):
+        Store.open(*site.cfg.study(STUDY).store_args())
+    res = restore_cli(site, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["resumed"] is True
+    assert site.snapshot() == before
+    assert_clean(site)
+
+
+@pytest.mark.parametrize("site", ["file"], indirect=True)
+def test_a_restore_killed_while_making_the_tree_is_finished_too(site):
+    site.three_uploads()
+    site.replicate()
+    before = site.snapshot()
+    site.lose_everything()
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(site.config_path), "manifests"],
+                            env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert restore_cli(site).returncode == 0
+    assert site.snapshot() == before
+    assert_clean(site)
+
+
+@pytest.mark.parametrize("site", ["file"], indirect=True)
+def test_a_resumed_restore_must_use_the_replica_it_started_with(site):
+    site.send({"a.txt": b"a\n"})
+    site.replicate()
+    site.lose_everything()
+    subprocess.run([sys.executable, "-c", KILLER, str(site.config_path), "manifests"], env=clean_env(),
+                   capture_output=True, timeout=120)
+    note = os.path.join(site.store_dir, "tmp", RESTORE_MARKER)
+    doc = json.loads(open(note).read())
+    assert doc["replica"] == REPLICA
+    doc["replica"] = "elsewhere"
+    os.chmod(note, 0o600)
+    with open(note, "w") as f:
+        json.dump(doc, f)
+    res = restore_cli(site)
+    assert res.returncode == 2
+    assert "being restored from replica 'elsewhere'" in one_line_error(res)
+
+
+@pytest.mark.parametrize("site", ["file"], indirect=True)
+def test_a_replica_whose_manifest_was_edited_is_refused_as_corrupt(site):
+    site.three_uploads()
+    site.replicate()
+    site.lose_everything()
+    m = site.replica_dir / "manifests" / "0000000002.jsonl"
+    data = m.read_bytes().replace(b"labA", b"labB", 1)
+    os.chmod(m, 0o644)
+    m.write_bytes(data)
+    with pytest.raises(ReplicaCorrupt, match="manifest 2 is damaged|manifest 3 does not continue"):
+        restore(site.store(), site.backend())
+    res = restore_cli(site)
+    assert res.returncode == 1
+    assert "replica offsite:" in one_line_error(res)
+
+
+@pytest.mark.parametrize("site", ["file"], indirect=True)
+def test_a_replica_object_with_altered_bytes_stops_the_restore(site):
+    site.send({"a.txt": b"hello\n"})
+    site.replicate()
+    site.lose_everything()
+    from eidetic.core.hashing import hash_bytes
+    from eidetic.core.layout import object_relpath
+    p = site.replica_dir / object_relpath(hash_bytes(b"hello\n"))
+    os.chmod(p, 0o644)
+    p.write_bytes(b"jello\n")
+    with pytest.raises(ReplicaCorrupt, match="hash to"):
+        restore(site.store(), site.backend())
