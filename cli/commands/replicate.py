@@ -80,9 +80,10 @@ def command(ctx: Ctx, study: str | None, replica_name: str | None, bwlimit: int 
     studies = [cfg.study(study)] if study else [cfg.studies[n] for n in sorted(cfg.studies)]
     pairs = [(s, r) for s in studies for r in s.replicas if replica_name is None or r.name == replica_name]
     if not pairs:
-        where = f"study {study}" if study else "any study"
-        what = f"a replica named {replica_name!r}" if replica_name else "a replica"
-        raise UsageError(f"{where} has no {what} configured (studies.<s>.replicas, docs/admin.md)")
+        named = f"a replica named {replica_name!r}" if replica_name else "a replica"
+        where = f"study {study} has no" if study else "no study has"
+        raise UsageError(f"{where} {named} configured (studies.<s>.replicas, docs/admin.md)".replace(
+            "has no a ", "has no "))
     report = []
     worst = 0
     for s, r in pairs:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 
 from ..core import layout
-from ..core.errors import IntegrityError, ReplicaError, ReplicaMissing
+from ..core.errors import IntegrityError, ReplicaCorrupt, ReplicaError, ReplicaMissing
 from ..core.fsutil import open_regular_nofollow
 from ..core.hashing import hash_fd
 from ..store.manifest import FileRecord, ManifestReader
@@ -139,7 +139,7 @@ def replicate(store: Store, backend: Backend, *, bwlimit: float | None = None, p
         if seq in remote_manifests:
             size = os.stat(store.manifest_path(seq)).st_size
             if remote_manifests[seq] != size:
-                raise ReplicaError(f"{layout.manifest_relpath(seq)} is on the replica with {remote_manifests[seq]} "
+                raise ReplicaCorrupt(f"{layout.manifest_relpath(seq)} is on the replica with {remote_manifests[seq]} "
                                    f"bytes, the local one has {size}: not overwritten; run "
                                    f"'eidetic fsck --replica {name}'", name)
         else:
@@ -204,7 +204,7 @@ def _ensure_marker(store: Store, backend: Backend) -> None:
         return
     if remote != local:
         first = remote.decode("utf-8", "replace").replace("\n", " ").strip()[:80]
-        raise ReplicaError(f"the replica holds another store's marker ({first!r}), not study {store.name}'s: "
+        raise ReplicaCorrupt(f"the replica holds another store's marker ({first!r}), not study {store.name}'s: "
                            "nothing was written; give each study's replica a place of its own", backend.name)
 
 
@@ -220,7 +220,7 @@ def read_head(backend: Backend) -> tuple[int, str] | None:
             raise ValueError
         return int(seq), digest
     except ValueError:
-        raise ReplicaError(f"its HEAD is unreadable ({data[:40]!r}): run 'eidetic fsck --replica "
+        raise ReplicaCorrupt(f"its HEAD is unreadable ({data[:40]!r}): run 'eidetic fsck --replica "
                            f"{backend.name}'", backend.name) from None
 
 
@@ -228,13 +228,13 @@ def _check_same_history(store: Store, backend: Backend, remote: tuple[int, str],
                         local_digest: str | None) -> None:
     seq, digest = remote
     if seq > local_head:
-        raise ReplicaError(f"the replica's HEAD is at upload {seq}, ahead of this store's {local_head} (was the "
+        raise ReplicaCorrupt(f"the replica's HEAD is at upload {seq}, ahead of this store's {local_head} (was the "
                            "store restored from an older copy?): nothing was written; run 'eidetic fsck "
                            f"--replica {backend.name}', and 'eidetic restore' if the replica is the newer copy",
                            backend.name)
     mine = local_digest if seq == local_head else _manifest_digest(store, seq)
     if mine != digest:
-        raise ReplicaError(f"the replica's manifest {seq} is not this store's (another history): nothing was "
+        raise ReplicaCorrupt(f"the replica's manifest {seq} is not this store's (another history): nothing was "
                            f"written; run 'eidetic fsck --replica {backend.name}'", backend.name)
 
 
@@ -261,7 +261,7 @@ def _remote_objects(store: Store, backend: Backend) -> set[bytes]:
         except FileNotFoundError:
             local = None
         if local is not None and local != info.size:
-            raise ReplicaError(f"{info.key} is on the replica with {info.size} bytes, the local object has "
+            raise ReplicaCorrupt(f"{info.key} is on the replica with {info.size} bytes, the local object has "
                                f"{local}: not overwritten; run 'eidetic fsck' and 'eidetic fsck --replica "
                                f"{backend.name}'", backend.name)
         have.add(bytes.fromhex(oid))

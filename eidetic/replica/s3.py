@@ -60,13 +60,16 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 
 class _Body:
-    """A request body over bytes in memory that reports what is read from it
-    (to the throttle and the progress meter) as botocore sends it.  A retry
-    seeks back to 0 and the resent bytes count again: they are sent again."""
+    """A request body over bytes in memory that reports the bytes read from
+    it (to the throttle and the progress meter) as botocore sends it.  Each
+    byte is reported once: over http botocore reads the whole body once to
+    sign it (X-Amz-Content-SHA256) and seeks back before sending, and a
+    retry seeks back too."""
 
     def __init__(self, data: memoryview, on_read: Callable[[int], None] | None) -> None:
         self._data = data
         self._pos = 0
+        self._reported = 0
         self._on_read = on_read
 
     def read(self, n: int = -1) -> bytes:
@@ -75,8 +78,9 @@ class _Body:
         n = min(n, READ_BLOCK, len(self._data) - self._pos)
         chunk = bytes(self._data[self._pos:self._pos + n])
         self._pos += n
-        if self._on_read is not None and n:
-            self._on_read(n)
+        if self._on_read is not None and self._pos > self._reported:
+            self._on_read(self._pos - self._reported)
+            self._reported = self._pos
         return chunk
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -293,12 +297,25 @@ class S3Backend(Backend):
             # Before completing: a completed object may be locked for years.
             self._check_blake3(key, h.hexdigest(), blake3)
             with self._call(f"completing the upload of {key}"):
-                self._s3.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
-                                                   MultipartUpload={"Parts": parts})
+                r = self._s3.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                       MultipartUpload={"Parts": parts})
             done = True
         finally:
             if not done:
                 self._abort(full, upload_id)
+        if self.cfg.retention_days:
+            self._ensure_retention(key, full, r.get("VersionId"))
+
+    def _ensure_retention(self, key: str, full: str, version: str | None) -> None:
+        """Some S3 implementations (moto, older MinIO) drop the lock given when
+        a multipart upload starts: then it is set on the completed version."""
+        args = {"VersionId": version} if version else {}
+        with self._call(f"checking the retention of {key}"):
+            if self._s3.head_object(Bucket=self.bucket, Key=full, **args).get("ObjectLockMode"):
+                return
+            lock = self._lock_args()
+            self._s3.put_object_retention(Bucket=self.bucket, Key=full, **args, Retention={
+                "Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})
 
     def _abort(self, full_key: str, upload_id: str) -> None:
         try:
