@@ -4,7 +4,7 @@
 ``offsite`` configured: a file:// directory, or a bucket of the moto S3
 server of tests/s3_peer.py (reached through a real shared-credentials
 file and profile).  ``site.replicate()`` copies the store to the replica
-in the documented order (store_format.md, "Replicas").
+with eidetic.replica.replicate (store_format.md, "Replicas").
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eidetic.core import layout
 from eidetic.replica.backend import open_backend
+from eidetic.replica.replicate import replicate
 from eidetic.server import config, deploy
 from eidetic.server.ingest import Ingester
-from eidetic.store.manifest import FileRecord, ManifestReader
 from eidetic.store.store import Store
 
 STUDY = "s"
@@ -85,32 +84,12 @@ class Site:
         self.send({"d/a.txt": b"alpha 3\n", "d/b.bin": b"\x00\x01" * 300, "new/x.txt": b"x\n"})
 
     def replicate(self) -> None:
-        """Copy the store to the replica in the store's commit order: the marker;
-        per manifest its objects the replica lacks, the manifest, HEAD."""
-        try:
-            from eidetic.replica.replicate import replicate
-        except ImportError:
-            replicate = None
-        if replicate is not None:
-            _run_replicate(replicate, self)
-            return
+        """What 'eidetic replicate' does: the store copied in its commit order."""
         b = self.backend()
-        root = self.store_dir
-        with open(os.path.join(root, layout.STORE_MARKER), "rb") as f:
-            b.put_bytes("eidetic-store", f.read(), None)
-        head, _ = self.store().head()
-        for seq in range(1, head + 1):
-            path = os.path.join(root, layout.manifest_relpath(seq))
-            r = ManifestReader(path)
-            oids = {rec.blake3: rec.size for rec in r.records() if isinstance(rec, FileRecord)}
-            for oid, size in sorted(oids.items()):
-                key = layout.object_relpath(oid)
-                if b.head(key) is None:
-                    b.put_file(key, os.path.join(root, key), size, oid)
-            with open(path, "rb") as f:
-                b.put_bytes(layout.manifest_relpath(seq), f.read(), r.info.digest)
-            b.put_bytes("HEAD", f"{seq} {r.info.digest}\n".encode(), None)
-        b.close()
+        try:
+            replicate(self.store(), b)
+        finally:
+            b.close()
 
     # -- what a restore must reproduce
     def snapshot(self) -> dict:
@@ -137,16 +116,6 @@ class Site:
     def lose_everything(self) -> None:
         shutil.rmtree(self.store_dir)
         shutil.rmtree(self.tree)
-
-
-def _run_replicate(replicate, site: Site) -> None:
-    import inspect
-
-    params = inspect.signature(replicate).parameters
-    if "cfg" in params or "config" in params:
-        replicate(site.cfg, study=STUDY, replica=REPLICA)
-    else:
-        replicate(site.store(), site.backend())
 
 
 def make_site(request, tmp_path, kind: str, **kw) -> Site:

@@ -16,7 +16,6 @@ import json
 import pytest
 from conftest import clean_env, one_line_error, run_cli
 from replica_helpers import KINDS, REPLICA, STUDY, close_envs, make_site
-from s3_peer import s3_creds, s3_peer  # noqa: F401 - fixtures
 
 from eidetic import fsck
 from eidetic.core.errors import ReplicaCorrupt, StoreFormatError

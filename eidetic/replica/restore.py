@@ -66,13 +66,15 @@ def _no_progress(phase: str, done: int, total: int | None) -> None:
 # ------------------------------------------------------------ one object
 
 def fetch_object(backend: Backend, oid: str, objects: ObjectStore, durable: bool,
-                 size: int | None = None) -> int:
+                 size: int | None = None, before_place: Callable[[], None] | None = None) -> int:
     """Download object *oid* into *objects*: streamed into a new temp file
     of the store's tmp/ while hashed, refused (ReplicaCorrupt) unless the
     bytes hash to *oid* (and have *size*, when given), then made 0444 and
     renamed to its object path.  *durable*: fsync the file and its shard
     before and after the rename (a single repair); a restore passes False and
-    makes everything durable with one syncfs.  Returns the size."""
+    makes everything durable with one syncfs.  *before_place* runs once the
+    bytes are verified, before the rename (a repair moves a corrupt file
+    aside there).  Returns the size."""
     key = layout.object_relpath(oid)
     tmp, fd = open_temp(objects.tmp_dir)
     try:
@@ -100,8 +102,14 @@ def fetch_object(backend: Backend, oid: str, objects: ObjectStore, durable: bool
     os.close(fd)
     final = objects.path(oid)
     shard = os.path.dirname(final)
-    makedirs(shard, 0o700, 0o700)
-    rename(tmp, final)
+    try:
+        if before_place is not None:
+            before_place()
+        makedirs(shard, 0o700, 0o700)
+        rename(tmp, final)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
     if durable:
         fsync_dir(shard)
     return total
