@@ -403,12 +403,24 @@ def replica_lag(store: Store, backend: Backend) -> Lag:
         uploads = len(missing)
         first = missing[0] if missing else local_seq + 1
         replica_seq = first - 1
+    return _lag(store, backend.name, replica_seq, uploads, first, local_seq)
+
+
+def lag_since(store: Store, replica: str, replica_seq: int) -> Lag:
+    """The lag computed locally from a replica seq known from before (the
+    last successful run): what the daemon uses while a replica cannot be read."""
+    local_seq = store.head()[0]
+    replica_seq = min(replica_seq, local_seq)
+    return _lag(store, replica, replica_seq, local_seq - replica_seq, replica_seq + 1, local_seq)
+
+
+def _lag(store: Store, replica: str, replica_seq: int, uploads: int, first: int, local_seq: int) -> Lag:
     oldest = None
     if uploads:
         r = ManifestReader(store.manifest_path(first))
         r.close()
         oldest = layout.parse_utc_iso(r.header.received)
-    return Lag(backend.name, uploads, oldest, replica_seq, local_seq)
+    return Lag(replica, uploads, oldest, replica_seq, local_seq)
 
 
 def lag_age_text(lag: Lag, now: datetime | None = None) -> str:

@@ -123,6 +123,12 @@ class S3Backend(Backend):
             # We always send our own SHA-256; no CRC added on top.
             request_checksum_calculation="when_required", response_checksum_validation="when_required")
 
+    def fail_fast(self) -> None:
+        """Short timeouts and no retries, for a quick look (``status``); call
+        before the first request."""
+        self._config = self._config.merge(botocore.config.Config(
+            connect_timeout=3, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}))
+
     # ------------------------------------------------------------- plumbing
 
     @property

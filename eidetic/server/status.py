@@ -111,6 +111,30 @@ class Unknown:
 
 
 @dataclass
+class ReplicaStatus:
+    """How far one replica is behind the store (eidetic.replica.replicate.Lag),
+    or why that is unknown: *error* set means unreachable or unreadable, and
+    then *uploads* and the age are None, never 0 ("up to date")."""
+    name: str
+    url: str
+    uploads: int | None = None             # uploads not yet on the replica
+    oldest_received: str | None = None     # when the oldest of them was received
+    lag_seconds: float | None = None       # its age; 0 when up to date
+    replica_seq: int | None = None
+    error: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "url": self.url, "reachable": self.reachable, "uploads": self.uploads,
+                "oldest_received": self.oldest_received,
+                "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds),
+                "replica_seq": self.replica_seq, "error": self.error}
+
+
+@dataclass
 class StudyStatus:
     name: str
     waiting: list[Waiting] = field(default_factory=list)
@@ -130,6 +154,7 @@ class StudyStatus:
     daemon_pid: int | None = None          # -1: running, pid unknown
     errors: list[str] = field(default_factory=list)
     index_error: str | None = None         # the index may not be used (IndexUnusable's message)
+    replicas: list[ReplicaStatus] = field(default_factory=list)
 
     @property
     def daemon_running(self) -> bool:
@@ -163,6 +188,7 @@ class StudyStatus:
                        "pid": self.daemon_pid if self.daemon_pid and self.daemon_pid > 0 else None},
             "errors": list(self.errors),
             "index_error": self.index_error,
+            "replicas": [r.to_json() for r in self.replicas],
         }
 
 
@@ -264,7 +290,36 @@ def to_prometheus(st: Status, now: float | None = None) -> str:
             v = get(s, now)
             if v is not None:
                 out.append(f'{full}{{study="{_label_value(study)}"}} {_sample_value(v)}')
+    out.extend(_replica_prometheus(st))
     return "\n".join(out) + "\n"
+
+
+# One sample per study and replica, labelled {study, replica}.  An unreachable
+# replica has no lag samples (unknown, never a made-up 0) and replica_up 0.
+REPLICA_METRICS = [
+    ("replica_up", "gauge", "1 when the replica could be read by status, else 0.",
+     lambda r: 1 if r.reachable else 0),
+    ("replica_lag_uploads", "gauge", "Uploads in the store that are not yet on the replica.",
+     lambda r: r.uploads),
+    ("replica_lag_seconds", "gauge", "Age of the oldest upload not yet on the replica (0: up to date).",
+     lambda r: r.lag_seconds),
+]
+
+
+def _replica_prometheus(st: Status) -> list[str]:
+    if not any(s.replicas for s in st.studies.values()):
+        return []
+    out = []
+    for name, kind, help_text, get in REPLICA_METRICS:
+        full = "eidetic_" + name
+        out += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+        for study, s in st.studies.items():
+            for r in s.replicas:
+                v = get(r)
+                if v is not None:
+                    out.append(f'{full}{{study="{_label_value(study)}",replica="{_label_value(r.name)}"}} '
+                               f"{_sample_value(v)}")
+    return out
 
 
 # ------------------------------------------------------------------- gather
@@ -344,7 +399,36 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting:
     except OSError as e:
         st.errors.append(f"cannot stat {s.store}: {e.strerror}")
     st.daemon_pid = state.daemon_pid(s.name)
+    st.replicas = _replicas(s)
     return st
+
+
+def _replicas(s: StudyConfig) -> list[ReplicaStatus]:
+    """Each replica's lag: one GET of its HEAD (eidetic.replica.replicate.replica_lag)."""
+    from ..replica.backend import open_backend
+    from ..replica.replicate import replica_lag
+
+    out = []
+    for r in s.replicas:
+        rs = ReplicaStatus(r.name, r.url)
+        try:
+            backend = open_backend(r)
+            quick = getattr(backend, "fail_fast", None)
+            if quick is not None:
+                quick()       # status must not hang for minutes on a dead endpoint
+            try:
+                lag = replica_lag(Store.open(*s.store_args()), backend)
+            finally:
+                backend.close()
+        except (OSError, EideticError) as e:
+            rs.error = e.message if isinstance(e, EideticError) else f"{e.strerror or e}"
+        else:
+            rs.uploads, rs.replica_seq = lag.uploads, lag.replica_seq
+            rs.lag_seconds = lag.seconds()
+            rs.oldest_received = lag.oldest_received.strftime("%Y-%m-%dT%H:%M:%S.%fZ") \
+                if lag.oldest_received else None
+        out.append(rs)
+    return out
 
 
 def _ok(records: list[dict] | OSError) -> list[dict]:
