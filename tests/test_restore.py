@@ -7,14 +7,16 @@ command line; a restore killed with SIGKILL at a chosen point and run again.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import json
 
 import pytest
 from conftest import clean_env, one_line_error, run_cli
+from test_ownership import deployment  # noqa: F401 - fixture: root, a service user, an install it can read
 from replica_helpers import KINDS, REPLICA, STUDY, close_envs, make_site
 
 from eidetic import fsck
@@ -197,3 +199,37 @@ def test_a_replica_object_with_altered_bytes_stops_the_restore(site):
     p.write_bytes(b"jello\n")
     with pytest.raises(ReplicaCorrupt, match="hash to"):
         restore(site.store(), site.backend())
+
+
+def test_root_run_restore_goes_on_as_the_service_user_and_what_it_writes_is_theirs(deployment):
+    """sudo eidetic restore into a lost study: the directories are made as
+    'eidetic init' makes them, and every file restored is the service user's."""
+    from conftest import Layout, check_store, plain_files
+    from test_ownership import not_the_services
+
+    import eidetic.server.config
+    from eidetic.replica.backend import open_backend
+    from eidetic.replica.replicate import replicate
+
+    d, lay = deployment, deployment.lay
+    site2 = d.base / "site2"
+    site2.mkdir(mode=0o755)
+    doc = json.loads(lay.config_path.read_text())
+    doc["studies"]["s1"]["replicas"] = {"offsite": {"url": f"file://{site2}"}}
+    lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
+    lay = d.lay = Layout(lay.root, lay.config_path, eidetic.server.config.load(str(lay.config_path)))
+    d.upload("s1-labA-1", {"eprime/s1.txt": b"one", "top.txt": b"top"})
+    assert d.as_root("ingest", "--once", "--settle", "0").returncode == 0
+    d.upload("s1-labA-2", {"eprime/s1.txt": b"two"})
+    assert d.as_root("ingest", "--once", "--settle", "0").returncode == 0
+    s = lay.cfg.study("s1")
+    replicate(Store.open(*s.store_args()), open_backend(s.replica("offsite")))
+    before = plain_files(lay.tree())
+    close_envs(str(lay.root))
+    shutil.rmtree(lay.store())
+    shutil.rmtree(lay.tree())
+    res = d.as_root("restore", "--from", "offsite", "--study", "s1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert plain_files(lay.tree()) == before
+    assert not_the_services(lay) == []
+    check_store(lay)
