@@ -150,13 +150,13 @@ def replicate(store: Store, backend: Backend, *, bwlimit: float | None = None, p
 
     if todo:
         have = _remote_objects(store, backend)
-        pool = ThreadPoolExecutor(max_workers=workers or (S3_WORKERS if wire_level else FILE_WORKERS),
-                                  thread_name_prefix=f"replicate-{name}")
+        nworkers = workers or (S3_WORKERS if wire_level else FILE_WORKERS)
+        pool = ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix=f"replicate-{name}")
         last_head_write = time.monotonic()
         try:
             for i, seq in enumerate(todo):
-                digest = None if stop() else _send_upload(store, backend, seq, have, pool, meter, wire_level,
-                                                          result, stop)
+                digest = None if stop() else _send_upload(store, backend, seq, have, pool, 2 * nworkers, meter,
+                                                          wire_level, result, stop)
                 if digest is None:       # stopped: the next run goes on from here
                     result.stopped = True
                     break
@@ -283,12 +283,12 @@ def _objects_of(store: Store, seq: int):
 
 
 def _send_upload(store: Store, backend: Backend, seq: int, have: set[bytes], pool: ThreadPoolExecutor,
-                 meter: _Meter, wire_level: bool, result: ReplicateResult,
+                 limit: int, meter: _Meter, wire_level: bool, result: ReplicateResult,
                  stop: Callable[[], bool]) -> str | None:
     """Manifest *seq*'s missing objects, then the manifest; its digest, or
     None when *stop* said so before the manifest went."""
     inflight: set[Future] = set()
-    limit = 2 * (pool._max_workers or 1)     # bounded: memory does not grow with the upload
+    # At most *limit* objects in flight: memory does not grow with the upload.
     failed: list[BaseException] = []
     stopped = False
 
