@@ -139,14 +139,17 @@ def test_a_restore_killed_half_way_is_finished_by_running_it_again(site):
 
 
 @pytest.mark.parametrize("site", ["file"], indirect=True)
-def test_a_restore_killed_while_making_the_tree_is_finished_too(site):
+@pytest.mark.parametrize("phase", ["manifests", "index"])
+def test_a_restore_killed_while_checking_manifests_or_before_the_tree_is_finished_too(site, phase):
     site.three_uploads()
     site.replicate()
     before = site.snapshot()
     site.lose_everything()
-    killed = subprocess.run([sys.executable, "-c", KILLER, str(site.config_path), "manifests"],
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(site.config_path), phase],
                             env=clean_env(), capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if phase == "index":    # killed with the index rebuilt, before the tree: HEAD and the marker are there
+        assert os.path.exists(os.path.join(site.store_dir, "HEAD"))
     assert restore_cli(site).returncode == 0
     assert site.snapshot() == before
     assert_clean(site)

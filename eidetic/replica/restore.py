@@ -160,8 +160,9 @@ def restore(store: Store, backend: Backend, progress: Progress | None = None,
         write_atomic(os.path.join(store.root, layout.STORE_MARKER), marker, mode=0o444)
         rep.manifests = head_seq
         store.rebuild_index()
-        progress("tree", 0, None)
+        progress("index", 1, 1)
         rep.versions, problems = place_all(store)
+        progress("tree", rep.versions, rep.versions)
         if problems:
             raise IntegrityError(f"study {store.name}: the tree could not be made whole: "
                                  + layout.first_and_more(problems, limit=3, more=" and {} more"))
