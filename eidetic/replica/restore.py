@@ -133,10 +133,13 @@ def restore(store: Store, backend: Backend, progress: Progress | None = None,
     say = log or (lambda _line: None)
     rep = RestoreReport()
     backend.check_ready()
-    rep.resumed = _claim(store, backend)
-    if rep.resumed:
-        say(f"study {store.name}: resuming the restore from replica {backend.name}")
+    _claim(store, backend, write=False)     # refused before anything is made, even the lock file
+    makedirs(os.fsencode(store.root), 0o700)
     with store.lock():
+        # Again under the lock: a second restore started meanwhile has claimed it, or not.
+        rep.resumed = _claim(store, backend, write=True)
+        if rep.resumed:
+            say(f"study {store.name}: resuming the restore from replica {backend.name}")
         _clean_tmp(store)
         try:
             marker = _replica_marker(store, backend)
@@ -185,9 +188,11 @@ def _clean_tmp(store: Store) -> None:
             os.unlink(p)
 
 
-def _claim(store: Store, backend: Backend) -> bool:
-    """Make sure restore may write here and say so in tmp/restore.json;
-    True when a restore this replica started is being resumed."""
+def _claim(store: Store, backend: Backend, write: bool) -> bool:
+    """Make sure restore may write here and (*write*) say so in
+    tmp/restore.json; True when a restore started earlier is being resumed.
+    It may be resumed from another replica only while it has placed no
+    manifest (objects are verified by their ids whichever replica sent them)."""
     root, tree = store.root, store.tree
     note = os.path.join(root, "tmp", RESTORE_MARKER)
     try:
@@ -198,21 +203,27 @@ def _claim(store: Store, backend: Backend) -> bool:
     except (OSError, ValueError) as e:
         raise RestoreRefused(f"{note} is unreadable ({e}); it marks a restore in progress: look at the store "
                              "by hand", backend.name) from None
+    doc = {"replica": backend.name, "url": backend.url,
+           "started": layout.utc_iso(datetime.now(timezone.utc))}
     if started is not None:
         if started.get("replica") != backend.name:
-            raise RestoreRefused(f"the store {root} is being restored from replica {started.get('replica')!r}, "
-                                 f"not {backend.name!r}: run 'eidetic restore --from {started.get('replica')} "
-                                 f"--study {store.name}' to finish that restore", backend.name)
+            if any(_files_under(os.path.join(root, "manifests"))):
+                raise RestoreRefused(f"the store {root} is being restored from replica "
+                                     f"{started.get('replica')!r}, not {backend.name!r}, and has its manifests "
+                                     f"already: run 'eidetic restore --from {started.get('replica')} --study "
+                                     f"{store.name}' to finish that restore", backend.name)
+            if write:
+                write_atomic(note, (json.dumps(doc) + "\n").encode(), mode=0o600)
         return True
     problem = _not_empty(root, store.name) or _tree_not_empty(tree)
     if problem:
         raise RestoreRefused(f"refusing to restore study {store.name}: {problem}; restore writes only into an "
                              "empty (or absent) store and tree", backend.name)
+    if not write:
+        return False
     for d in STORE_DIRS:
         makedirs(os.fsencode(os.path.join(root, d)), 0o700, 0o700)
     makedirs(os.fsencode(tree), 0o755)
-    doc = {"replica": backend.name, "url": backend.url,
-           "started": layout.utc_iso(datetime.now(timezone.utc))}
     write_atomic(note, (json.dumps(doc) + "\n").encode(), mode=0o600)
     return False
 
