@@ -146,10 +146,19 @@ def _repair_with_replicas(scfg, store, findings, replica: str | None):
     from eidetic import fsck
     from eidetic.replica.backend import open_backend
 
+    from eidetic.core.errors import ReplicaError
+
     wanted = [scfg.replica(replica)] if replica else list(scfg.replicas)
     if not any(f.code in ("E020", "E021") for f in findings):
         wanted = []
-    backends = [open_backend(r) for r in wanted]
+    backends = []
+    for r in wanted:
+        try:
+            backends.append(open_backend(r))
+        except ReplicaError as e:
+            if replica:
+                raise           # the one asked for: its error is the answer
+            warn(f"{scfg.name}: {e.message}; repairing without it")
     try:
         return fsck.repair(store, findings, replicas=backends)
     finally:
