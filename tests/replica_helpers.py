@@ -119,6 +119,9 @@ class Site:
 
 
 def make_site(request, tmp_path, kind: str, **kw) -> Site:
+    if kind == "s3-locked":     # Object Lock on the bucket, retention in the config
+        kind = "s3"
+        kw.update(object_lock=True, retention_days=1)
     if kind == "s3":
         s3 = request.getfixturevalue("s3_peer")
         creds = request.getfixturevalue("s3_creds")

@@ -234,7 +234,7 @@ def test_a_corrupt_local_object_is_repaired_from_the_replica(replicated):
     assert len(kept) == 1 and open(kept[0], "rb").read().startswith(b"\xff\xff")   # nothing deleted
 
 
-@pytest.mark.parametrize("site", ["file"], indirect=True)
+@pytest.mark.parametrize("site", KINDS, indirect=True)
 def test_a_missing_object_no_tree_name_holds_is_fetched_from_the_replica(replicated):
     os.unlink(obj_path(replicated, TOP))
     os.unlink(os.path.join(replicated.tree, "top.txt"))

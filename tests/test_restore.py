@@ -42,7 +42,7 @@ def assert_clean(site):
     assert [f.line() for f in findings] == []
 
 
-@pytest.mark.parametrize("site", KINDS, indirect=True)
+@pytest.mark.parametrize("site", [*KINDS, "s3-locked"], indirect=True)
 def test_a_lost_store_and_tree_are_restored_byte_identical_and_fsck_clean(site):
     site.three_uploads()
     site.replicate()
