@@ -166,6 +166,13 @@ def test_E077_read_data_finds_altered_bytes_of_the_right_size(replicated):
     assert res.returncode == 1 and "E077" in res.stdout
 
 
+@pytest.mark.parametrize("site", ["s3"], indirect=True)
+def test_E077_an_object_put_again_without_its_blake3_is_found_without_read_data(replicated):
+    remote_replace(replicated, key_of(TOP), b"TOP\n")      # same size, a new version put by hand
+    found = check(replicated)
+    assert codes(found) == ["E077"] and "no BLAKE3 metadata" in found[0].detail
+
+
 def test_E077_recorded_blake3_that_is_not_the_id(request, tmp_path):
     site = make_site(request, tmp_path, "s3", object_lock=True, retention_days=1)
     site.three_uploads()

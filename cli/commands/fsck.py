@@ -14,7 +14,7 @@ class _Bars:
     """tqdm bars on stderr, one per phase; silent when stderr is not a terminal."""
 
     UNITS = {"manifests": ("manifest", False), "tree": ("name", False), "objects": ("B", True),
-             "replica manifests": ("manifest", False), "replica retention": ("object", False),
+             "replica manifests": ("manifest", False), "replica metadata": ("object", False),
              "replica data": ("B", True)}
 
     def __init__(self, study: str) -> None:

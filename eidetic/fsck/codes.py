@@ -74,8 +74,8 @@ CODES: dict[str, str] = {
             "sends them",
     "E075": "replica object missing: a replicated manifest refers to it but the replica does not hold it",
     "E076": "replica object size wrong: its size on the replica is not the size its manifest records",
-    "E077": "replica object corrupt: its recorded BLAKE3 is not its id, or (with --read-data) its bytes do not "
-            "hash to its id",
+    "E077": "replica object corrupt: its recorded BLAKE3 is not its id or is missing where the replica records "
+            "one, or (with --read-data) its bytes do not hash to its id",
     "E078": "replica retention missing or short: retention_days is set but the object or manifest has no Object "
             "Lock retention, another mode, or one ending before its upload's received time plus retention_days",
     "E079": "replica ahead of the store: the replica holds manifests past the local chain (the store lost "

@@ -13,17 +13,19 @@ plain fsck's) are the truth.  On the replica (store_format.md, "Replicas"):
   are compared too; local manifests not replicated yet are one warning
   (``W074``); replica manifests past the local chain are ``E079``;
 - every object of the replicated manifests is there (``E075``) with its
-  size (``E076``), and its BLAKE3 metadata, where recorded, is its id
-  (``E077``);
+  size (``E076``), and, where the replica records metadata (S3), its
+  BLAKE3 metadata is there and is its id (``E077``: a version put by hand
+  has none);
 - with retention configured: every object and manifest carries Object Lock
   retention of the configured mode, until at least the upload's received
   time plus ``retention_days`` (``E078``);
 - with *read_data*: every object is downloaded and re-hashed (``E077``).
 
 Without *read_data* no object is downloaded: sizes come from one listing
-(LIST pages of 1,000 keys), and an object is HEADed only when retention
-must be checked (listings carry no retention), in a small thread pool, so
-100,000 objects stay a matter of seconds to minutes.
+(LIST pages of 1,000 keys); an object is HEADed only for what a listing
+does not carry, its BLAKE3 metadata and retention, and only where the
+replica records them (not file://), in a thread pool, so 100,000 objects
+stay a matter of a few minutes.
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def _check_objects(backend: Backend, local: _Local, seqs: list[int], lock, read_
             add("E077", key, f"its recorded BLAKE3 is {info.blake3}")
             continue
         present.append((oid, size, seq, info))
-    if lock is not None:
+    if lock is not None or backend.records_metadata:
         _head_objects(backend, local, present, lock, add, progress)
     if read_data:
         _read_objects(backend, present, add, out, progress)
@@ -276,12 +278,18 @@ def _head_objects(backend: Backend, local: _Local, present, lock, add, progress:
     with ThreadPoolExecutor(WORKERS) as pool:
         for n, ((oid, _size, seq, _), info) in enumerate(zip(present, pool.map(backend.head, keys)), 1):
             key = keys[n - 1]
-            if info is not None and info.blake3 is not None and info.blake3 != oid:
+            progress("replica metadata", n, len(keys))
+            if info is None:
+                add("E075", key, "gone while it was checked")
+                continue
+            if info.blake3 is not None and info.blake3 != oid:
                 add("E077", key, f"its recorded BLAKE3 is {info.blake3}")
-            problem = _retention_problem(info, lock, local.manifests[seq][2])
+            elif info.blake3 is None and backend.records_metadata:
+                add("E077", key, "it has no BLAKE3 metadata, so eidetic did not write it: replaced by hand? "
+                                 "('--read-data' checks its bytes)")
+            problem = _retention_problem(info, lock, local.manifests[seq][2]) if lock is not None else None
             if problem:
                 add("E078", key, problem)
-            progress("replica retention", n, len(keys))
 
 
 def _read_objects(backend: Backend, present, add, out: Findings, progress: Progress) -> None:

@@ -67,6 +67,9 @@ class Backend(abc.ABC):
 
     name: str
     url: str
+    # Does a put record the BLAKE3 as metadata that head() returns (S3: yes)?
+    # Where it does, a key without it was not written by eidetic (fsck E077).
+    records_metadata: bool = True
 
     @abc.abstractmethod
     def list(self, under: str) -> Iterator[RemoteInfo]:
@@ -128,6 +131,8 @@ class FileBackend(Backend):
     is the admin's mount point.)  No retention: a file system cannot refuse
     root's deletion, which is why retention_days on file:// is refused.
     """
+
+    records_metadata = False    # a file holds its bytes only
 
     def __init__(self, cfg: ReplicaConfig) -> None:
         self.cfg = cfg
