@@ -38,7 +38,7 @@ from typing import Iterator
 from ..core import layout
 from ..core.errors import IntegrityError, ReplicaError, ReplicaMissing
 from ..core.hashing import new_hasher
-from ..replica.backend import HEAD_KEY, MARKER_KEY, Backend, RemoteInfo
+from ..replica.backend import HEAD_KEY, MARKER_KEY, Backend, RemoteInfo, bounded_map
 from ..store.manifest import FileRecord, ManifestReader
 from .codes import Findings, Progress, no_progress
 
@@ -224,7 +224,7 @@ def _retention_problem(info: RemoteInfo | None, lock: tuple[int, str], received:
 def _check_manifest_retention(backend: Backend, local: _Local, seqs: list[int], lock, add) -> None:
     keys = [layout.manifest_relpath(s) for s in seqs]
     with ThreadPoolExecutor(WORKERS) as pool:
-        for seq, key, info in zip(seqs, keys, pool.map(backend.head, keys)):
+        for seq, key, info in zip(seqs, keys, bounded_map(pool, backend.head, keys)):
             problem = _retention_problem(info, lock, local.manifests[seq][2])
             if problem:
                 add("E078", key, problem)
@@ -276,7 +276,7 @@ def _merge(need: list[tuple[str, int, int]], listing: Iterator[RemoteInfo]
 def _head_objects(backend: Backend, local: _Local, present, lock, add, progress: Progress) -> None:
     keys = [layout.object_relpath(oid) for oid, *_ in present]
     with ThreadPoolExecutor(WORKERS) as pool:
-        for n, ((oid, _size, seq, _), info) in enumerate(zip(present, pool.map(backend.head, keys)), 1):
+        for n, ((oid, _size, seq, _), info) in enumerate(zip(present, bounded_map(pool, backend.head, keys)), 1):
             key = keys[n - 1]
             progress("replica metadata", n, len(keys))
             if info is None:
@@ -307,7 +307,7 @@ def _read_objects(backend: Backend, present, add, out: Findings, progress: Progr
         return key, (None if actual == oid else "E077"), f"its {n} bytes hash to {actual}", n
 
     with ThreadPoolExecutor(min(WORKERS, 4)) as pool:
-        for key, code, problem, n in pool.map(one, present):
+        for key, code, problem, n in bounded_map(pool, one, present):
             if code:
                 add(code, key, problem)
             done += n

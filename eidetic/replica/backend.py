@@ -25,13 +25,17 @@ import os
 import stat
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Iterator
+from collections import deque
+from concurrent.futures import Executor, Future
+from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..core.errors import ConfigError, ReplicaError, ReplicaMissing, ReplicaNotLocked, ReplicaUnreachable
 from ..core.fsutil import AtomicFile, is_temp_name, mkdir_open, open_dir_nofollow, open_regular_nofollow
 from ..core.hashing import CHUNK, write_all
 
+T = TypeVar("T")
+R = TypeVar("R")
 RETENTION_MODES = ("compliance", "governance")
 MARKER_KEY = "eidetic-store"
 HEAD_KEY = "HEAD"
@@ -108,6 +112,23 @@ class Backend(abc.ABC):
         if len(data) > limit:
             raise ReplicaError(f"{key} is larger than {limit} bytes", self.name)
         return data
+
+
+def bounded_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int = 64) -> Iterator[R]:
+    """``pool.map(fn, items)`` with at most *window* calls in flight: results
+    in order, and memory flat however many items (Executor.map submits every
+    item at once: a million objects would be a million futures)."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        if len(pending) >= window:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    try:
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:       # a failure (or a caller that stopped) cancels the rest
+            f.cancel()
 
 
 def check_key(key: str) -> str:

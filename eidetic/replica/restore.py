@@ -41,7 +41,7 @@ from ..store.manifest import FileRecord, ManifestReader
 from ..store.objects import OBJECT_MODE, ObjectStore
 from ..store.store import MARKER_TEXT, RESTORE_MARKER, STORE_DIRS, Store
 from ..store.tree import place_all
-from .backend import HEAD_KEY, MARKER_KEY, Backend
+from .backend import HEAD_KEY, MARKER_KEY, Backend, bounded_map
 
 Progress = Callable[[str, int, "int | None"], None]
 READ_CHUNK = 1 << 20
@@ -373,9 +373,8 @@ def _fetch_objects(store: Store, backend: Backend, need: dict[str, int], progres
         return fetch_object(backend, oid, store.objects, durable=False, size=size), True
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        # map() submits every id at once (small: an id each) and yields the
-        # results in order; the first failure stops the restore.
-        for n, fetched in pool.map(one, sorted(need)):
+        # Results in order; the first failure stops the restore.
+        for n, fetched in bounded_map(pool, one, sorted(need)):
             done += n
             rep.fetched += fetched
             progress("objects", done, total)
