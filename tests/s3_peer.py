@@ -4,8 +4,8 @@ No S3 server that runs without a whole cluster ships in Debian or on the
 package index (/work/shared/FACTS.md), so the tests talk HTTP to moto's
 server, which implements buckets, versioning, additional checksums and
 Object Lock.  The server runs in this process (``ThreadedMotoServer``); moto
-keeps its state in module globals, so there is ONE server per test session
-(``s3_peer`` fixture) and every test makes its own bucket (``new_bucket``).
+keeps its state in module globals, so there is ONE server per test process
+(``s3_peer`` fixture, ``shared_peer()``) and every test makes its own bucket (``new_bucket``).
 
 Authentication is really enforced: at start-up the peer creates an IAM user
 with an access key and an allow-all policy, then turns moto's request
@@ -25,6 +25,7 @@ makes other files (e.g. a wrong secret) for a test that needs them.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
@@ -89,9 +90,10 @@ class S3Peer:
         # key; from the fourth on, every request must be signed with that key.
         self._post("/moto-api/reset-auth", b"3")
         iam = self._client("iam", "bootstrap", "bootstrap")
-        iam.create_user(UserName="eidetic")
-        iam.put_user_policy(UserName="eidetic", PolicyName="all", PolicyDocument=_ALLOW_ALL)
-        key = iam.create_access_key(UserName="eidetic")["AccessKey"]
+        user = f"eidetic-{self.port}"     # moto's IAM state is process-wide: a name of our own
+        iam.create_user(UserName=user)
+        iam.put_user_policy(UserName=user, PolicyName="all", PolicyDocument=_ALLOW_ALL)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
         self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
         return self
 
@@ -157,10 +159,24 @@ _AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", 
              "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
 
+_shared: S3Peer | None = None
+
+
+def shared_peer() -> S3Peer:
+    """The one server of this process.  A test module that imports the
+    fixtures gets its own copy of the session fixture, so the fixture must
+    not start a server per copy: moto's state is process-wide (a second
+    server would see the first one's buckets and IAM users)."""
+    global _shared
+    if _shared is None:
+        _shared = S3Peer().start()
+        atexit.register(_shared.stop)
+    return _shared
+
+
 @pytest.fixture(scope="session")
-def s3_peer():
-    with S3Peer() as peer:
-        yield peer
+def s3_peer() -> S3Peer:
+    return shared_peer()
 
 
 @pytest.fixture
