@@ -6,7 +6,6 @@ replica, the moto S3 server (tests/s3_peer.py), a real SMTP server."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import drop, make_layout
-from daemon_helpers import DaemonProc, set_study, wait_until
+from daemon_helpers import DaemonProc, set_study
 from eidetic.server.notify import Notifier
 from eidetic.server.replication import StudyReplicator
 from s3_peer import s3_creds, s3_peer  # noqa: F401 - fixtures

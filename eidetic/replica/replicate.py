@@ -113,9 +113,7 @@ def replicate(store: Store, backend: Backend, *, bwlimit: float | None = None, p
     backend.check_ready()
     throttle = Throttle(bwlimit) if bwlimit else None
     meter = _Meter(throttle, progress)
-    wire_level = hasattr(type(backend), "on_send")
-    if wire_level:
-        backend.on_send = meter       # type: ignore[attr-defined]
+    wire_level = hasattr(type(backend), "on_send")    # the backend meters bytes as they are sent
     abort_stale = getattr(backend, "abort_stale_uploads", None)
     if abort_stale is not None:
         try:
@@ -139,9 +137,9 @@ def replicate(store: Store, backend: Backend, *, bwlimit: float | None = None, p
         if seq in remote_manifests:
             size = os.stat(store.manifest_path(seq)).st_size
             if remote_manifests[seq] != size:
-                raise ReplicaCorrupt(f"{layout.manifest_relpath(seq)} is on the replica with {remote_manifests[seq]} "
-                                   f"bytes, the local one has {size}: not overwritten; run "
-                                   f"'eidetic fsck --replica {name}'", name)
+                raise ReplicaCorrupt(f"{layout.manifest_relpath(seq)} is on the replica with "
+                                     f"{remote_manifests[seq]} bytes, the local one has {size}: not overwritten; "
+                                     f"run 'eidetic fsck --replica {name}'", name)
         else:
             todo.append(seq)
     del remote_manifests
@@ -153,6 +151,8 @@ def replicate(store: Store, backend: Backend, *, bwlimit: float | None = None, p
         nworkers = workers or (S3_WORKERS if wire_level else FILE_WORKERS)
         pool = ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix=f"replicate-{name}")
         last_head_write = time.monotonic()
+        if wire_level:
+            backend.on_send = meter       # type: ignore[attr-defined]
         try:
             for i, seq in enumerate(todo):
                 digest = None if stop() else _send_upload(store, backend, seq, have, pool, 2 * nworkers, meter,
@@ -205,7 +205,7 @@ def _ensure_marker(store: Store, backend: Backend) -> None:
     if remote != local:
         first = remote.decode("utf-8", "replace").replace("\n", " ").strip()[:80]
         raise ReplicaCorrupt(f"the replica holds another store's marker ({first!r}), not study {store.name}'s: "
-                           "nothing was written; give each study's replica a place of its own", backend.name)
+                             "nothing was written; give each study's replica a place of its own", backend.name)
 
 
 def read_head(backend: Backend) -> tuple[int, str] | None:
@@ -221,7 +221,7 @@ def read_head(backend: Backend) -> tuple[int, str] | None:
         return int(seq), digest
     except ValueError:
         raise ReplicaCorrupt(f"its HEAD is unreadable ({data[:40]!r}): run 'eidetic fsck --replica "
-                           f"{backend.name}'", backend.name) from None
+                             f"{backend.name}'", backend.name) from None
 
 
 def _check_same_history(store: Store, backend: Backend, remote: tuple[int, str], local_head: int,
@@ -229,13 +229,13 @@ def _check_same_history(store: Store, backend: Backend, remote: tuple[int, str],
     seq, digest = remote
     if seq > local_head:
         raise ReplicaCorrupt(f"the replica's HEAD is at upload {seq}, ahead of this store's {local_head} (was the "
-                           "store restored from an older copy?): nothing was written; run 'eidetic fsck "
-                           f"--replica {backend.name}', and 'eidetic restore' if the replica is the newer copy",
-                           backend.name)
+                             "store restored from an older copy?): nothing was written; run 'eidetic fsck "
+                             f"--replica {backend.name}', and 'eidetic restore' if the replica is the newer copy",
+                             backend.name)
     mine = local_digest if seq == local_head else _manifest_digest(store, seq)
     if mine != digest:
         raise ReplicaCorrupt(f"the replica's manifest {seq} is not this store's (another history): nothing was "
-                           f"written; run 'eidetic fsck --replica {backend.name}'", backend.name)
+                             f"written; run 'eidetic fsck --replica {backend.name}'", backend.name)
 
 
 def _manifest_digest(store: Store, seq: int) -> str:
@@ -262,8 +262,8 @@ def _remote_objects(store: Store, backend: Backend) -> set[bytes]:
             local = None
         if local is not None and local != info.size:
             raise ReplicaCorrupt(f"{info.key} is on the replica with {info.size} bytes, the local object has "
-                               f"{local}: not overwritten; run 'eidetic fsck' and 'eidetic fsck --replica "
-                               f"{backend.name}'", backend.name)
+                                 f"{local}: not overwritten; run 'eidetic fsck' and 'eidetic fsck --replica "
+                                 f"{backend.name}'", backend.name)
         have.add(bytes.fromhex(oid))
     return have
 
