@@ -387,3 +387,15 @@ def test_the_lag_counts_uploads_not_on_the_replica_and_the_oldest_age(tmp_path):
     st.replicate()
     lag = replica_lag(st.lay.open_store(), backend)
     assert (lag.uploads, lag.oldest_received, lag.seconds()) == (0, None, 0.0)
+
+
+@pytest.mark.parametrize("text, n", [("10M", 10 << 20), ("10MiB/s", 10 << 20), ("1.5G", 3 << 29), ("500", 500),
+                                     ("2k", 2048), ("512KB", 512 << 10), ("7 B", 7)])
+def test_rates_are_iec_sizes(text, n):
+    assert L.parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "fast", "10 megs", "-1M", "1e3", "10Mb/h"])
+def test_a_rate_that_is_not_a_size_is_refused(text):
+    with pytest.raises(ValueError, match="not a size"):
+        L.parse_bytes(text)
