@@ -399,3 +399,16 @@ def test_rates_are_iec_sizes(text, n):
 def test_a_rate_that_is_not_a_size_is_refused(text):
     with pytest.raises(ValueError, match="not a size"):
         L.parse_bytes(text)
+
+
+def test_an_unfinished_multipart_upload_left_by_a_killed_run_is_aborted_later(tmp_path, s3_peer, s3_creds):
+    rep, bucket = s3_replica(s3_peer, s3_creds)
+    st = Study(tmp_path, rep)
+    s3 = s3_peer.client()
+    left = s3.create_multipart_upload(Bucket=bucket, Key="archive/s1/objects/ab/" + "c" * 62,
+                                      ChecksumAlgorithm="SHA256")["UploadId"]
+    backend = open_backend(st.rcfg)
+    assert backend.abort_stale_uploads() == 0             # a recent one may be another run's: left alone
+    assert backend.abort_stale_uploads(older_than=timedelta(0)) == 1
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert left
