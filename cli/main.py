@@ -18,7 +18,7 @@ from eidetic.core.layout import display
 from .common import SERVER_LIBRARIES, Ctx, require_server, server_install_command
 
 # Subcommands are imported only when used: `eidetic log` must start fast.
-COMMANDS = ("init", "ingest", "status", "log", "checkout", "fsck", "purge", "send", "gui", "demo")
+COMMANDS = ("init", "ingest", "status", "log", "checkout", "fsck", "replicate", "restore", "purge", "send", "gui", "demo")
 # What the client-only install (a lab PC's, without the [server] extra) can run;
 # every other command first checks that the server libraries are installed.
 CLIENT_COMMANDS = ("send", "gui")

@@ -36,6 +36,11 @@ import eidetic.server.deploy
 import eidetic.store.index
 from eidetic.core import layout as L
 
+# The S3 peer's fixtures (tests/s3_peer.py) for every module: moto keeps its
+# state in module globals, so there must be ONE session-scoped server; a test
+# module that imported the fixtures itself would define and start a second.
+pytest_plugins = ("s3_peer",)
+
 # One hypothesis profile for every property test: derandomized (a CI run
 # tries the same examples as the run before it), no deadline (CI machines
 # are slow and shared); tests that need fewer examples say so themselves.

@@ -14,7 +14,8 @@ CLI_PACKAGES = {"click", "eidetic_cli", "cli"}
 
 # Each third-party library belongs to exactly one module.
 OWNERS = {"blake3": "core/hashing.py", "lmdb": "store/index.py", "yaml": "core/yamlfile.py",
-          "watchdog": "server/watch.py", "paramiko": "client/transport.py", "sdnotify": "server/daemon.py"}
+          "watchdog": "server/watch.py", "paramiko": "client/transport.py", "sdnotify": "server/daemon.py",
+          "boto3": "replica/s3.py", "botocore": "replica/s3.py"}
 
 # Which packages of the library each package may import: the arrows point
 # one way, down.  core knows no store; store knows no server and no config;
@@ -23,8 +24,9 @@ MAY_IMPORT = {
     "core": {"core"},
     "store": {"core", "store"},
     "client": {"core", "client"},
-    "fsck": {"core", "store", "fsck"},
-    "server": {"core", "store", "server"},
+    "fsck": {"core", "store", "fsck", "replica"},
+    "server": {"core", "store", "server", "replica"},
+    "replica": {"core", "store", "replica"},
 }
 
 # os functions that are pure string/number work (everything else on os does I/O).

@@ -40,6 +40,8 @@ SERVER_COMMANDS = {
     "log": ["log", "demo:eprime"],
     "checkout": ["checkout", "demo:eprime/s1.txt", "-o", "out.txt"],
     "purge": ["purge", "--older-than", "1"],
+    "replicate": ["replicate"],
+    "restore": ["restore", "--from", "offsite", "--study", "demo"],
     "demo": ["demo"],
 }
 

@@ -14,6 +14,15 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
+def _replica_line(r) -> str:
+    if not r.reachable:
+        return f"{r.name}: UNREACHABLE ({r.error})"
+    if not r.uploads:
+        return f"{r.name}: up to date (upload {r.replica_seq})"
+    return (f"{r.name}: {plural(r.uploads, 'upload')} not replicated, the oldest received "
+            f"{_hours(r.lag_seconds or 0)} ago")
+
+
 @click.command("status")
 @click.option("--study", help="Only this study.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (stable keys) instead of text.")
@@ -91,6 +100,8 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
             say(f"  error        {e}")
         for u in s.unseen:
             say(f"  unseen       {u}")
+        for r in s.replicas:
+            say(f"  replica      {_replica_line(r)}")
     if st.unknown:
         say("entries that map to no study:")
         for u in st.unknown:

@@ -221,3 +221,55 @@ class AccessDenied(EideticError):
     @property
     def message(self) -> str:
         return str(self.kwargs["detail"])
+
+
+class ReplicaError(EideticError):
+    """A replica (a second copy of a study's store, store_format.md
+    "Replicas") cannot be used as asked.  Exit status 3: the environment
+    stops us (an endpoint, a bucket, a mounted file system).
+
+    replica {replica}: {detail}"""
+
+    exit_code = 3
+
+    def __init__(self, detail: str, replica: str = "?") -> None:
+        super().__init__(detail, replica=replica)
+
+    @property
+    def message(self) -> str:
+        return f"replica {self.kwargs['replica']}: {self.kwargs['detail']}"
+
+
+class ReplicaUnreachable(ReplicaError):
+    """The endpoint or file system cannot be reached, the credentials are
+    refused, or the bucket or directory does not exist (exit status 3)."""
+
+
+class ReplicaNotLocked(ReplicaError):
+    """retention_days is configured but the replica cannot hold retention
+    (a bucket without Object Lock, or a file:// replica): nothing is written
+    rather than write copies that could be deleted.  Exit status 2: the
+    configuration asks for what this replica cannot do."""
+
+    exit_code = 2
+
+
+class ReplicaMissing(ReplicaError):
+    """A key the caller needs is not on the replica (exit status 1: the
+    operation ran and found something wrong)."""
+
+    exit_code = 1
+
+
+class ReplicaCorrupt(ReplicaError):
+    """Bytes read from the replica do not hash to their name, or its
+    manifests do not form the chain (exit status 1)."""
+
+    exit_code = 1
+
+
+class RestoreRefused(ReplicaError):
+    """restore writes only into an empty (or absent) store and tree, or into
+    one it started itself; anything else is refused untouched (exit status 2)."""
+
+    exit_code = 2

@@ -289,6 +289,20 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*(?:/s)?\s*\Z", re.I)
+
+
+def parse_bytes(text: str) -> int:
+    """The inverse of :func:`human_bytes` for options like ``--bwlimit 10M``:
+    a number with an optional IEC suffix (K, M, G, T = 1024^n; ``KiB``/``KB``
+    mean the same, ``/s`` is allowed); ValueError when it is not one."""
+    m = _RATE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (like 500K, 10M, 1.5G)")
+    n = float(m.group(1)) * 1024 ** (" KMGT".index(m.group(2).upper()) if m.group(2) else 0)
+    return int(n)
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """A count with its noun in the right number: ``plural(1, "file")`` is
     "1 file", ``plural(2, "new version")`` "2 new versions", ``plural(3,

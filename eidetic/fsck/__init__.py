@@ -10,8 +10,10 @@ first and runs beside the other passes (objects.py); leftover temp files.
 
 Findings an ingest running beside a lock-free check can cause are looked at
 again at the end (:meth:`Chain.settle`) and dropped when the ingest explains
-them.  :func:`repair` (repair.py) fixes what can be derived again.  This
-package prints nothing and imports no CLI code.
+them.  :func:`repair` (repair.py) fixes what can be derived again, and
+fetches lost objects from replicas.  :func:`check_replica` (replica.py)
+checks a replica against the local chain.  This package prints nothing and
+imports no CLI code.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .chain import Chain
 from .codes import CHAIN_BROKEN, CODES, FATAL, Finding, Findings, Progress, finding, no_progress
 from .objects import Rehash, check_objects
 from .repair import RepairReport, repair
+from .replica import check_replica
 from .tree import TreeScan
 
 if TYPE_CHECKING:
@@ -114,4 +117,5 @@ def _check_marker(store: Store) -> Finding | None:
     return None
 
 
-__all__ = ["CODES", "FATAL", "CHAIN_BROKEN", "Finding", "Findings", "RepairReport", "check", "repair", "finding"]
+__all__ = ["CODES", "FATAL", "CHAIN_BROKEN", "Finding", "Findings", "RepairReport", "check", "check_replica", "repair",
+           "finding"]

@@ -63,6 +63,23 @@ CODES: dict[str, str] = {
     "W051": "leftover temp file in the tree: a temp name left by an interrupted tree update",
     "W060": "tree and index not compared: the manifest chain is broken, so there is nothing sound to compare "
             "them with",
+    # a replica ('fsck --replica NAME'), compared with the local chain
+    "E070": "replica marker wrong: the replica's eidetic-store is missing, or differs from the store's (another "
+            "study or store format)",
+    "E071": "replica manifest missing: a manifest up to the replica's HEAD is not on the replica",
+    "E072": "replica manifest differs: its size, recorded BLAKE3 or bytes are not those of the store's manifest",
+    "E073": "replica HEAD wrong: unreadable, or it names a manifest with a digest the local chain does not have "
+            "(another history)",
+    "W074": "replica behind: uploads of the local chain not replicated yet; 'eidetic replicate' (or the daemon) "
+            "sends them",
+    "E075": "replica object missing: a replicated manifest refers to it but the replica does not hold it",
+    "E076": "replica object size wrong: its size on the replica is not the size its manifest records",
+    "E077": "replica object corrupt: its recorded BLAKE3 is not its id or is missing where the replica records "
+            "one, or (with --read-data) its bytes do not hash to its id",
+    "E078": "replica retention missing or short: retention_days is set but the object or manifest has no Object "
+            "Lock retention, another mode, or one ending before its upload's received time plus retention_days",
+    "E079": "replica ahead of the store: the replica holds manifests past the local chain (the store lost "
+            "uploads, or the replica belongs to another store)",
 }
 
 FATAL = frozenset({"E001", "E002"})

@@ -11,19 +11,20 @@ import stat
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import groupby
-from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ..core import layout
-from ..core.fsutil import fsync_dir, is_temp_name, link, makedirs, open_regular_nofollow, rename
+from ..core.errors import ReplicaError
+from ..core.fsutil import fsync_dir, is_temp_name, link, makedirs, open_regular_nofollow, rename, temp_name
 from ..core.hashing import hash_fd
 from ..store.manifest import digest_of
-from ..store.tree import Tree, TreeConflict
+from ..replica.restore import fetch_object
+from ..store.tree import place_all
 from .codes import CHAIN_BROKEN, FATAL, Finding
 from .objects import name_versions
 
 if TYPE_CHECKING:
+    from ..replica.backend import Backend
     from ..store.store import Store
 
 
@@ -35,22 +36,28 @@ class RepairReport:
     lost_and_found: str | None = None                   # where moved-aside tree files went
 
 
-def repair(store: Store, findings: list[Finding], lock: bool = True) -> RepairReport:
+def repair(store: Store, findings: list[Finding], lock: bool = True, replicas: Sequence[Backend] = ()
+           ) -> RepairReport:
     """Repair what *findings* (from :func:`check`) show.  Holds the store
-    lock unless the caller already does (``lock=False``)."""
+    lock unless the caller already does (``lock=False``).  A corrupt or
+    missing object no tree name holds is fetched from the first of
+    *replicas* whose copy hashes to its id."""
     rep = RepairReport()
     fatal = [f for f in findings if f.code in FATAL]
     for f in fatal:
         rep.cannot.append(f"{f.line()}: fsck does not touch a directory it cannot recognise as a store")
     if not fatal:
         with store.lock() if lock else nullcontext():
-            _Repairer(store, findings, rep).run()
+            _Repairer(store, findings, rep, replicas).run()
     return rep
 
 
 class _Repairer:
-    def __init__(self, store: Store, findings: list[Finding], rep: RepairReport) -> None:
+    def __init__(self, store: Store, findings: list[Finding], rep: RepairReport,
+                 replicas: Sequence[Backend] = ()) -> None:
         self.store, self.rep = store, rep
+        self.replicas = list(replicas)
+        self.replaced: dict[str, tuple[int, int]] = {}   # object fetched over a corrupt one -> the old inode
         self.by_code: dict[str, list[Finding]] = {}
         for f in findings:
             self.by_code.setdefault(f.code, []).append(f)
@@ -85,6 +92,8 @@ class _Repairer:
             self.store.prepare_index(notes.append)
             rep.done.extend(line.split(": ", 1)[1] for line in notes)
             rebuilt = bool(notes)
+        if self.replaced and not broken:
+            self._relink_replaced()
         for f in self.get("E034"):
             self._drop_bits(f, stat.S_IWGRP | stat.S_IWOTH, "group/other write bits", directory=True)
         if not broken:
@@ -192,6 +201,8 @@ class _Repairer:
             if self._restore_from_tree(oid, f.data["versions"]):
                 rep.done.append(f"restored missing object {oid} from its tree name")
                 continue
+            if self._from_replica(oid, None):
+                continue
             self.bad_objects.add(oid)
             if f.data.get("description"):
                 rep.cannot.append(f"object {oid} is missing: {f.data['description']}; restore it from a "
@@ -202,10 +213,69 @@ class _Repairer:
                                   "object from a backup, then run 'fsck --repair' again for their tree names")
         for f in self.get("E020"):
             oid = f.data["oid"] if f.data else os.path.basename(f.raw).decode()
+            if layout.valid_object_id(oid) and f.raw == self.store.objects.path(oid) and self._from_replica(oid, f):
+                continue
             self.bad_objects.add(oid)
             rep.cannot.append(f"object {oid} is corrupt ({f.path}); {_affected_text(f.data)}: restore the "
                               "object from a backup (every tree name shares its bytes; missing names of "
                               "these versions are not re-created from corrupt bytes)")
+
+    def _from_replica(self, oid: str, corrupt: Finding | None) -> bool:
+        """Fetch object *oid* from the first replica whose copy hashes to it
+        (fetch_object verifies before anything is renamed).  A *corrupt*
+        object file is moved to lost+found first (never deleted); its tree
+        names are relinked to the new copy once the index is ready."""
+        dest = self.store.objects.path(oid)
+        why: list[str] = []
+        for backend in self.replicas:
+            def aside() -> None:
+                if corrupt is None:
+                    return
+                st = os.lstat(dest)
+                self.replaced[oid] = (st.st_dev, st.st_ino)
+                self._move_aside(dest, dest[len(self.store.broot) + 1:], "corrupt object", "store")
+            try:
+                fetch_object(backend, oid, self.store.objects, durable=True, before_place=aside)
+            except ReplicaError as e:
+                why.append(e.message)
+                continue
+            except OSError as e:
+                why.append(f"replica {backend.name}: {e.strerror or e}")
+                continue
+            what = "corrupt" if corrupt is not None else "missing"
+            self.rep.done.append(f"restored {what} object {oid} from replica {backend.name} (its bytes verified)")
+            return True
+        if why:
+            self.rep.notes.append(f"object {oid} could not be fetched from a replica: " + "; ".join(why))
+        return False
+
+    def _relink_replaced(self) -> None:
+        """Tree names still linked to the corrupt bytes of a replaced object
+        now link the restored copy: a link made in tmp/ renamed over each
+        (atomic: the name never disappears).  The corrupt inode is kept in
+        lost+found."""
+        store = self.store
+        idx = store.index
+        tmp_dir = store.broot + b"/tmp"
+        n = 0
+        for oid, old in self.replaced.items():
+            users, _ = idx.users_of(oid, 1 << 62)
+            for v in users:
+                for rel in (layout.version_relpath(v.path, v.n, v.stamp), layout.tree_relpath(v.path)):
+                    name = self.tree_root + b"/" + rel
+                    try:
+                        st = os.lstat(name)
+                    except OSError:
+                        continue        # missing: _materialize makes it
+                    if (st.st_dev, st.st_ino) != old:
+                        continue
+                    tmp = tmp_dir + b"/" + temp_name().encode()
+                    store.objects.link(oid, tmp)
+                    rename(tmp, name)
+                    n += 1
+        if n:
+            store.sync()
+            self.rep.done.append(f"relinked {n} tree name(s) of the restored object(s)")
 
     def _restore_from_tree(self, oid: str, versions: list[tuple[bytes, int, str]]) -> bool:
         """Link a tree name that still holds the bytes of missing object *oid* back in place."""
@@ -232,25 +302,8 @@ class _Repairer:
     def _materialize(self) -> None:
         """Give every version its names again (idempotent: existing right
         names are left alone, stale plain names replaced)."""
-        store = self.store
-        tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
-        tree.ensure_root()
-        made = 0
-        for _, group in groupby(store.index.iter_versions(), attrgetter("path")):
-            vs = list(group)
-            for v in vs:
-                if v.blake3 in self.bad_objects:
-                    continue
-                try:
-                    made += tree.place_version(v)
-                    if v is vs[-1]:
-                        tree.place_plain(v)
-                except TreeConflict as e:
-                    self.rep.cannot.append(f"{e.message} (it could not be moved aside)")
-                except OSError as e:
-                    self.rep.cannot.append(f"could not re-create the names of {layout.display(v.path)} "
-                                           f"v{v.n}: {e.strerror or e}")
-        store.sync()
+        made, problems = place_all(self.store, self.bad_objects)
+        self.rep.cannot.extend(problems)
         self.rep.done.append(f"re-created {made} missing version name(s); every plain name shows its "
                              "latest version")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..core.errors import ConfigError
 from ..core.yamlfile import no_unknown_keys, read_yaml
 from ..core.layout import STUDY_NAME_RE
+from ..replica.backend import RETENTION_MODES, ReplicaConfig
 
 SYSTEM_CONFIG = "/etc/eidetic/eidetic.yaml"
 DEFAULT_SETTLE_SECONDS = 5.0   # the rename out of the dot name is the real signal; this catches hand copies
@@ -29,11 +30,17 @@ DEFAULT_STUDY = "demo"
 DEFAULT_RESCAN_SECONDS = 60.0
 DEFAULT_STALE_HOURS = 24.0
 DEFAULT_DISK_WARN = (90, 95)
+DEFAULT_REPLICA_LAG_HOURS = 24.0
 NOTIFY_UPLOADS = ("none", "each", "digest")
 
 _TOP_KEYS = {"inbox", "state", "settle_seconds", "studies", "notify", "polling", "rescan_seconds",
              "stale_hours", "user", "group"}
-_STUDY_KEYS = {"tree", "store", "inbox", "notify", "notify_uploads", "require_description", "group"}
+_STUDY_KEYS = {"tree", "store", "inbox", "notify", "notify_uploads", "require_description", "group",
+               "replicas", "replica_lag_hours"}
+_REPLICA_KEYS = {"url", "endpoint", "region", "profile", "retention_days", "retention_mode"}
+# retention_days on a file:// replica is refused by its check_ready (ReplicaNotLocked)
+# when replication starts, with the reason; the rest mean nothing there.
+_S3_ONLY_KEYS = ("endpoint", "region", "profile")
 _NOTIFY_KEYS = {"smtp_host", "smtp_port", "sender", "admin", "disk_warn_percent", "starttls",
                 "credentials_file", "retry_seconds", "digest_hour", "timeout_seconds"}
 
@@ -68,6 +75,15 @@ class StudyConfig:
     notify_uploads: str = "none"        # "none" | "each" (a mail per upload) | "digest" (daily)
     require_description: bool = False   # refuse entries without an upload description
     group: str | None = None            # group that may read the tree
+    replicas: tuple[ReplicaConfig, ...] = ()    # second copies, in config order (docs/admin.md)
+    replica_lag_hours: float = DEFAULT_REPLICA_LAG_HOURS   # mail the people when a replica is this far behind
+
+    def replica(self, name: str) -> ReplicaConfig:
+        for r in self.replicas:
+            if r.name == name:
+                return r
+        known = ", ".join(r.name for r in self.replicas) or "none"
+        raise ConfigError(f"study {self.name} has no replica {name!r} (configured: {known})")
 
     def store_args(self) -> tuple[str, str, str]:
         """What ``Store(...)`` is handed: the store knows no config."""
@@ -187,6 +203,9 @@ def parse(doc: object, source: str) -> Config:
             require_description=_bool(body, "require_description", False, f"{key}.require_description",
                                       source),
             group=_name(body, "group", f"{key}.group", source),
+            replicas=_replicas(body.get("replicas"), f"{key}.replicas", source),
+            replica_lag_hours=_number(body, "replica_lag_hours", DEFAULT_REPLICA_LAG_HOURS, source,
+                                      minimum=0.01, full_key=f"{key}.replica_lag_hours"),
         )
     if inbox is None and not all(s.inbox for s in studies.values()):
         raise ConfigError("key 'inbox' is required unless every study has its own 'inbox'", source)
@@ -292,6 +311,98 @@ def _notify(body: object, source: str) -> NotifyConfig:
     )
 
 
+REPLICA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+# S3's bucket naming rules (3-63 characters of lowercase letters, digits, '.'
+# and '-', starting and ending with a letter or digit).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+
+
+def _replicas(body: object, key: str, source: str) -> tuple[ReplicaConfig, ...]:
+    if body is None:
+        return ()
+    if not isinstance(body, dict):
+        raise ConfigError(f"key '{key}' must map replica names to their settings (url, ...)", source)
+    out = []
+    for name, r in body.items():
+        rkey = f"{key}.{name}"
+        if not isinstance(name, str) or not REPLICA_NAME_RE.match(name):
+            raise ConfigError(f"replica name {name!r} in '{key}' must be letters, digits, '_', '.' or '-' "
+                              "(at most 63)", source)
+        if not isinstance(r, dict):
+            raise ConfigError(f"key '{rkey}' must be a mapping with at least 'url'", source)
+        _no_unknown(r, _REPLICA_KEYS, rkey + ".", source)
+        if "url" not in r:
+            raise ConfigError(f"key '{rkey}.url' is required (s3://BUCKET/PREFIX or file:///PATH)", source)
+        url = _replica_url(r["url"], f"{rkey}.url", source)
+        if url.startswith("file:"):
+            for k in _S3_ONLY_KEYS:
+                if r.get(k) is not None:
+                    raise ConfigError(f"key '{rkey}.{k}' applies to s3:// replicas only, not to {url}",
+                                      source)
+        endpoint = r.get("endpoint")
+        if endpoint is not None and (not isinstance(endpoint, str)
+                                     or not re.match(r"^https?://[^/\s]+/?\Z", endpoint)):
+            raise ConfigError(f"key '{rkey}.endpoint' must be an http(s)://host[:port] URL, not {endpoint!r}",
+                              source)
+        days = r.get("retention_days")
+        if days is not None and (isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 36500):
+            raise ConfigError(f"key '{rkey}.retention_days' must be a whole number of days (1-36500), "
+                              f"not {days!r}", source)
+        mode = r.get("retention_mode", "compliance")
+        if mode not in RETENTION_MODES:
+            raise ConfigError(f"key '{rkey}.retention_mode' must be one of {', '.join(RETENTION_MODES)}, "
+                              f"not {mode!r}", source)
+        out.append(ReplicaConfig(
+            name=name, url=url, endpoint=endpoint.rstrip("/") if endpoint else None,
+            region=_plain(r, "region", f"{rkey}.region", source),
+            profile=_plain(r, "profile", f"{rkey}.profile", source),
+            retention_days=days, retention_mode=mode))
+    return tuple(out)
+
+
+def _plain(body: dict, key: str, full_key: str, source: str) -> str | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z", v):
+        raise ConfigError(f"key '{full_key}' must be a name (letters, digits, '_', '.', '-'), not {v!r}", source)
+    return v
+
+
+def _replica_url(v: object, full_key: str, source: str) -> str:
+    """s3://BUCKET[/PREFIX] or file:///ABS/PATH, normalised (no trailing '/')."""
+    if not isinstance(v, str):
+        raise ConfigError(f"key '{full_key}' must be s3://BUCKET/PREFIX or file:///PATH, not {v!r}", source)
+    if v.startswith("s3://"):
+        bucket, _, prefix = v[5:].partition("/")
+        prefix = prefix.strip("/")
+        parts = prefix.split("/") if prefix else []
+        if not _BUCKET_RE.match(bucket) or ".." in bucket:
+            raise ConfigError(f"key '{full_key}': {bucket!r} is not a valid S3 bucket name (3-63 lowercase "
+                              "letters, digits, '.' and '-')", source)
+        if any(p in ("", ".", "..") for p in parts) or any(c in prefix for c in "\0\\?#"):
+            raise ConfigError(f"key '{full_key}': the prefix {prefix!r} must be '/'-separated names "
+                              "(no '.', '..' or empty parts)", source)
+        return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    if v.startswith("file://"):
+        path = v[7:]
+        if path.startswith("localhost/"):
+            path = path[9:]
+        if not path.startswith("/") or "\0" in path or ".." in path.split("/"):
+            raise ConfigError(f"key '{full_key}': a file replica is file:///absolute/path (no '..'), "
+                              f"not {v!r}", source)
+        return "file://" + (os.path.normpath(path) if path != "/" else "/")
+    raise ConfigError(f"key '{full_key}' must be s3://BUCKET/PREFIX or file:///PATH, not {v!r}", source)
+
+
+def _replica_place(url: str) -> tuple[str, str]:
+    """(where, path) for overlap checks: ("s3:BUCKET", "/PREFIX") or ("file", "/PATH")."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        return f"s3:{bucket}", "/" + prefix
+    return "file", url[7:]
+
+
 def _abs_path(body: dict, key: str, full_key: str, source: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
@@ -317,9 +428,30 @@ def _check_overlaps(cfg: Config) -> None:
     dirs = _named_dirs(cfg)
     for i, (ka, a) in enumerate(dirs):
         for kb, b in dirs[i + 1:]:
-            if a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/"):
+            if _nested(a, b):
                 raise ConfigError(f"keys '{ka}' ({a}) and '{kb}' ({b}) overlap: "
                                   "each directory must stand apart from the others", cfg.source)
+    # Two replicas in one place would mix two stores' keys (or one study's
+    # twice); a file:// replica inside a store, tree or inbox would be
+    # neither a second copy nor left alone.
+    places = [(f"studies.{s.name}.replicas.{r.name}.url", r.url, *_replica_place(r.url))
+              for s in cfg.studies.values() for r in s.replicas]
+    for i, (ka, ua, wa, pa) in enumerate(places):
+        for kb, ub, wb, pb in places[i + 1:]:
+            if wa == wb and _nested(pa, pb):
+                raise ConfigError(f"keys '{ka}' ({ua}) and '{kb}' ({ub}) overlap: each replica needs a "
+                                  "place of its own", cfg.source)
+        if wa == "file":
+            for kd, d in dirs:
+                if _nested(pa, d):
+                    raise ConfigError(f"keys '{ka}' ({ua}) and '{kd}' ({d}) overlap: a replica must be "
+                                      "outside every store, tree, inbox and the state directory", cfg.source)
+
+
+def _nested(a: str, b: str) -> bool:
+    """Is one of two '/'-paths the other or inside it?"""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def _existing_ancestor(path: str) -> str:

@@ -35,6 +35,7 @@ from ..core.errors import ConfigError, EideticError, LockBusy, StoreIOError
 from .inbox import StateDir
 from .ingest import EntryResult, Ingester
 from .notify import Notifier
+from .replication import StudyReplicator
 from ..store.store import Store
 from .watch import InboxWatch
 
@@ -161,6 +162,7 @@ class Daemon:
         self.ingester = self._new_ingester(cfg)   # opens a store only when a worker asks
         self.notifier = self._new_notifier(cfg)   # does nothing with mail off
         self.workers: dict[str | None, _Worker] = {}
+        self.replicators: dict[str, StudyReplicator] = {}   # studies with replicas: one thread each
         self._retiring: set[_Worker] = set()
         self._locks: dict[str, int] = {}
         self._watch: InboxWatch | None = None
@@ -198,6 +200,7 @@ class Daemon:
             self._start_watch(self.cfg)
             self.log(INFO, self._describe_start(served))
             self._start_workers(served)
+            self._start_replicators(served)
             self._sd_notify("READY=1", self._status())   # watches are in place; the backlog may follow
             self._main_loop(rfd)
             return 0
@@ -255,6 +258,7 @@ class Daemon:
         for w in workers:
             w.stop()
         stuck = self._join(workers, STOP_TIMEOUT)
+        self._stop_replicators(list(self.replicators))
         self.notifier.stop()
         if stuck:   # leave the stores open: closing LMDB under a running thread would crash
             self.log(WARNING, f"{', '.join(w.label for w in stuck)}: still busy after {STOP_TIMEOUT:.0f} s; "
@@ -314,6 +318,9 @@ class Daemon:
         if r.outcome == "ingested":
             with self._counts_lock:
                 self.ingested += 1
+            rep = self.replicators.get(r.study or "")
+            if rep is not None:
+                rep.kick()      # in its own thread: the ingest goes on at once
             self.log(INFO, f"ingested {r.entry} (study {r.study}) as upload {r.upload}: {r.files} files, "
                            f"{r.bytes} bytes ({r.new_bytes} new), {r.new_versions} new versions"
                            + (f", {r.skipped} skipped (not regular files)" if r.skipped else "")
@@ -456,6 +463,23 @@ class Daemon:
         for w in new:
             w.start()
 
+    def _start_replicators(self, studies: list[str]) -> None:
+        for s in studies:
+            if s in self.cfg.studies and self.cfg.studies[s].replicas and s not in self.replicators:
+                self.replicators[s] = StudyReplicator(self.cfg.studies[s], self.log, lambda: self.notifier,
+                                                      state_dir=self.cfg.state).start()
+
+    def _stop_replicators(self, studies: list[str]) -> None:
+        """Stop between objects (what was sent stays; the next start goes on)."""
+        stopping = [self.replicators.pop(s) for s in studies if s in self.replicators]
+        for r in stopping:
+            r.stop()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for r in stopping:
+            if not r.join(max(0.0, deadline - time.monotonic())):
+                self.log(WARNING, f"study {r.study.name}: replication still busy after {STOP_TIMEOUT:.0f} s; "
+                                  "leaving it (the next start goes on from what the replica holds)")
+
     def _describe_start(self, served: list[str]) -> str:
         inboxes = ", ".join(f"{i} ({ded or 'shared'})" for i, ded in self.cfg.inboxes()
                             if os.path.normpath(i) in self._watched_inboxes(self.cfg))
@@ -522,6 +546,9 @@ class Daemon:
             self.log(ERROR, f"reload: cannot watch the inboxes ({e.strerror or e}); relying on the "
                             f"rescan every {new.rescan_seconds:g} s")
         self._start_workers(starting)
+        # Replicas may have been added, changed or removed: new threads on the new config.
+        self._stop_replicators(list(self.replicators))
+        self._start_replicators(sorted(s for s in self.workers if s))
         for w in list(self.workers.values()):
             w.resume()          # a person reloaded: a study paused after a failed sync is tried again
             w.wake(rescan=True)

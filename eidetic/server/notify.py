@@ -11,6 +11,7 @@ restart does not say it again::
     stale/<study>.json       unfinished uploads already reported (``-.json``: of no study)
     digest/<study>/<upload>.json   successful uploads not yet in a digest
     digest/<study>.day       the local date of the last digest
+    replica/<study>/<replica>.json   whether that replica's lag was already reported
 
 No public method raises: problems are logged, one line each.
 """
@@ -177,6 +178,48 @@ class Notifier:
                             self._disk_body(s, percent, level, usage.free, usage.total), s.notify + self.n.admin)
                 self.log(f"mail: study {study}: disk {percent}% full, crossed {level}%")
             write_json(path, {"level": level, "percent": percent, "at": _utc(self._clock())})
+
+    @_side_channel
+    def check_replica_lag(self, study: str, replica: str, uploads: int, oldest_received: datetime | None,
+                          lag_seconds: float, error: str | None = None) -> None:
+        """One mail each time a replica falls more than the study's
+        replica_lag_hours behind (*uploads* not on it, the oldest received at
+        *oldest_received*); catching up re-arms it.  *error*: why the last
+        replication failed, if it did."""
+        s = self.cfg.studies.get(study)
+        if s is None or not any(r.name == replica for r in s.replicas):
+            return
+        behind = uploads > 0 and lag_seconds > s.replica_lag_hours * 3600
+        with self._lock:
+            path = os.path.join(self.root, "replica", study, replica + ".json")
+            before = bool(read_json(path).get("behind", False))
+            if behind == before:
+                return
+            if behind:   # mail first: a crash in between repeats a mail rather than losing it
+                hours = lag_seconds / 3600
+                self._queue(f"[eidetic] {study}: replica {replica} is {hours:.0f} h behind "
+                            f"({uploads} upload{'s' if uploads != 1 else ''} not replicated)",
+                            self._replica_lag_body(s, replica, uploads, oldest_received, hours, error),
+                            s.notify + self.n.admin)
+                self.log(f"mail: study {study}: replica {replica} {hours:.1f} h behind, reported")
+            write_json(path, {"behind": behind, "uploads": uploads, "at": _utc(self._clock())})
+
+    def _replica_lag_body(self, s: StudyConfig, replica: str, uploads: int, oldest: datetime | None,
+                          hours: float, error: str | None) -> str:
+        r = next(r for r in s.replicas if r.name == replica)
+        since = oldest.astimezone().strftime("%Y-%m-%d %H:%M %Z") if oldest else "?"
+        return "\n".join([
+            f"The replica {replica} of study {s.name} ({r.url}) is {hours:.1f} hours behind the",
+            f"store: {uploads} upload{'s are' if uploads != 1 else ' is'} not on it yet, the oldest received {since}.",
+            f"The study's threshold is {s.replica_lag_hours:g} h (replica_lag_hours).", "",
+            f"Last error: {_clean(error)}" if error else "Replication has not failed; it is just slow or was not run.",
+            "",
+            "Nothing is lost: the uploads are safe in the study's store. Until the replica",
+            "catches up they exist in one place only.", "",
+            f"What to do next: run 'eidetic replicate --study {s.name} --replica {replica}' to see",
+            "the error (endpoint, credentials, bucket), fix it, and check 'eidetic status'.",
+            "The daemon retries by itself (every 1 min, doubling to every hour).", "",
+            "This mail is sent once each time the replica falls behind the threshold.", ""])
 
     @_side_channel
     def check_stale(self, now: float | None = None) -> None:

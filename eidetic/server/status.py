@@ -114,6 +114,30 @@ class Unknown:
 
 
 @dataclass
+class ReplicaStatus:
+    """How far one replica is behind the store (eidetic.replica.replicate.Lag),
+    or why that is unknown: *error* set means unreachable or unreadable, and
+    then *uploads* and the age are None, never 0 ("up to date")."""
+    name: str
+    url: str
+    uploads: int | None = None             # uploads not yet on the replica
+    oldest_received: str | None = None     # when the oldest of them was received
+    lag_seconds: float | None = None       # its age; 0 when up to date
+    replica_seq: int | None = None
+    error: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "url": self.url, "reachable": self.reachable, "uploads": self.uploads,
+                "oldest_received": self.oldest_received,
+                "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds),
+                "replica_seq": self.replica_seq, "error": self.error}
+
+
+@dataclass
 class StudyStatus:
     name: str
     waiting: list[Waiting] = field(default_factory=list)
@@ -137,6 +161,7 @@ class StudyStatus:
     index_error: str | None = None         # the index may not be used (IndexUnusable's message)
     unseen: list[str] = field(default_factory=list)   # what this user may not see, and who may
     fault: dict | None = None              # the store fault that stopped ingest of the study, until it is over
+    replicas: list[ReplicaStatus] = field(default_factory=list)
 
     @property
     def daemon_running(self) -> bool | None:
@@ -175,6 +200,7 @@ class StudyStatus:
             "index_error": self.index_error,
             "unseen": list(self.unseen),
             "fault": self.fault,
+            "replicas": [r.to_json() for r in self.replicas],
         }
 
 
@@ -290,7 +316,36 @@ def to_prometheus(st: Status, now: float | None = None) -> str:
             v = get(s, now)
             if v is not None:
                 out.append(f'{full}{{study="{_label_value(study)}"}} {_sample_value(v)}')
+    out.extend(_replica_prometheus(st))
     return "\n".join(out) + "\n"
+
+
+# One sample per study and replica, labelled {study, replica}.  An unreachable
+# replica has no lag samples (unknown, never a made-up 0) and replica_up 0.
+REPLICA_METRICS = [
+    ("replica_up", "gauge", "1 when the replica could be read by status, else 0.",
+     lambda r: 1 if r.reachable else 0),
+    ("replica_lag_uploads", "gauge", "Uploads in the store that are not yet on the replica.",
+     lambda r: r.uploads),
+    ("replica_lag_seconds", "gauge", "Age of the oldest upload not yet on the replica (0: up to date).",
+     lambda r: r.lag_seconds),
+]
+
+
+def _replica_prometheus(st: Status) -> list[str]:
+    if not any(s.replicas for s in st.studies.values()):
+        return []
+    out = []
+    for name, kind, help_text, get in REPLICA_METRICS:
+        full = "eidetic_" + name
+        out += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+        for study, s in st.studies.items():
+            for r in s.replicas:
+                v = get(r)
+                if v is not None:
+                    out.append(f'{full}{{study="{_label_value(study)}",replica="{_label_value(r.name)}"}} '
+                               f"{_sample_value(v)}")
+    return out
 
 
 # ------------------------------------------------------------------- gather
@@ -389,12 +444,49 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting:
     if hidden:
         st.unseen.insert(0, f"cannot see {cfg.state} ({' and '.join(hidden)}): run as the service user "
                             f"({_service_user(cfg)}) or root")
+    if s.replicas:
+        ids = service_ids(cfg)
+        if ids.uid is None or os.geteuid() == ids.uid:
+            st.replicas = _replicas(s)
+        else:
+            # Its credentials are the service user's (~/.aws): anyone else's
+            # lookup would find none or others, and call a sound replica unreachable.
+            st.unseen.append(f"cannot check the replicas ({', '.join(r.name for r in s.replicas)}): their "
+                             f"credentials are the service user's; run as the service user ({_service_user(cfg)})")
     return st
 
 
 def _service_user(cfg: Config) -> str:
     ids = service_ids(cfg)
     return user_name_of(ids.uid) if ids.uid is not None else "the owner of " + cfg.state
+
+
+def _replicas(s: StudyConfig) -> list[ReplicaStatus]:
+    """Each replica's lag: one GET of its HEAD (eidetic.replica.replicate.replica_lag)."""
+    from ..replica.backend import open_backend
+    from ..replica.replicate import replica_lag
+
+    out = []
+    for r in s.replicas:
+        rs = ReplicaStatus(r.name, r.url)
+        try:
+            backend = open_backend(r)
+            quick = getattr(backend, "fail_fast", None)
+            if quick is not None:
+                quick()       # status must not hang for minutes on a dead endpoint
+            try:
+                lag = replica_lag(Store.open(*s.store_args()), backend)
+            finally:
+                backend.close()
+        except (OSError, EideticError) as e:
+            rs.error = e.message if isinstance(e, EideticError) else f"{e.strerror or e}"
+        else:
+            rs.uploads, rs.replica_seq = lag.uploads, lag.replica_seq
+            rs.lag_seconds = lag.seconds()
+            rs.oldest_received = lag.oldest_received.strftime("%Y-%m-%dT%H:%M:%S.%fZ") \
+                if lag.oldest_received else None
+        out.append(rs)
+    return out
 
 
 def _ok(records: list[dict] | OSError) -> list[dict]:

@@ -55,6 +55,10 @@ MARKER_TEXT = "eidetic store\nformat: {version}\nstudy: {study}\n"
 STORE_DIRS = ("objects", "manifests", "index", "tmp")
 PRIVATE_DIRS = ("tmp", "lost+found")     # the service user's alone (core/layout.py, "Modes")
 INDEX_VERDICT = "verified"    # <store>/index/verified: see Store._note_verdict
+# <store>/tmp/restore.json: 'eidetic restore' is filling this store from a
+# replica (eidetic/replica/restore.py); until it finishes no other command
+# may use the store, which is incomplete.
+RESTORE_MARKER = "restore.json"
 
 
 class Store:
@@ -97,6 +101,10 @@ class Store:
         return store
 
     def check_format(self) -> None:
+        if os.path.lexists(os.path.join(self.root, "tmp", RESTORE_MARKER)):
+            raise StoreFormatError(f"a restore into this store is in progress or was interrupted (tmp/{RESTORE_MARKER}): "
+                                   f"run 'eidetic restore --study {self.name} --from REPLICA' (the replica it "
+                                   "names) to finish it", self.root)
         marker = os.path.join(self.root, layout.STORE_MARKER)
         try:
             with open(marker, "rb") as f:

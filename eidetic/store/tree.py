@@ -11,12 +11,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from itertools import groupby
+from operator import attrgetter
+from typing import TYPE_CHECKING
 
 from ..core import layout
 from ..core.errors import EideticError
 from ..core.fsutil import makedirs, rename, temp_name
 from .index import Version
 from .objects import ObjectStore
+
+if TYPE_CHECKING:
+    from .store import Store
 
 DIR_MODE = 0o755
 
@@ -137,3 +143,31 @@ class Tree:
 
     def ensure_root(self) -> None:
         makedirs(self.root, DIR_MODE)
+
+
+def place_all(store: Store, skip: frozenset[str] | set[str] = frozenset()) -> tuple[int, list[str]]:
+    """Give every version in the store's index its tree names (idempotent:
+    right names are left alone, stale plain names replaced), then one
+    syncfs.  Versions whose object is in *skip* (corrupt or missing) get no
+    name.  Used by 'fsck --repair' and by 'restore'.  Returns (version names
+    made, one line per name that could not be made)."""
+    tree = Tree(store.tree, store.objects, os.path.join(store.root, "tmp"))
+    tree.ensure_root()
+    made = 0
+    problems: list[str] = []
+    for _, group in groupby(store.index.iter_versions(), attrgetter("path")):
+        vs = list(group)
+        for v in vs:
+            if v.blake3 in skip:
+                continue
+            try:
+                made += tree.place_version(v)
+                if v is vs[-1]:
+                    tree.place_plain(v)
+            except TreeConflict as e:
+                problems.append(f"{e.message} (it could not be moved aside)")
+            except OSError as e:
+                problems.append(f"could not re-create the names of {layout.display(v.path)} v{v.n}: "
+                                f"{e.strerror or e}")
+    store.sync()
+    return made, problems
