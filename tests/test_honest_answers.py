@@ -9,6 +9,7 @@ Real uids, real groups and a real daemon running as the service user
 from __future__ import annotations
 
 import json
+import os
 
 from conftest import DAEMON_UID, clean_env, drop
 from daemon_helpers import DaemonProc
@@ -73,3 +74,22 @@ def test_log_and_checkout_by_an_outsider_never_report_damage_or_missing_history(
         res = _run_as(OUTSIDER_UID, [], site.argv(*args), cwd=site.base)
         assert res.returncode == 3, (args, res.stderr)
         assert "no history" not in res.stderr and "damaged" not in res.stderr and "fsck" not in res.stderr
+
+
+def test_replicas_are_checked_with_the_service_users_credentials_only_and_otherwise_said_unchecked(site):
+    replica = site.base / "second-disk" / "s1"
+    replica.mkdir(parents=True)
+    os.chown(replica, DAEMON_UID, DAEMON_UID)
+    doc = json.loads(site.lay.config_path.read_text())
+    doc["studies"]["s1"]["replicas"] = {"offsite": {"url": f"file://{replica}"}}
+    site.lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
+    res = site.as_service("replicate", "--study", "s1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = site.as_root("status", "--study", "s1")          # root's lookup is not the service user's
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert ("cannot check the replicas (offsite): their credentials are the service user's; run as the "
+            f"service user ({DAEMON_UID})") in res.stdout
+    assert "UNREACHABLE" not in res.stdout and "up to date" not in res.stdout
+    res = site.as_service("status", "--study", "s1")       # as it says
+    assert "replica      offsite: up to date (upload 2)" in res.stdout, res.stdout
+    assert "cannot check the replicas" not in res.stdout

@@ -36,7 +36,8 @@ def command(ctx: Ctx, study: str | None, as_json: bool, prometheus: bool) -> Non
 
     Takes no lock: safe while the daemon runs.  A study member sees their
     study's store; what only the service user or root may see is listed as
-    such, never guessed.  Exit status 3 when a study's index may not be used
+    such, never guessed (replicas: only the service user, whose credentials
+    reach them).  Exit status 3 when a study's index may not be used
     (it says which command rebuilds it) or something could not be seen
     (it says who may) or a store fault stopped ingest of a study (a full
     disk, an I/O error: it says what to do), else 1 when a failed entry is waiting in an inbox for
