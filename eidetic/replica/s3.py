@@ -95,6 +95,44 @@ class _Body:
         return len(self._data)
 
 
+# What a dropped connection raises while a GET's body is read.
+_BROKEN_OFF = tuple(c for c in (getattr(botocore.exceptions, name, None) for name in (
+    "IncompleteReadError", "ResponseStreamingError", "ReadTimeoutError", "ConnectionClosedError",
+    "EndpointConnectionError")) if c is not None) + (OSError,)
+
+
+class _Download:
+    """A GET's body whose read errors (a connection dropped mid-download,
+    botocore's or urllib3's) become the backend's one-line ReplicaErrors,
+    like every other call: never a traceback for a network that failed."""
+
+    def __init__(self, body, backend: "S3Backend", key: str) -> None:
+        self._body, self._backend, self._key = body, backend, key
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._body.read(n if n is not None and n >= 0 else None)
+        except _BROKEN_OFF as e:
+            raise self._broken(e) from None
+        except Exception as e:  # noqa: BLE001 - urllib3's ProtocolError and kin: no botocore class
+            if type(e).__module__.startswith(("urllib3", "http.client")):
+                raise self._broken(e) from None
+            raise
+
+    def _broken(self, e: Exception) -> ReplicaUnreachable:
+        return ReplicaUnreachable(f"the download of {self._key} broke off ({_short(e)}); run the command "
+                                  "again when the network is back", self._backend.name)
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> "_Download":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class S3Backend(Backend):
     """Keys live under ``s3://BUCKET/PREFIX/``; see eidetic.replica.backend."""
 
@@ -236,7 +274,7 @@ class S3Backend(Backend):
                 if str(e.response.get("Error", {}).get("Code")) in _NOT_FOUND:
                     raise ReplicaMissing(f"{key} is not on the replica", self.name) from None
                 raise
-        return r["Body"]
+        return _Download(r["Body"], self, key)
 
     # ------------------------------------------------------------- writing
 
