@@ -685,7 +685,8 @@ def _put(store: Store, fd: int, before: os.stat_result) -> tuple[PutResult, bool
     """Store the open file *fd* (closing it); (result, whether it stayed
     unchanged while read, judged by size, mtime and ctime)."""
     try:
-        res = store.objects.put_fd(fd, before.st_size, store.index.is_trusted, store.index.size_seen)
+        res = store.objects.put_fd(fd, before.st_size, store.index.is_trusted, store.index.size_seen,
+                                   dev=before.st_dev)    # a regular file opened O_NOFOLLOW: may be cloned
         after = os.fstat(fd)
     finally:
         os.close(fd)
