@@ -97,8 +97,11 @@ class Ingester:
     def __init__(self, cfg: Config, log: Log = _quiet,
                  progress: Callable[[int, int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 on_result: Callable[["EntryResult"], None] | None = None) -> None:
-        """*progress(files, bytes)* is called as files are stored (for a UI).
+                 on_result: Callable[["EntryResult"], None] | None = None,
+                 on_entry: Callable[[str], None] | None = None) -> None:
+        """*progress(files, bytes)* is called as files are stored (for a UI),
+        counting from 0 for each entry; *on_entry(name)* just before an
+        entry's files are stored (its name for display).
         *should_stop()* is polled between entries and between files: when it
         turns true, no new entry is taken and an entry not yet committed is
         abandoned (its claim stays; the next run redoes it from the entry).
@@ -109,6 +112,7 @@ class Ingester:
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
         self.on_result = on_result
+        self.on_entry = on_entry
         self.state = StateDir(cfg.state)
         self._stores: dict[str, Store] = {}
         self.faults: list[StoreIOError] = []   # run_once: the faults that stopped a study (exit 3)
@@ -381,6 +385,8 @@ class Ingester:
             try:
                 if state == "done":
                     raise EntryRejected("entry was marked done but its manifest is missing")
+                if self.on_entry is not None:
+                    self.on_entry(disp)
                 self._store_entry(store, cl, path, seq, prev, stats)
             except Interrupted:
                 store.clean_tmp()
