@@ -4,7 +4,8 @@ For one entry, in this order (store_format.md, "Write ordering"):
 
 1. store the entry's upload description (if it has one) as an object, then
    walk the entry without following symlinks and stream every regular file
-   into the object store (hashing the bytes actually stored), while the
+   into the object store (hashing the bytes actually stored; a large file is
+   cloned instead where the file system can, and the clone hashed), while the
    manifest streams into tmp/ and each file is checked against the
    description (a merge of two streams in walk order);
 2. commit: one syncfs makes objects and manifest durable, then the manifest
