@@ -307,13 +307,12 @@ class ObjectStore:
 
 
 def _hash_own(tmp: bytes) -> tuple[str, int]:
-    """(id, size) of a temp file of our own (tmp/ is private: no one else can
-    change or truncate it), by mmap on all cores when it is large."""
+    """(id, size) of a temp file of our own (a clone), read back through one
+    reused buffer: memory stays flat for any size (an mmap would count the
+    whole file in the process's resident set), and one thread hashes faster
+    than the clone's blocks come off the disk."""
     fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        if size > 16 * CHUNK:
-            return hash_path_parallel(tmp), size
         return hash_fd(fd)
     finally:
         os.close(fd)
