@@ -52,6 +52,8 @@ def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: st
     Every byte is verified against its BLAKE3; recorded mtimes and modes are
     restored.  A corrupt object leaves nothing at DEST: a folder appears, or
     its files are moved into an existing one, only once all were verified.
+    On a terminal a progress bar on stderr counts files, bytes and the rate
+    (not with -q or --json).
 
     Refused, before anything is written (exit 2): DEST in a study's tree or
     store (however the path is spelled); a symbolic link where a folder goes

@@ -76,6 +76,8 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None, as_js
     error, read-only, a failed sync): that study stops, the entry in hand
     stays in the inbox (not committed: taken again by the next run;
     committed: finished by the next run) and is never reported failed.
+    On a terminal, --once shows a progress bar per entry on stderr (files,
+    bytes, rate); not with -q or --json, and never off a terminal.
 
     \b
     With --once --json, stdout is one JSON object (printed at the end):
