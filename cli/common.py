@@ -145,5 +145,5 @@ def iec_bar(total: int | None, **kw):
             return d
 
     fmt = ("{l_bar}{bar}| {iec_n} of {iec_total} [{elapsed}<{remaining}, {iec_rate}]" if total is not None
-           else "{desc}: {iec_n} [{elapsed}, {iec_rate}]")
+           else "{desc}: {iec_n} [{elapsed}, {iec_rate}{postfix}]")
     return IecBar(total=total, bar_format=fmt, **kw)

@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
-from ..common import Ctx, human_bytes, note, plural, say
+from ..common import Ctx, human_bytes, iec_bar, is_tty, note, plural, say
+
+
+class _Bar:
+    """On a terminal: files and bytes written so far, with the rate (tqdm
+    throttles the drawing); made at the first file written, gone at the end."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.bar = None
+
+    def __call__(self, files: int, nbytes: int) -> None:
+        bar = self.bar
+        if bar is None:
+            bar = self.bar = iec_bar(None, desc=self.what, disable=None, leave=False, file=sys.stderr,
+                                     dynamic_ncols=True)
+        bar.postfix = f"{files} files" if files != 1 else "1 file"
+        bar.update(nbytes - bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @click.command("checkout")
@@ -29,6 +52,8 @@ def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: st
     Every byte is verified against its BLAKE3; recorded mtimes and modes are
     restored.  A corrupt object leaves nothing at DEST: a folder appears, or
     its files are moved into an existing one, only once all were verified.
+    On a terminal a progress bar on stderr counts files, bytes and the rate
+    (not with -q or --json).
 
     Refused, before anything is written (exit 2): DEST in a study's tree or
     store (however the path is spelled); a symbolic link where a folder goes
@@ -37,7 +62,12 @@ def command(ctx: Ctx, path: str, version: int | None, at: str | None, upload: st
     """
     from eidetic.server.checkout import checkout
 
-    r = checkout(ctx.cfg, path, version=version, at=at, upload=upload, dest=dest, force=force)
+    bar = _Bar(f"checkout {path}") if is_tty() and not ctx.quiet and not as_json else None
+    try:
+        r = checkout(ctx.cfg, path, version=version, at=at, upload=upload, dest=dest, force=force, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     if as_json:
         say(json.dumps({"dest": r.dest, "files": r.files, "bytes": r.bytes, "version": r.version,
                         "path": path}, indent=1))

@@ -11,7 +11,41 @@ from datetime import datetime
 
 import click
 
-from ..common import Ctx, human_bytes, note, plural, say, warn
+from ..common import Ctx, human_bytes, iec_bar, is_tty, note, plural, say, warn
+
+
+class _EntryBar:
+    """On a terminal, while an entry's files are stored: one tqdm bar on
+    stderr with its name, files, bytes and rate (tqdm throttles the drawing;
+    each call costs a counter update).  Gone once the entry is done: the
+    result lines say the rest."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def start(self, entry: str) -> None:
+        self.close()
+        self.bar = iec_bar(None, desc=entry, postfix="0 files", disable=None, leave=False, file=sys.stderr,
+                           dynamic_ncols=True)
+
+    def progress(self, files: int, nbytes: int) -> None:
+        bar = self.bar
+        if bar is not None:
+            bar.postfix = f"{files} files" if files != 1 else "1 file"
+            bar.update(nbytes - bar.n)
+
+    def write(self, text: str) -> None:
+        """A log line on stderr without tearing the bar."""
+        if self.bar is None:
+            warn(text)
+            return
+        with self.bar.external_write_mode(file=sys.stderr):
+            warn(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @click.command("ingest")
@@ -42,6 +76,8 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None, as_js
     error, read-only, a failed sync): that study stops, the entry in hand
     stays in the inbox (not committed: taken again by the next run;
     committed: finished by the next run) and is never reported failed.
+    On a terminal, --once shows a progress bar per entry on stderr (files,
+    bytes, rate); not with -q or --json, and never off a terminal.
 
     \b
     With --once --json, stdout is one JSON object (printed at the end):
@@ -64,17 +100,35 @@ def command(ctx: Ctx, once: bool, study: str | None, settle: float | None, as_js
 
     cfg = ctx.cfg
 
+    # Progress on a terminal only (and not with -q or --json): per entry, files, bytes, rate.
+    bar = _EntryBar() if is_tty() and not ctx.quiet and not as_json else None
+
     def log(msg: str) -> None:
         # Without -v only a wait on another process is worth a line: silence
         # there looks like a hang (and -q silences even that).
         if ctx.verbose or ("another eidetic process" in msg and not ctx.quiet):
-            warn(f"{time.strftime('%H:%M:%S')} {msg}")
+            line = f"{time.strftime('%H:%M:%S')} {msg}"
+            if bar is not None:
+                bar.write(line)
+            else:
+                warn(line)
 
     # Mails are queued as each entry finishes, as in the daemon; one delivery
     # attempt at the end, and what is not delivered waits in the outbox.
     notifier = Notifier(cfg, warn, debug=warn if ctx.verbose else None)
-    ingester = Ingester(cfg, log=log, on_result=notifier.report)
-    results = ingester.run_once(study=study, settle_seconds=settle)
+
+    def on_result(r) -> None:
+        if bar is not None:
+            bar.close()
+        notifier.report(r)
+
+    ingester = Ingester(cfg, log=log, on_result=on_result, progress=bar.progress if bar is not None else None,
+                        on_entry=bar.start if bar is not None else None)
+    try:
+        results = ingester.run_once(study=study, settle_seconds=settle)
+    finally:
+        if bar is not None:
+            bar.close()
     tell = (lambda _msg: None) if as_json else note   # stdout is the JSON document
     # An entry left waiting by a store fault is said with the fault, below.
     shown = [r for r in results if r.outcome != "waiting" or r.fault is None]

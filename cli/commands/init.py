@@ -15,6 +15,8 @@ from ..common import Ctx, note, say
               help="Change nothing: report what differs from the deployment design (modes; owners, "
                    "also of everything inside the stores, trees and state directory, with the chown that "
                    "fixes them; file systems, free space, inotify limits, network file systems). "
+                   "Also says per study whether its inbox and store can clone files ('clones: yes', "
+                   "zero-copy ingest; information only, with --json under -v). "
                    "Exit status 3 if something could not be seen by this user (it says who may look), "
                    "else 1 if anything differs, 0 if all is well.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: the findings as a JSON list.")
@@ -44,12 +46,19 @@ def command(ctx: Ctx, check: bool, as_json: bool, systemd_dropin: bool) -> None:
         return
     if check:
         findings = deploy.check(cfg)
+        # Information, not a difference from the design: never changes the exit status.
+        clones = deploy.clones(cfg)
         if as_json:
+            # The list holds findings ([] when all is well); the clone lines join it with -v only,
+            # as entries of severity "info".
+            infos = [c.to_json() for c in clones] if ctx.verbose else []
             click.echo(json.dumps([{"code": f.code, "severity": f.severity, "path": f.path,
-                                    "detail": f.detail, **f.data} for f in findings], indent=1))
+                                    "detail": f.detail, **f.data} for f in findings] + infos, indent=1))
         else:
             for f in findings:
                 say(str(f))
+            for c in clones:
+                note(str(c))
             if not findings:
                 note("all is well: every directory matches the deployment design")
         unseen = any(f.code == "unreadable" for f in findings)

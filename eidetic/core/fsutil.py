@@ -7,7 +7,8 @@ writes into a store, a tree or the state directory goes through
 :class:`AtomicFile` (temp file in the target directory, fsync,
 ``os.replace``, fsync of the directory) or, for bulk object writes whose
 durability is batched per upload, through :func:`open_temp`,
-:func:`rename` and one :func:`syncfs`.  Writes that must never follow a
+:func:`rename` and one :func:`syncfs` (an object may be a clone of its
+source, :func:`clone_into`, made durable the same way).  Writes that must never follow a
 symlink (checkout) go through directory fds: ``AtomicFile(dir_fd=)``,
 :func:`open_dir_nofollow`, :func:`mkdir_open` and :func:`rename_at`.
 """
@@ -310,6 +311,22 @@ def link(src: bytes | str, dst: bytes | str) -> None:
     *dst*, which must not exist (FileExistsError).  Not fsynced: see
     :func:`rename`."""
     os.link(src, dst, follow_symlinks=False)
+
+
+FICLONE = 0x40049409    # _IOW(0x94, 9, int), linux/fs.h: the whole-file clone (reflink) ioctl
+
+
+def clone_into(dst_fd: int, src_fd: int) -> None:
+    """Make the (empty, new) file open for writing at *dst_fd* a clone of the
+    file open for reading at *src_fd*: ``ioctl(FICLONE)``, a new inode that
+    shares the source's extents copy-on-write (XFS with reflink=1, Btrfs), so
+    later writes to either never show in the other.  Raises OSError where the
+    file systems cannot (EXDEV: two file systems; EOPNOTSUPP, ENOTTY, EINVAL:
+    this one cannot clone; EPERM, ETXTBSY: this file may not be cloned).
+    Nothing about durability: the clone is made durable like a written temp
+    file (:func:`syncfs` before it is relied on)."""
+    import fcntl     # here: the sending client (Windows too) never clones
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
 # getattr: the sending client runs on Windows too, which has none of these

@@ -43,7 +43,7 @@ from ..core import layout
 from ..core.walk import walk
 from .config import Config, StudyConfig
 from ..core.errors import ConfigError
-from ..core.fsutil import disk_percent_used, makedirs
+from ..core.fsutil import clone_into, disk_percent_used, makedirs, open_temp
 from .inbox import StateDir
 from ..store.store import STORE_DIRS, Store
 
@@ -460,6 +460,88 @@ def check(cfg: Config, max_user_watches_file: str = MAX_USER_WATCHES,
     out.extend(_check_access(wants))
     out.extend(_check_hardlinks(protected_hardlinks_file))
     return out
+
+
+@dataclass
+class Clones:
+    """Information from ``init --check``, not a finding: whether files can be
+    cloned (reflink) from one of a study's inboxes into its store, so that
+    ingest stores large files without copying their bytes (zero-copy)."""
+    study: str
+    inbox: str
+    store: str
+    ok: bool
+    reason: str = ""          # why not (empty when ok)
+
+    def __str__(self) -> str:
+        return f"study {self.study}: clones: {'yes' if self.ok else 'no'}" + (
+            f" ({self.reason})" if self.reason else f" (inbox {self.inbox} and store {self.store}: zero-copy ingest)")
+
+    def to_json(self) -> dict:
+        return {"code": "clones", "severity": "info", "path": self.store,
+                "detail": str(self), "study": self.study, "inbox": self.inbox, "clones": self.ok,
+                "reason": self.reason or None}
+
+
+def clones(cfg: Config) -> list[Clones]:
+    """For each study and each inbox its entries arrive in: can a file there
+    be cloned into the store?  Tried for real (FICLONE between a one-block
+    temp file in the inbox and one in the store's tmp/, both removed at
+    once), as ingest would; a dot name, so no daemon takes it for an entry."""
+    out = []
+    for s in cfg.studies.values():
+        inboxes = [s.inbox] if s.inbox else [cfg.inbox] if cfg.inbox else []
+        for inbox in inboxes:
+            ok, reason = probe_clone(inbox, s.store)
+            out.append(Clones(s.name, inbox, s.store, ok, reason))
+    return out
+
+
+def probe_clone(inbox: str, store: str) -> tuple[bool, str]:
+    """(whether a file in *inbox* can be cloned into *store*, why not)."""
+    try:
+        if os.stat(inbox).st_dev != os.stat(store).st_dev:
+            return False, "the inbox is on another file system than the store"
+    except OSError as e:
+        return False, f"not tested: {e.strerror} ({e.filename})"
+    made: list[bytes] = []
+    fds: list[int] = []
+    try:
+        try:
+            src, wfd = open_temp(os.fsencode(inbox))
+            made.append(src)
+            fds.append(wfd)
+            os.write(wfd, b"\0" * 4096)
+            fds.append(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            dst, dfd = open_temp(os.fsencode(os.path.join(store, "tmp")))
+            made.append(dst)
+            fds.append(dfd)
+        except OSError as e:
+            return False, f"not tested: {e.strerror} ({e.filename or inbox})"
+        try:
+            clone_into(dfd, fds[1])
+        except OSError as e:
+            if e.errno == errno.EXDEV:
+                return False, "the inbox and the store are on different mounts"
+            typ = _fs_type_of(store)
+            return False, f"{typ + ' ' if typ else 'this '}file system cannot clone: {e.strerror}"
+        return True, ""
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for p in made:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def _fs_type_of(path: str) -> str | None:
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            return fs_type(path, parse_mountinfo(f.read()))
+    except OSError:
+        return None
 
 
 def _check_hardlinks(path: str) -> list[Finding]:

@@ -4,7 +4,8 @@ For one entry, in this order (store_format.md, "Write ordering"):
 
 1. store the entry's upload description (if it has one) as an object, then
    walk the entry without following symlinks and stream every regular file
-   into the object store (hashing the bytes actually stored), while the
+   into the object store (hashing the bytes actually stored; a large file is
+   cloned instead where the file system can, and the clone hashed), while the
    manifest streams into tmp/ and each file is checked against the
    description (a merge of two streams in walk order);
 2. commit: one syncfs makes objects and manifest durable, then the manifest
@@ -97,8 +98,11 @@ class Ingester:
     def __init__(self, cfg: Config, log: Log = _quiet,
                  progress: Callable[[int, int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 on_result: Callable[["EntryResult"], None] | None = None) -> None:
-        """*progress(files, bytes)* is called as files are stored (for a UI).
+                 on_result: Callable[["EntryResult"], None] | None = None,
+                 on_entry: Callable[[str], None] | None = None) -> None:
+        """*progress(files, bytes)* is called as files are stored (for a UI),
+        counting from 0 for each entry; *on_entry(name)* just before an
+        entry's files are stored (its name for display).
         *should_stop()* is polled between entries and between files: when it
         turns true, no new entry is taken and an entry not yet committed is
         abandoned (its claim stays; the next run redoes it from the entry).
@@ -109,6 +113,7 @@ class Ingester:
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
         self.on_result = on_result
+        self.on_entry = on_entry
         self.state = StateDir(cfg.state)
         self._stores: dict[str, Store] = {}
         self.faults: list[StoreIOError] = []   # run_once: the faults that stopped a study (exit 3)
@@ -381,6 +386,8 @@ class Ingester:
             try:
                 if state == "done":
                     raise EntryRejected("entry was marked done but its manifest is missing")
+                if self.on_entry is not None:
+                    self.on_entry(disp)
                 self._store_entry(store, cl, path, seq, prev, stats)
             except Interrupted:
                 store.clean_tmp()
@@ -685,7 +692,8 @@ def _put(store: Store, fd: int, before: os.stat_result) -> tuple[PutResult, bool
     """Store the open file *fd* (closing it); (result, whether it stayed
     unchanged while read, judged by size, mtime and ctime)."""
     try:
-        res = store.objects.put_fd(fd, before.st_size, store.index.is_trusted, store.index.size_seen)
+        res = store.objects.put_fd(fd, before.st_size, store.index.is_trusted, store.index.size_seen,
+                                   dev=before.st_dev)    # a regular file opened O_NOFOLLOW: may be cloned
         after = os.fstat(fd)
     finally:
         os.close(fd)

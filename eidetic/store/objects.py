@@ -10,6 +10,16 @@ An object file whose name exists is trusted only when a committed manifest
 refers to it (the index knows) or it was placed by this process; any other
 (for instance one left by a run killed before its syncfs) is re-hashed
 before it counts.
+
+Where the source and the store are on one file system that can clone (XFS
+with reflink=1, Btrfs), a large new object is made as a clone of the
+source (``FICLONE``) instead of a copy: a new inode in tmp/ sharing the
+source's extents copy-on-write, so no later write to the source changes it.
+The clone's own bytes are then hashed (still: the name is the hash of what
+is stored) and it is placed by the same rename as a copied object.  Whether
+cloning works is learnt from the first attempt per source file system and
+kept for the life of the ObjectStore (one run); a refused clone is never
+an error: the object is streamed as before.
 """
 
 from __future__ import annotations
@@ -21,11 +31,13 @@ from typing import Callable, Iterator
 
 from ..core import layout
 from ..core.errors import IntegrityError
-from ..core.fsutil import fsync, link, makedirs, open_temp, rename
+from ..core.fsutil import clone_into, fsync, link, makedirs, open_temp, rename
 from ..core.hashing import (CHUNK, EMPTY_ID, SMALL_FILE, hash_bytes, hash_fd, hash_path_parallel, new_hasher, pump,
                             write_all as _write_all)
 
 OBJECT_MODE = 0o444
+# A clone refused with one of these is the store's fault (as a write would be), not "cannot clone".
+_STORE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
 @dataclass
@@ -40,6 +52,8 @@ class ObjectStore:
         self.root = os.fsencode(root)
         self.tmp_dir = os.fsencode(tmp_dir)
         self._placed: set[str] = set()      # written (or verified) by this process
+        self._can_clone: dict[int, bool] = {}   # source st_dev -> did its first clone work
+        self.cloned = 0                     # objects made as clones (for reports and tests)
 
     # ---------------------------------------------------------------- paths
 
@@ -52,13 +66,15 @@ class ObjectStore:
     # ---------------------------------------------------------------- write
 
     def put_fd(self, src: int, size_hint: int, trusted: Callable[[str], bool],
-               maybe_known: Callable[[int], bool] = lambda size: False) -> PutResult:
+               maybe_known: Callable[[int], bool] = lambda size: False, dev: int | None = None) -> PutResult:
         """Store everything readable from the open file *src*.
 
         Small files are read whole, hashed, and written only when new.  A large
         file whose size matches an existing object is hashed first and copied
         only when new (a re-send then costs one read); other large files are
-        copied and hashed in one pass.
+        copied and hashed in one pass.  *dev*: the st_dev of *src*, a regular
+        file the caller opened without following links; given, a large new
+        file is cloned rather than copied where that file system can.
         """
         if size_hint <= SMALL_FILE:
             data = _read_all(src, size_hint)
@@ -78,8 +94,7 @@ class ObjectStore:
             # the stored bytes are still self-consistent and the caller's stat
             # check reports the change.
             os.lseek(src, 0, os.SEEK_SET)
-            return self._copy_stream(src, b"", trusted)
-        return self._copy_stream(src, b"", trusted)
+        return self._copy_stream(src, b"", trusted, dev)
 
     def _known(self, oid: str, trusted: Callable[[str], bool]) -> bool:
         if oid in self._placed:
@@ -108,17 +123,22 @@ class ObjectStore:
         os.close(fd)
         self._rename_in(tmp, oid)
 
-    def _copy_stream(self, src: int, prefix: bytes, trusted: Callable[[str], bool]) -> PutResult:
+    def _copy_stream(self, src: int, prefix: bytes, trusted: Callable[[str], bool],
+                     dev: int | None = None) -> PutResult:
         tmp, fd = self._new_tmp()
         try:
-            h = new_hasher()
-            total = 0
-            if prefix:
-                h.update(prefix)
-                _write_all(fd, prefix)
-                total = len(prefix)
-            total += pump(src, h, fd)
-            oid = h.hexdigest()
+            if dev is not None and self._clone(fd, src, dev):
+                oid, total = _hash_own(tmp)       # the clone's bytes: what is stored is what is named
+                self.cloned += 1
+            else:
+                h = new_hasher()
+                total = 0
+                if prefix:
+                    h.update(prefix)
+                    _write_all(fd, prefix)
+                    total = len(prefix)
+                total += pump(src, h, fd)
+                oid = h.hexdigest()
             if self._known(oid, trusted):
                 os.close(fd)
                 fd = -1
@@ -133,6 +153,24 @@ class ObjectStore:
         os.close(fd)
         self._rename_in(tmp, oid)
         return PutResult(oid, total, True)
+
+    def _clone(self, fd: int, src: int, dev: int) -> bool:
+        """Try to make the new, empty temp file *fd* a clone of *src*.  The
+        first attempt per source file system decides for the rest of the run:
+        after a refusal this costs nothing and the caller streams into *fd*."""
+        if not self._can_clone.get(dev, True):
+            return False
+        try:
+            clone_into(fd, src)
+        except OSError as e:
+            if e.errno in _STORE_ERRNOS:
+                raise
+            self._can_clone[dev] = False
+            if os.fstat(fd).st_size:      # never expected; the stream must start from empty
+                os.ftruncate(fd, 0)
+            return False
+        self._can_clone[dev] = True
+        return True
 
     def _rename_in(self, tmp: bytes, oid: str) -> None:
         # Placed by rename alone: no fsync of the object or its shard here; the
@@ -266,6 +304,18 @@ class ObjectStore:
                 return
             yield st.st_dev, st.st_ino
             twin += 1
+
+
+def _hash_own(tmp: bytes) -> tuple[str, int]:
+    """(id, size) of a temp file of our own (a clone), read back through one
+    reused buffer: memory stays flat for any size (an mmap would count the
+    whole file in the process's resident set), and one thread hashes faster
+    than the clone's blocks come off the disk."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_all(fd: int, size_hint: int) -> bytes:
