@@ -42,12 +42,22 @@ def _load_libc():
 
 _TEMP_SALT = secrets.token_hex(4)
 _temp_counter = itertools.count()
+_temp_pid = os.getpid()         # getpid(2) is a real system call: once per process, not per file
+
+
+def _after_fork_in_child() -> None:
+    global _temp_pid
+    _temp_pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):     # POSIX; Windows (the client) has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def temp_name() -> str:
     # Unique per process (pid + random salt) and per call (counter): no
     # getrandom(2) per temp file, and still unguessable for a fresh process.
-    return f"{TEMP_PREFIX}{_TEMP_SALT}-{os.getpid()}-{next(_temp_counter)}"
+    return f"{TEMP_PREFIX}{_TEMP_SALT}-{_temp_pid}-{next(_temp_counter)}"
 
 
 def is_temp_name(name: bytes | str) -> bool:
