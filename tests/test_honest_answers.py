@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+import subprocess
 
-from conftest import DAEMON_UID, clean_env, drop
+import pytest
+from conftest import DAEMON_UID, clean_env, drop, make_layout, run_cli
 from daemon_helpers import DaemonProc
 from test_members import OUTSIDER_UID, _run_as, site  # noqa: F401 - the fixture
 
@@ -76,7 +80,7 @@ def test_log_and_checkout_by_an_outsider_never_report_damage_or_missing_history(
         assert "no history" not in res.stderr and "damaged" not in res.stderr and "fsck" not in res.stderr
 
 
-def test_replicas_are_checked_with_the_service_users_credentials_only_and_otherwise_said_unchecked(site):
+def test_replicas_are_checked_with_the_service_users_credentials_and_a_member_is_told_so(site):
     replica = site.base / "second-disk" / "s1"
     replica.mkdir(parents=True)
     os.chown(replica, DAEMON_UID, DAEMON_UID)
@@ -85,11 +89,43 @@ def test_replicas_are_checked_with_the_service_users_credentials_only_and_otherw
     site.lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
     res = site.as_service("replicate", "--study", "s1")
     assert res.returncode == 0, res.stdout + res.stderr
-    res = site.as_root("status", "--study", "s1")          # root's lookup is not the service user's
+    res = site.as_member("status", "--study", "s1")        # a member's lookup is not the service user's
     assert res.returncode == 3, res.stdout + res.stderr
     assert ("cannot check the replicas (offsite): their credentials are the service user's; run as the "
             f"service user ({DAEMON_UID})") in res.stdout
     assert "UNREACHABLE" not in res.stdout and "up to date" not in res.stdout
-    res = site.as_service("status", "--study", "s1")       # as it says
-    assert "replica      offsite: up to date (upload 2)" in res.stdout, res.stdout
-    assert "cannot check the replicas" not in res.stdout
+    for run in (site.as_service, site.as_root):            # as it says; root uses the service user's files
+        res = run("status", "--study", "s1")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "replica      offsite: up to date (upload 2)" in res.stdout, res.stdout
+        assert "cannot check the replicas" not in res.stdout
+
+
+def test_root_checks_an_s3_replica_with_the_service_users_credential_files(tmp_path, s3_peer):
+    """`sudo eidetic status`: root's own ~/.aws is not the service's; root
+    reads the service user's ~/.aws/ (a real user with a home here)."""
+    if shutil.which("useradd") is None:
+        pytest.skip("useradd is not installed")
+    user = f"eidsvc{secrets.token_hex(3)}"
+    home = tmp_path / "home"
+    subprocess.run(["useradd", "--home-dir", str(home), "--create-home", "--user-group", user], check=True,
+                   capture_output=True)
+    try:
+        creds = s3_peer.write_credentials(home / ".aws", profile="eidetic")
+        bucket = s3_peer.new_bucket(object_lock=False, versioning=True)
+        lay = make_layout(tmp_path / "srv", studies=("s1",), init=False)
+        doc = json.loads(lay.config_path.read_text())
+        doc["user"] = user
+        doc["studies"]["s1"]["replicas"] = {"offsite": {"url": f"s3://{bucket}/s1", "endpoint": s3_peer.endpoint,
+                                                        "region": s3_peer.region, "profile": creds.profile}}
+        lay.config_path.write_text(json.dumps(doc, indent=1) + "\n")
+        env = {k: v for k, v in clean_env(HOME="/root").items() if not k.startswith("AWS_")}
+        assert run_cli("init", config=lay.config_path, env=env).returncode == 0
+        res = run_cli("status", "--study", "s1", "--json", config=lay.config_path, env=env)
+        assert res.stdout, res.stderr
+        doc = json.loads(res.stdout)["studies"]["s1"]
+        assert [r["name"] for r in doc["replicas"]] == ["offsite"], doc
+        assert doc["replicas"][0].get("error") is None, doc["replicas"][0]
+        assert not any("replica" in u for u in doc["unseen"]), doc["unseen"]
+    finally:
+        subprocess.run(["userdel", "--remove", user], capture_output=True)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import errno
 import math
 import os
+import pwd
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import inbox as inbox_mod
@@ -448,12 +451,41 @@ def _study(cfg: Config, s: StudyConfig, state: StateDir, records: dict, waiting:
         ids = service_ids(cfg)
         if ids.uid is None or os.geteuid() == ids.uid:
             st.replicas = _replicas(s)
+        elif os.geteuid() == 0:
+            with _service_credentials(ids.uid):
+                st.replicas = _replicas(s)
         else:
             # Its credentials are the service user's (~/.aws): anyone else's
             # lookup would find none or others, and call a sound replica unreachable.
             st.unseen.append(f"cannot check the replicas ({', '.join(r.name for r in s.replicas)}): their "
                              f"credentials are the service user's; run as the service user ({_service_user(cfg)})")
     return st
+
+
+_AWS_FILES = {"AWS_SHARED_CREDENTIALS_FILE": "credentials", "AWS_CONFIG_FILE": "config"}
+
+
+@contextmanager
+def _service_credentials(uid: int) -> Iterator[None]:
+    """Root checks the replicas with the service user's credential files
+    (~eidetic/.aws/), as the daemon and 'eidetic replicate' use them, unless
+    the environment names others.  Root's own ~/.aws is not the service's."""
+    try:
+        home = pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        home = None
+    saved = {k: os.environ.get(k) for k in _AWS_FILES}
+    try:
+        for var, name in _AWS_FILES.items():
+            if home and saved[var] is None:
+                os.environ[var] = os.path.join(home, ".aws", name)
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def _service_user(cfg: Config) -> str:
