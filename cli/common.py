@@ -147,3 +147,39 @@ def iec_bar(total: int | None, **kw):
     fmt = ("{l_bar}{bar}| {iec_n} of {iec_total} [{elapsed}<{remaining}, {iec_rate}]" if total is not None
            else "{desc}: {iec_n} [{elapsed}, {iec_rate}{postfix}]")
     return IecBar(total=total, bar_format=fmt, **kw)
+
+
+class PhaseBars:
+    """tqdm bars on stderr, one per phase (fsck, restore); silent when stderr is not a terminal."""
+
+    UNITS = {"manifests": ("manifest", False), "tree": ("name", False), "objects": ("B", True),
+             "replica manifests": ("manifest", False), "replica metadata": ("object", False),
+             "replica data": ("B", True)}
+
+    def __init__(self, study: str) -> None:
+        self.study = study
+        self.phase: str | None = None
+        self.bar = None
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if phase != self.phase:
+            self.close()
+            unit, in_bytes = self.UNITS.get(phase, ("", False))
+            self.phase = phase
+            if in_bytes:     # tqdm's own scaling says k, M, G (powers of 1000): ours, in IEC units
+                self.bar = iec_bar(desc=f"{self.study}: {phase}", total=total, disable=None, leave=False,
+                                   file=sys.stderr)
+            else:
+                self.bar = tqdm(desc=f"{self.study}: {phase}", total=total, unit=unit,
+                                disable=None, leave=False, file=sys.stderr)
+        if self.bar is not None:
+            if total is not None and self.bar.total != total:
+                self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -8,36 +8,7 @@ import sys
 
 import click
 
-from ..common import Ctx, human_bytes, is_tty, iec_bar, note, plural, say, warn
-
-
-class _Bars:
-    """One bar per phase on stderr, on a terminal only."""
-
-    def __init__(self, study: str) -> None:
-        self.study, self.phase, self.bar = study, None, None
-
-    def __call__(self, phase: str, done: int, total: int | None) -> None:
-        from tqdm import tqdm
-
-        if phase != self.phase:
-            self.close()
-            self.phase = phase
-            if phase == "objects":
-                self.bar = iec_bar(desc=f"{self.study}: objects", total=total, disable=None, leave=False,
-                                   file=sys.stderr)
-            else:
-                self.bar = tqdm(desc=f"{self.study}: {phase}", total=total, disable=None, leave=False,
-                                file=sys.stderr)
-        if self.bar is not None:
-            if total is not None and self.bar.total != total:
-                self.bar.total = total
-            self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+from ..common import Ctx, PhaseBars as _Bars, human_bytes, is_tty, note, plural, say, warn
 
 
 @click.command("restore")
