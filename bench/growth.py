@@ -37,8 +37,12 @@ def anonymous_kib(pid: int) -> int:
         return 0
 
 
-def run_ingest(argv: list[str]) -> tuple[float, int, int]:
-    """(seconds, peak RSS KiB, peak anonymous KiB) of one command."""
+def run_ingest(argv: list[str]) -> tuple[float, int, int, float, float]:
+    """(seconds, peak RSS KiB, peak anonymous KiB, CPU seconds, MiB written to
+    storage) of one command.  CPU time and written blocks (getrusage of the
+    waited-for children) hardly move with what else the machine runs, so
+    they show growth where the wall time on a shared machine cannot."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = [0]
@@ -58,7 +62,9 @@ def run_ingest(argv: list[str]) -> tuple[float, int, int]:
     if proc.returncode != 0:
         raise SystemExit(f"ingest failed ({proc.returncode}): {err.decode(errors='replace')}")
     # The largest peak RSS of any command so far (getrusage of the waited-for children).
-    return secs, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, peak[0]
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return secs, r1.ru_maxrss, peak[0], cpu, (r1.ru_oublock - r0.ru_oublock) * 512 / 2**20
 
 
 def children(pid: int) -> list[int]:
@@ -96,12 +102,14 @@ def main() -> None:
                 f.write(b"upload %d file %d\n" % (u, i))
         os.rename(part, f"{a.work}/inbox/s1-lab-{u}")
         subprocess.run(["sync"], check=True)
-        secs, rss, anon = run_ingest(eidetic + ["ingest", "--once", "--settle", "0"])
-        rows.append({"upload": u, "seconds": round(secs, 2), "peak_rss_mib_so_far": round(rss / 1024, 1),
+        secs, rss, anon, cpu, written = run_ingest(eidetic + ["ingest", "--once", "--settle", "0"])
+        rows.append({"upload": u, "seconds": round(secs, 2), "cpu_seconds": round(cpu, 2),
+                     "written_mib": round(written, 1), "peak_rss_mib_so_far": round(rss / 1024, 1),
                      "peak_anonymous_mib": round(anon / 1024, 1)})
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"files": a.files, "uploads": a.uploads,
-                      "last_vs_first": round(rows[-1]["seconds"] / rows[0]["seconds"], 2)}))
+                      "last_vs_first": round(rows[-1]["seconds"] / rows[0]["seconds"], 2),
+                      "cpu_last_vs_first": round(rows[-1]["cpu_seconds"] / rows[0]["cpu_seconds"], 2)}))
     if not a.keep:
         shutil.rmtree(a.work, ignore_errors=True)
 
