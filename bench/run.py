@@ -41,8 +41,9 @@ GiB = 1 << 30
 TARGETS = {
     # key: (description, limit, unit)
     "first_ingest_vs_borg": ("first ingest: eidetic / borg create", 0.8, "x"),
-    "resend_vs_borg": ("re-send: eidetic / borg create (new path)", 0.4, "x"),
+    "resend_vs_borg": ("re-send: eidetic / borg create (new path)", 0.25, "x"),
     "fsck_vs_restic": ("fsck: eidetic fsck / restic check --read-data", 0.3, "x"),
+    "fsck_quick_vs_restic": ("fsck --quick: eidetic / restic check --read-data", 0.1, "x"),
     "ingest_peak_rss": ("peak RSS of eidetic ingest (50k-file entry)", 150.0, "MiB"),
     "log_path_ms": ("eidetic log --json STUDY:path (median, 1M path-versions)", 150.0, "ms"),
 }
@@ -453,6 +454,11 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
             return b.skipped("fsck", "eidetic fsck", why("eidetic"))
         b.timed("fsck", "eidetic fsck", [have["eidetic"], "--config", cfg, "fsck"])
 
+    def eid_fsck_quick():
+        if not have["eidetic"]:
+            return b.skipped("fsck", "eidetic fsck --quick", why("eidetic"))
+        b.timed("fsck", "eidetic fsck --quick", [have["eidetic"], "--config", cfg, "fsck", "--quick"])
+
     def restic_check():
         if not have["restic"]:
             return b.skipped("fsck", "restic check", why("restic"))
@@ -465,7 +471,7 @@ def main_phases(b: Bench, have: dict, data: str, summary: dict, rep_dir: str,
         b.timed("fsck", "borg check", ["borg", "check", "--verify-data", borg_repo],
                 env=env_borg)
 
-    for job in rotate([eid_fsck, restic_check, borg_check]):
+    for job in rotate([eid_fsck, eid_fsck_quick, restic_check, borg_check]):
         job()
 
     # ---- info: log on this (small-history) store
@@ -641,7 +647,8 @@ def report(results, summary) -> dict:
     rows = [("first ingest", "eidetic"), ("first ingest", "borg create"),
             ("first ingest", "restic backup"), ("first ingest", "cp -a + sync"),
             ("re-send", "eidetic"), ("re-send", "borg create"), ("re-send", "restic backup"),
-            ("fsck", "eidetic fsck"), ("fsck", "restic check"), ("fsck", "borg check"),
+            ("fsck", "eidetic fsck"), ("fsck", "eidetic fsck --quick"), ("fsck", "restic check"),
+            ("fsck", "borg check"),
             ("log (main store)", "eidetic log --json"),
             ("log", "eidetic --help (start-up)"), ("log", "eidetic log --json path"),
             ("log", "eidetic log dir")]
@@ -688,6 +695,7 @@ def report(results, summary) -> dict:
     checks["first_ingest_vs_borg"] = ratio(e1, b1)
     checks["resend_vs_borg"] = ratio(e2, b2)
     checks["fsck_vs_restic"] = ratio(ef, rf)
+    checks["fsck_quick_vs_restic"] = ratio(sec("fsck", "eidetic fsck --quick"), rf)
     m = table.get("first ingest|eidetic")
     checks["ingest_peak_rss"] = max(m["maxrss_mib"], m["tree_rss_mib"]) if m else None
     lg = sec("log", "eidetic log --json path")
