@@ -116,7 +116,9 @@ class Tree:
             return True
         return self._replace_plain(v, dest)
 
-    def _replace_plain(self, v: Version, dest: bytes) -> bool:
+    def _replace_plain(self, v: Version, dest: bytes, other_inode: bool = False) -> bool:
+        """*other_inode*: the caller knows the plain name is not on *v*'s
+        object, so the rename consumes the temp name and no unlink follows."""
         tmp = self.tmp_dir + b"/" + temp_name().encode()
         self.objects.link(v.blake3, tmp)
         try:
@@ -126,6 +128,8 @@ class Tree:
             if e.errno in (errno.EISDIR, errno.ENOTEMPTY):
                 return False
             raise
+        if other_inode:
+            return True
         try:
             # rename(2) between two names of one inode does nothing and keeps
             # the source: a re-run after a crash finds the plain name already
@@ -136,9 +140,22 @@ class Tree:
         return True
 
     def place_new(self, v: Version) -> None:
-        """A version just added by the index: its version name, and the plain
-        name now shows it."""
+        """A version just added by the index (ingest, before the chunk holding
+        it commits): its version name, and the plain name now shows it."""
         self.place_version(v)
+        if v.n > 1:
+            # The path's plain name is on its previous version, whose content
+            # differs (a new version is only made for new content): another
+            # inode, so the rename consumes the temp name.  (Were it on this
+            # version after all, the temp link would stay in tmp/, which the
+            # next ingest empties at its start: nothing is lost either way.)
+            # One unlink(2) less per re-sent changed file: 3 system calls in
+            # the tree instead of 4.
+            parent = self._ensure_parent(v.path)
+            if parent is not None:
+                self._replace_plain(v, parent + b"/" + layout.plain_name(v.path.rpartition(b"/")[2]),
+                                    other_inode=True)
+            return
         self.place_plain(v)
 
     def ensure_root(self) -> None:
