@@ -76,6 +76,22 @@ def test_put_stores_the_bytes_under_their_blake3(store, tmp_path, size):
     assert os.stat(store.path(res.oid)).st_ino == st.st_ino
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+@pytest.mark.parametrize("size", [10, 3 * MiB])
+def test_objects_are_0444_whatever_the_umask(tmp_path, umask, size):
+    """Created 0444 at open where the umask keeps that; the daemon's UMask=0027 does not: fchmod then."""
+    (tmp_path / "store" / "tmp").mkdir(parents=True)
+    old = os.umask(umask)
+    try:
+        s = ObjectStore(str(tmp_path / "store"), str(tmp_path / "store" / "tmp"))
+        assert s._mode_at_open == (umask == 0o022)
+        res = put(s, tmp_path, content(size, seed=size))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(s.path(res.oid)).st_mode) == objects.OBJECT_MODE
+    assert stored(s, res.oid) == content(size, seed=size)
+
+
 def test_the_empty_file_is_the_worked_example(store, tmp_path):
     res = put(store, tmp_path, b"")
     assert res.oid == EMPTY_ID

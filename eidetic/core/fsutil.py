@@ -220,12 +220,38 @@ class AtomicFile:
             pass
 
 
-def open_temp(directory: bytes) -> tuple[bytes, int]:
-    """A new private (0600) temp file in *directory*, open for writing:
-    (its path, its fd).  Nothing about its durability: the caller fsyncs it,
-    or leaves that to a later :func:`syncfs`, before :func:`rename`."""
+def open_temp(directory: bytes, mode: int = 0o600) -> tuple[bytes, int]:
+    """A new temp file in *directory* (private: 0600 unless *mode* says
+    otherwise), open for writing: (its path, its fd).  Nothing about its
+    durability: the caller fsyncs it, or leaves that to a later
+    :func:`syncfs`, before :func:`rename`.
+
+    The fd is writable whatever *mode* is (open(2) checks permissions only
+    for an existing file), so a file meant to end read-only can be created
+    with its final mode and needs no fchmod(2); but *mode* passes through the
+    umask, so such a caller first asks :func:`umask_keeps`."""
     tmp = directory + b"/" + temp_name().encode()
-    return tmp, os.open(tmp, _TEMP_FLAGS, 0o600)
+    return tmp, os.open(tmp, _TEMP_FLAGS, mode)
+
+
+def current_umask() -> int | None:
+    """This process's umask, read from /proc (Linux >= 4.7) so that no thread
+    ever sees it changed; None when it cannot be read that way."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def umask_keeps(mode: int) -> bool:
+    """True when a file created now with *mode* gets exactly *mode* (the
+    umask clears none of its bits).  Unknown umask: False (fchmod instead)."""
+    u = current_umask()
+    return u is not None and not (mode & u)
 
 
 def write_atomic(path: str | bytes, data: bytes, mode: int = 0o644) -> None:

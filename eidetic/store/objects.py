@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 from ..core import layout
 from ..core.errors import IntegrityError
-from ..core.fsutil import clone_into, fsync, link, makedirs, open_temp, rename
+from ..core.fsutil import clone_into, fsync, link, makedirs, open_temp, rename, umask_keeps
 from ..core.hashing import (CHUNK, EMPTY_ID, SMALL_FILE, hash_bytes, hash_fd, hash_path_parallel, new_hasher, pump,
                             write_all as _write_all)
 
@@ -54,6 +54,11 @@ class ObjectStore:
         self._placed: set[str] = set()      # written (or verified) by this process
         self._can_clone: dict[int, bool] = {}   # source st_dev -> did its first clone work
         self.cloned = 0                     # objects made as clones (for reports and tests)
+        # Object temp files are created 0444 at open (the fd stays writable):
+        # one fchmod(2) less per new object (10,954 calls for 12,506 files).
+        # Only when the umask keeps 0444 as it is (read once: it does not
+        # change in a running eidetic); otherwise fchmod as before.
+        self._mode_at_open = umask_keeps(OBJECT_MODE)
 
     # ---------------------------------------------------------------- paths
 
@@ -108,14 +113,19 @@ class ObjectStore:
         return False  # present but wrong: the caller's write replaces it
 
     def _new_tmp(self) -> tuple[bytes, int]:
-        """A new private temp file in the store's tmp/, open for writing."""
-        return open_temp(self.tmp_dir)
+        """A new temp file in the store's tmp/ (2700: private whatever its
+        own mode), open for writing; call _final_mode before placing it."""
+        return open_temp(self.tmp_dir, OBJECT_MODE if self._mode_at_open else 0o600)
+
+    def _final_mode(self, fd: int) -> None:
+        if not self._mode_at_open:
+            os.fchmod(fd, OBJECT_MODE)
 
     def _place_bytes(self, oid: str, data: bytes | memoryview) -> None:
         tmp, fd = self._new_tmp()
         try:
             _write_all(fd, data)
-            os.fchmod(fd, OBJECT_MODE)
+            self._final_mode(fd)
         except BaseException:
             os.close(fd)
             _unlink_quiet(tmp)
@@ -144,7 +154,7 @@ class ObjectStore:
                 fd = -1
                 _unlink_quiet(tmp)
                 return PutResult(oid, total, False)
-            os.fchmod(fd, OBJECT_MODE)
+            self._final_mode(fd)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -285,7 +295,7 @@ class ObjectStore:
         tmp, fd = self._new_tmp()
         try:
             self.copy_out(oid, fd)
-            os.fchmod(fd, OBJECT_MODE)
+            self._final_mode(fd)
             fsync(fd, tmp)
         except BaseException:
             os.close(fd)
