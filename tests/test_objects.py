@@ -145,14 +145,21 @@ def test_a_wrong_leftover_object_is_replaced_on_the_next_put(tmp_path, size):
     assert fresh.verify(oid)
 
 
-def test_a_correct_leftover_object_is_verified_and_kept(store, tmp_path):
-    data = content(1000, seed=6)
+@pytest.mark.parametrize("size", [1000, 3 * MiB])
+def test_a_correct_leftover_object_is_replaced_by_the_same_bytes_without_being_read(store, tmp_path, monkeypatch,
+                                                                                   size):
+    """Untrusted: never relied on, not even read (store_format.md section 4)."""
+    data = content(size, seed=6)
     oid = blake3.blake3(data).hexdigest()
     _plant(store, oid, data)
     ino = os.stat(store.path(oid)).st_ino
-    res = put(store, tmp_path, data, trusted=never)
-    assert (res.oid, res.new) == (oid, False)
-    assert os.stat(store.path(oid)).st_ino == ino
+    monkeypatch.setattr(store, "verify", lambda *a: pytest.fail("an untrusted leftover was read"))
+    res = put(store, tmp_path, data, trusted=never, maybe_known=lambda s: True)
+    assert (res.oid, res.new) == (oid, True)
+    assert os.stat(store.path(oid)).st_ino != ino
+    assert stored(store, oid) == data
+    assert stat.S_IMODE(os.stat(store.path(oid)).st_mode) == objects.OBJECT_MODE
+    assert tmp_is_empty(store)
 
 
 @pytest.mark.parametrize("size", [10, 3 * MiB])

@@ -8,8 +8,8 @@ upload by the caller (one ``syncfs`` before the manifest commits).
 
 An object file whose name exists is trusted only when a committed manifest
 refers to it (the index knows) or it was placed by this process; any other
-(for instance one left by a run killed before its syncfs) is re-hashed
-before it counts.
+(for instance one left by a run killed before its syncfs) never counts: a
+put writes its fresh copy and renames it over whatever is there.
 
 Where the source and the store are on one file system that can clone (XFS
 with reflink=1, Btrfs), a large new object is made as a clone of the
@@ -102,15 +102,19 @@ class ObjectStore:
         return self._copy_stream(src, b"", trusted, dev)
 
     def _known(self, oid: str, trusted: Callable[[str], bool]) -> bool:
+        """May the put skip writing *oid*?  Only for an object this process
+        placed, or one the index trusts that is present (a missing trusted
+        object is written again).  Any other file of that name is never
+        looked at: the caller's fresh copy is renamed over it, atomically,
+        whether it was a torn leftover or a sound one (same name, same bytes
+        by hash).  That saves an lstat(2) per new object (11,227 failed
+        newfstatat calls for 12,506 new files) and a re-read per leftover."""
         if oid in self._placed:
             return True
-        p = self.path(oid)
-        if not os.path.lexists(p):
-            return False
-        if trusted(oid) or self.verify(oid):
+        if trusted(oid) and os.path.lexists(self.path(oid)):
             self._placed.add(oid)
             return True
-        return False  # present but wrong: the caller's write replaces it
+        return False
 
     def _new_tmp(self) -> tuple[bytes, int]:
         """A new temp file in the store's tmp/ (2700: private whatever its
