@@ -263,9 +263,13 @@ def check_relpath(path: bytes) -> None:
     if not path:
         raise ValueError("empty path")
     # Whole-path tests first (this runs for every record of every manifest read);
-    # the per-component walk only when they cannot decide.
+    # the per-component walk only when they cannot decide.  A "." alone does
+    # not send a path there (nearly every file name has one): only a "." or
+    # ".." component can be wrong, and "/" + path + "/" holds "/./" or "/../"
+    # exactly when one is there.  A path within NAME_MAX has no longer component.
     if (b"\0" in path or path[0] == 0x2F or path[-1] == 0x2F or b"//" in path
-            or b"." in path or len(path) > NAME_MAX):
+            or len(path) > NAME_MAX
+            or (b"." in path and (b"/./" in (s := b"/" + path + b"/") or b"/../" in s))):
         for c in path.split(b"/"):
             check_component(c)
 
