@@ -127,11 +127,29 @@ def _decode_version(key: bytes, value: bytes) -> Version:
     return Version(path, n, seq, size, mtime, mode, digest.hex(), received.decode("ascii"))
 
 
-def _encode_version(seq: int, rec: FileRecord, received: str) -> bytes:
-    value = _VREC.pack(seq, rec.size, rec.mtime_ns, rec.mode, bytes.fromhex(rec.blake3)) + received.encode("ascii")
-    if len(rec.path) > KEY_ROOM:  # the key holds only part of it
-        value += b"\0" + rec.path
-    return value
+_N = struct.Struct(">I")
+_OREC = struct.Struct(">QQ")           # objects: size, first seq
+_DIGEST_AT = _VREC.size - 32          # where the blake3 starts in a versions value
+_DIGEST_END = _DIGEST_AT + 32
+
+
+class _Writer:
+    """What applying one manifest in one write transaction keeps at hand:
+    a cursor per database written (py-lmdb's txn.put parses keyword
+    arguments and looks the database up at each call) and the manifest's
+    constants, encoded once."""
+
+    __slots__ = ("txn", "seq", "versions", "refs", "objects", "bysize", "received", "stamp", "want_version")
+
+    def __init__(self, index: "Index", txn: lmdb.Transaction, h: Header) -> None:
+        self.txn, self.seq = txn, h.seq
+        self.versions = txn.cursor(db=index.versions)
+        self.refs = txn.cursor(db=index.refs)
+        self.objects = txn.cursor(db=index.objects)
+        self.bysize = txn.cursor(db=index.bysize)
+        self.received = h.received.encode("ascii")
+        self.stamp = layout.compact_stamp(h.received)
+        self.want_version = index._visiting
 
 
 # ------------------------------------------------------------------ faults
@@ -276,6 +294,8 @@ class Index:
         self.verified = False          # verify_structure() found it sound
         self.ident: tuple[int, int] | None = None
         self.lockless = False          # opened without LMDB's lock (a reader that may not write it)
+        self._w: _Writer | None = None  # the apply's cursors in its current write transaction
+        self._visiting = True           # does the apply in progress pass each new Version to a visitor?
         try:
             if create:
                 self._create(durable)
@@ -471,6 +491,7 @@ class Index:
             reader.close()
             return new_versions
         pos = 0
+        self._visiting = visit is not None
         txn = self._begin_write()
         try:
             for rec in reader.records():
@@ -521,22 +542,55 @@ class Index:
         return new_versions
 
     def _begin_write(self) -> lmdb.Transaction:
-        return self.env.begin(write=True)
+        txn = self.env.begin(write=True)
+        self._w = None          # cursors of an earlier transaction are of no use (_Writer)
+        return txn
 
-    def _apply_file(self, txn: lmdb.Transaction, h: Header, rec: FileRecord) -> Version | None:
-        latest = self._latest_in(txn, rec.path)
-        if latest is not None and latest.blake3 == rec.blake3:
-            return None
-        n = 1 if latest is None else latest.n + 1
+    def _writer(self, txn: lmdb.Transaction, h: Header) -> "_Writer":
+        """The cursors and per-manifest constants for applying records of *h* in *txn*."""
+        w = self._w
+        if w is None or w.txn is not txn or w.seq != h.seq:
+            w = self._w = _Writer(self, txn, h)
+        return w
+
+    def _apply_file(self, txn: lmdb.Transaction, h: Header, rec: FileRecord) -> Version | bool | None:
+        """One file record: None when it is no new version; else the new Version
+        (True instead when no visitor wants it: building one costs as much as
+        the lookups, and fsck's replay has no visitor).
+
+        The hot path of every apply (ingest and fsck's replay): the writer's
+        cursors are made once per transaction, the latest version is read
+        in place (no Version decoded) and only its digest compared."""
+        w = self._w
+        if w is None or w.txn is not txn or w.seq != h.seq:
+            w = self._writer(txn, h)
+        path = rec.path
+        pk = path if len(path) <= KEY_ROOM else path_key(path)
+        cur = w.versions
+        # the path's latest version is the last key of pk \0 *: step back from past its last possible key
+        found = cur.prev() if cur.set_range(pk + b"\0\xff\xff\xff\xff") else cur.last()
         digest = bytes.fromhex(rec.blake3)
-        txn.put(_vkey(rec.path, n), _encode_version(h.seq, rec, h.received), db=self.versions)
-        txn.put(digest, _vkey(rec.path, n), db=self.refs, dupdata=True)
-        txn.put(digest, struct.pack(">QQ", rec.size, h.seq), db=self.objects, overwrite=False)
+        n = 1
+        if found:
+            key = cur.key()
+            if len(key) == len(pk) + 5 and key[-5] == 0 and key.startswith(pk):
+                if cur.value()[_DIGEST_AT:_DIGEST_END] == digest:
+                    return None
+                n = _N.unpack_from(key, len(pk) + 1)[0] + 1
+        vkey = pk + b"\0" + _N.pack(n)
+        value = _VREC.pack(h.seq, rec.size, rec.mtime_ns, rec.mode, digest) + w.received
+        if len(path) > KEY_ROOM:  # the key holds only part of it
+            value += b"\0" + path
+        cur.put(vkey, value)
+        w.refs.put(digest, vkey, dupdata=True)
+        w.objects.put(digest, _OREC.pack(rec.size, h.seq), overwrite=False)
         if rec.size >= LARGE_OBJECT:
-            txn.put(_seq(rec.size), b"", db=self.bysize)
-        if layout.may_be_cut(rec.path):
-            self._record_cut_names(txn, rec.path, n, layout.compact_stamp(h.received))
-        return Version(rec.path, n, h.seq, rec.size, rec.mtime_ns, rec.mode, rec.blake3, h.received)
+            w.bysize.put(_SEQ.pack(rec.size), b"")
+        if layout.may_be_cut(path):
+            self._record_cut_names(txn, path, n, w.stamp)
+        if not w.want_version:
+            return True
+        return Version(path, n, h.seq, rec.size, rec.mtime_ns, rec.mode, rec.blake3, h.received)
 
     def _record_cut_names(self, txn: lmdb.Transaction, path: bytes, n: int, stamp: str) -> None:
         for key, value in _cut_name_entries(path, n, stamp):
