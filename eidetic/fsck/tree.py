@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from itertools import groupby
-from operator import attrgetter
+from operator import itemgetter
 from typing import Callable
 
 from ..core import layout
@@ -52,6 +52,7 @@ class TreeScan:
         self.closed: set[bytes] = set()    # source dirs already left (only a key order anomaly revisits one)
         self._last_oid = ""
         self._last_ids: tuple[int, int] | None = None
+        self._odir = objects.root + b"/objects/"
 
     def run(self) -> None:
         try:
@@ -64,7 +65,7 @@ class TreeScan:
         self._dir_mode(self.root, st)
         self._list(top)
         stack = [top]
-        for _, vs in groupby(self.idx.iter_versions(), attrgetter("path")):
+        for _, vs in groupby(self.idx.iter_scan(), itemgetter(0)):     # by path
             self._path(stack, list(vs))
         while stack:
             self._close(stack.pop())
@@ -203,8 +204,8 @@ class TreeScan:
         if oid == self._last_oid:
             want = self._last_ids
         else:
-            try:
-                st = os.lstat(self.objects.path(oid))
+            try:    # objects.path(oid), without its check: the oid is the index's own hex digest
+                st = os.lstat(self._odir + oid[:2].encode() + b"/" + oid[2:].encode())
                 want = (st.st_dev, st.st_ino)
             except FileNotFoundError:
                 want = None

@@ -42,7 +42,7 @@ import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import lmdb
 
@@ -81,6 +81,15 @@ class Version:
     @property
     def stamp(self) -> str:
         return layout.compact_stamp(self.received)
+
+
+class ScanVersion(NamedTuple):
+    """The part of a Version fsck's tree scan reads (Index.iter_scan)."""
+    path: bytes
+    n: int
+    seq: int
+    blake3: str
+    stamp: str
 
 
 KEY_ROOM = 400  # bytes of a path kept verbatim in a key (LMDB keys hold at most 511)
@@ -750,6 +759,27 @@ class Index:
     #
     # Unfiltered, like dump(): fsck asks them of its own rebuild, in which
     # every manifest it could read is applied.
+
+    @_streams
+    def iter_scan(self) -> Iterator[ScanVersion]:
+        """What fsck's tree scan needs of every version (as iter_versions()
+        of everything, in key order): path, n, seq, blake3 and stamp, in a
+        tuple, the stamp derived once per upload.  A Version's decoding (a
+        frozen dataclass, a compact_stamp per version) was a quarter of the
+        scan."""
+        stamps: dict[bytes, str] = {}
+        unpack, tail = _VREC.unpack_from, _VREC.size
+        with self.env.begin() as txn:
+            limit = self._limit(txn, self.meta)
+            for k, v in txn.cursor(db=self.versions):
+                seq, _size, _mtime, _mode, digest = unpack(v)
+                if seq > limit:
+                    continue
+                received, _, long_path = v[tail:].partition(b"\0")
+                stamp = stamps.get(received)
+                if stamp is None:
+                    stamp = stamps[received] = layout.compact_stamp(received.decode("ascii"))
+                yield ScanVersion(long_path or k[:-5], _N.unpack_from(k, len(k) - 4)[0], seq, digest.hex(), stamp)
 
     @_reads
     def users_of(self, oid: str, limit: int) -> tuple[list[Version], int]:
