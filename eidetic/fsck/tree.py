@@ -25,6 +25,8 @@ from ..store.index import Index, Version
 from ..store.objects import ObjectStore
 from .codes import Finding, Findings
 
+ID_CACHE = 1 << 17      # objects whose inode numbers the scan remembers (~20 MiB at most)
+
 
 @dataclass(slots=True)
 class _Dir:
@@ -50,8 +52,10 @@ class TreeScan:
         self.pending = pending             # is manifest seq not yet applied to the live index?
         self.entries = 0
         self.closed: set[bytes] = set()    # source dirs already left (only a key order anomaly revisits one)
-        self._last_oid = ""
-        self._last_ids: tuple[int, int] | None = None
+        # (st_dev, st_ino) of objects already looked up (None: missing): a path's version and plain
+        # names ask about one object, and a study's copies of the same data (the same files sent
+        # again at another path) about the same objects.  Bounded: cleared when it is full.
+        self._ids: dict[str, tuple[int, int] | None] = {}
         self._odir = objects.root + b"/objects/"
 
     def run(self) -> None:
@@ -69,6 +73,7 @@ class TreeScan:
             self._path(stack, list(vs))
         while stack:
             self._close(stack.pop())
+        self._ids.clear()       # settle asks again later: an object may have been added meanwhile
         self.out.stats["tree_entries"] = self.entries
 
     def _missing(self, rel: bytes, v: Version, kind: str) -> None:
@@ -200,16 +205,19 @@ class TreeScan:
 
     def _is_object(self, ino: int, dev: int, oid: str) -> bool | None:
         """Is (dev, ino) the object *oid* (or a twin)?  None when the object is missing (E021 says so).
-        The last answer is remembered: a path's version name and plain name ask about one object."""
-        if oid == self._last_oid:
-            want = self._last_ids
+        Answers are remembered (self._ids) for the rest of the scan."""
+        ids = self._ids
+        if oid in ids:
+            want = ids[oid]
         else:
             try:    # objects.path(oid), without its check: the oid is the index's own hex digest
                 st = os.lstat(self._odir + oid[:2].encode() + b"/" + oid[2:].encode())
                 want = (st.st_dev, st.st_ino)
             except FileNotFoundError:
                 want = None
-            self._last_oid, self._last_ids = oid, want
+            if len(ids) >= ID_CACHE:
+                ids.clear()
+            ids[oid] = want
         if want is None:
             return None
         if want[1] == ino and want[0] == dev:
