@@ -135,7 +135,7 @@ def test_manifests_must_be_applied_in_sequence(fast_tmp, open_index):
     assert idx.applied() == (0, None)
 
 
-def test_objects_refs_and_large_sizes_are_recorded(fast_tmp, open_index):
+def test_objects_users_and_large_sizes_are_recorded(fast_tmp, open_index):
     m = Manifests(fast_tmp)
     idx = open_index()
     big = index_mod.LARGE_OBJECT
@@ -148,9 +148,9 @@ def test_objects_refs_and_large_sizes_are_recorded(fast_tmp, open_index):
     assert idx.stats() == {"path_versions": 3, "objects": 2, "uploads": 1}
     assert idx.upload(1)["skipped"] == 1
     assert idx.versions_of(b"link") == []
-    refs = [(k, v) for db, k, v in idx.dump() if db == "refs"]
-    assert (bytes.fromhex(oid("same")), b"x\0" + struct.pack(">I", 1)) in refs
-    assert (bytes.fromhex(oid("same")), b"y\0" + struct.pack(">I", 1)) in refs
+    used = idx.users_of([oid("same"), oid("B"), oid("never stored")], 10)
+    assert {o: ([(v.path, v.n) for v in vs], n) for o, (vs, n) in used.items()} == {
+        oid("same"): ([(b"x", 1), (b"y", 1)], 2), oid("B"): ([(b"big", 1)], 1)}
 
 
 def test_cut_names_resolve_to_their_source_paths(fast_tmp, open_index):
@@ -189,10 +189,10 @@ def test_paths_longer_than_an_lmdb_key_are_indexed(fast_tmp, open_index):
         assert [(v.path, v.n) for v in vs] == ([(p, 1)] if p == LONG_B else [(p, 1), (p, 2)])
         assert idx.latest(p) == vs[-1] and idx.version(p, 1) == vs[0]
         assert idx.has_path(p)
-    for key in (k for db, k, _ in idx.dump() if db in ("versions", "refs", "cutnames")):
+    for key in (k for db, k, _ in idx.dump() if db in ("versions", "cutnames")):
         assert len(key) <= 511
-    for v in (v for db, _, v in idx.dump() if db == "refs"):
-        assert len(v) <= 511                                     # dupsort values obey the key limit too
+    used = idx.users_of([oid("A")], 100)[oid("A")]
+    assert sorted(v.path for v in used[0]) == sorted(paths) and used[1] == len(paths)     # long paths whole
     assert idx.latest(LONG_A[:-1]) is None and not idx.has_path(LONG_A[:-1])
     assert idx.latest(LONG_A + b"x") is None
 
@@ -270,6 +270,56 @@ def test_an_index_of_an_unknown_format_is_refused(fast_tmp, open_index):
     with pytest.raises(StoreFormatError, match="not understood"):
         Index(str(fast_tmp / "index"))
     index_mod._envs.pop(os.path.realpath(fast_tmp / "index")).close()
+
+
+def _as_format_1(path: str) -> None:
+    """Turn the index at *path* into what eidetic 0.3 wrote (format 1): the
+    same databases plus "refs" (dupsort: object -> path key \\0 u32 version
+    of every version using it)."""
+    import lmdb     # the tests may: only the library keeps to one module per third-party import
+    env = lmdb.open(path, max_dbs=16, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        versions = env.open_db(b"versions", txn=txn, create=False)
+        refs = env.open_db(b"refs", txn=txn, dupsort=True)
+        for k, v in txn.cursor(db=versions):
+            txn.put(v[index_mod._DIGEST_AT:index_mod._DIGEST_END], k, db=refs, dupdata=True)
+        txn.put(b"format", b"1", db=env.open_db(b"meta", txn=txn, create=False))
+    env.close()
+
+
+def _databases(path: str) -> dict[bytes, int]:
+    import lmdb
+    env = lmdb.open(path, max_dbs=16, map_size=1 << 30, readonly=True, lock=False)
+    with env.begin() as txn:
+        names = [k for k, _ in txn.cursor()]
+        out = {n: txn.stat(env.open_db(n, txn=txn, create=False))["entries"] for n in names}
+    env.close()
+    return out
+
+
+def test_a_format_1_index_is_read_as_it_is_and_upgraded_in_place_by_a_writer(fast_tmp):
+    """Format 2 only drops "refs": readers take a format 1 index unchanged; the
+    first writer drops refs and says 2, keeping every other record (no rebuild)."""
+    m = Manifests(fast_tmp)
+    path = str(fast_tmp / "index")
+    idx = Index(path)
+    for content in ("one", "two"):
+        idx.apply_manifest(m.add([frec(b"a.txt", content), frec(b"d/b.txt", "one")]))
+    before = list(idx.dump())
+    idx.close()
+    _as_format_1(path)
+    assert _databases(path)[b"refs"] == 3
+    reader = Index(path, create=False, write=False)
+    assert reader.state().format == b"1" and [v.n for v in reader.versions_of(b"a.txt")] == [1, 2]
+    assert list(reader.dump()) == before                      # what a format 2 index holds, refs aside
+    reader.close()
+    assert b"refs" in _databases(path)                        # a reader never writes
+    writer = Index(path, create=False)
+    assert writer.state().format == b"2" and list(writer.dump()) == before
+    writer.apply_manifest(m.add([frec(b"a.txt", "three")]))
+    assert [v.n for v in writer.versions_of(b"a.txt")] == [1, 2, 3]
+    writer.close()
+    assert b"refs" not in _databases(path)
 
 
 # ------------------------------------------------------------------ queries

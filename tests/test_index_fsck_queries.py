@@ -20,11 +20,12 @@ def _index_of(fast_tmp, open_index, name: str = "index"):
 
 def test_users_of_names_every_version_using_an_object_up_to_a_limit(fast_tmp, open_index):
     idx, _ = _index_of(fast_tmp, open_index)
-    users, total = idx.users_of(oid("one"), 10)
+    users, total = idx.users_of([oid("one")], 10)[oid("one")]
     assert total == 2 and sorted((v.path, v.n) for v in users) == [(b"a.txt", 1), (b"d/b.txt", 1)]
-    users, total = idx.users_of(oid("one"), 1)
+    users, total = idx.users_of([oid("one")], 1)[oid("one")]
     assert total == 2 and len(users) == 1
-    assert idx.users_of(oid("nobody has this"), 10) == ([], 0)
+    assert idx.users_of([oid("nobody has this")], 10) == {}
+    assert set(idx.users_of([oid("one"), oid("two"), oid("nobody has this")], 10)) == {oid("one"), oid("two")}
 
 
 def test_first_seq_is_the_manifest_that_first_referred_to_an_object(fast_tmp, open_index):

@@ -32,6 +32,7 @@ from .codes import Findings, first_of
 POOL_MIN_SHARDS = 64   # fewer shard directories than this: a small store, hashed in this process
 REF_LIMIT = 1000       # affected versions remembered per bad object
 SHOWN = 5              # affected versions named in a finding's detail
+USED = ("E020", "E021", "E022")   # findings that name the versions an object holds
 
 Bad = tuple[str, str, bytes, str]     # (code, object id or "", path, detail)
 
@@ -148,21 +149,22 @@ def stat_problem(st: os.stat_result) -> tuple[str, str] | None:
 def check_objects(out: Findings, objects: ObjectStore, fresh: Index, rehash: Rehash | None,
                   progress: Callable) -> None:
     """objects/ against what the fresh index (every manifest) needs, then the re-hash's problems."""
-    def emit(code: str, oid: str, path: bytes, detail: str) -> None:
-        out.add(code, path, *_enrich(code, oid, path, detail, fresh, objects))
-
-    out.stats["objects"], out.stats["object_bytes"] = merge(objects, fresh, rehash is None, emit)
-    if rehash is None:
-        return
-    total = out.stats["object_bytes"]       # what the merge just summed: the bytes the re-hash will read
-    done = 0
-    progress("objects", done, total)
-    for bad, n in rehash.results():
-        for problem in bad:
-            emit(*problem)
-        done += n
+    found: list[Bad] = []       # named with the versions they hold at the end: one pass over the index for all
+    out.stats["objects"], out.stats["object_bytes"] = merge(objects, fresh, rehash is None,
+                                                            lambda *bad: found.append(bad))
+    if rehash is not None:
+        total = out.stats["object_bytes"]       # what the merge just summed: the bytes the re-hash will read
+        done = 0
         progress("objects", done, total)
-    out.stats["hashed_bytes"] = done
+        for bad, n in rehash.results():
+            found.extend(bad)
+            done += n
+            progress("objects", done, total)
+        out.stats["hashed_bytes"] = done
+    users = fresh.users_of({oid for code, oid, _, _ in found if code in USED and layout.valid_object_id(oid)},
+                           REF_LIMIT)
+    for code, oid, path, detail in found:
+        out.add(code, path, *_enrich(code, oid, path, detail, fresh, objects, users))
 
 
 def merge(objects: ObjectStore, fresh: Index, check_stat: bool, emit: Callable[[str, str, bytes, str], None]
@@ -206,17 +208,17 @@ def merge(objects: ObjectStore, fresh: Index, check_stat: bool, emit: Callable[[
     return count, need_bytes
 
 
-def _enrich(code: str, oid: str, path: bytes, detail: str, fresh: Index, objects: ObjectStore
-            ) -> tuple[str, dict | None]:
+def _enrich(code: str, oid: str, path: bytes, detail: str, fresh: Index, objects: ObjectStore,
+            used_by: dict[str, tuple[list, int]]) -> tuple[str, dict | None]:
     """(detail, data) of an object finding: which versions (or which upload's description) a bad
     object holds, for the report and for repair."""
     if code == "W024":
         return detail, {"oid": oid}
     if code == "E023":
         return detail, {"store_rel": path[len(objects.root) + 1:]}
-    if code not in ("E020", "E021", "E022") or not layout.valid_object_id(oid):
+    if code not in USED or not layout.valid_object_id(oid):
         return detail, None
-    users, total = fresh.users_of(oid, REF_LIMIT)
+    users, total = used_by.get(oid, ([], 0))
     versions = [(v.path, v.n, v.stamp) for v in users]
     data: dict = {"oid": oid, "versions": versions, "total": total}
     if versions:

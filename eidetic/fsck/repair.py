@@ -258,9 +258,9 @@ class _Repairer:
         idx = store.index
         tmp_dir = store.broot + b"/tmp"
         n = 0
+        used_by = idx.users_of(self.replaced, 1 << 62)     # one pass over the index for them all
         for oid, old in self.replaced.items():
-            users, _ = idx.users_of(oid, 1 << 62)
-            for v in users:
+            for v in used_by.get(oid, ([], 0))[0]:
                 for rel in (layout.version_relpath(v.path, v.n, v.stamp), layout.tree_relpath(v.path)):
                     name = self.tree_root + b"/" + rel
                     try:

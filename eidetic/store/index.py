@@ -3,11 +3,10 @@
 Databases (one LMDB environment under ``<store>/index``; layouts in
 store_format.md, "Index"):
 
-  meta      b"format" -> b"1";  b"applied" -> seq;  b"head" -> digest of last applied manifest;
+  meta      b"format" -> b"2";  b"applied" -> seq;  b"head" -> digest of last applied manifest;
             b"partial" -> seq, records applied (a manifest being applied in chunks)
   versions  path \\0 version(4 BE) -> VersionRecord
   objects   blake3(32) -> size(8 BE) first seq(8 BE)   (also each upload description's object)
-  refs      blake3(32) -> path \\0 version(4 BE)   (dupsort: every path-version using it)
   bysize    size(8 BE) -> b""                      (large objects only: "might this be a re-send?")
   uploads   seq(8 BE) -> JSON summary of the upload (with the manifest's "description", if any)
   upload_ids upload id -> seq(8 BE)
@@ -42,7 +41,7 @@ import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import lmdb
 
@@ -50,13 +49,18 @@ from ..core import layout
 from ..core.errors import EideticError, IndexUnusable, LockBusy, StoreFormatError, StoreIOError
 from .manifest import FileRecord, Header, ManifestReader
 
-INDEX_FORMAT = b"1"
+INDEX_FORMAT = b"2"
+# Format 1 also had a "refs" database (object -> every path-version using it),
+# written at a random place for each new version and read only by fsck's
+# reports and repair, which now scan "versions" instead: a format 1 index is
+# read as it is and upgraded by the first writer that opens it (_upgrade).
+READ_FORMATS = (b"1", INDEX_FORMAT)
 CHUNK_RECORDS = 5000
 LARGE_OBJECT = 1 << 20
 _MAP_SIZE = 1 << 40            # virtual address space only (docs/design.md, "LMDB": the 10 MiB default fails)
 _VREC = struct.Struct(">QQqI32s")  # seq, size, mtime_ns, mode, blake3
 _SEQ = struct.Struct(">Q")
-DB_NAMES = ("meta", "versions", "objects", "refs", "bysize", "uploads", "upload_ids", "cutnames")
+DB_NAMES = ("meta", "versions", "objects", "bysize", "uploads", "upload_ids", "cutnames")
 _MIN_FILE = 2 * 4096           # two meta pages: anything shorter was never an LMDB file
 
 # One environment per data file per process (docs/design.md, "LMDB": never open one twice);
@@ -148,12 +152,11 @@ class _Writer:
     arguments and looks the database up at each call) and the manifest's
     constants, encoded once."""
 
-    __slots__ = ("txn", "seq", "versions", "refs", "objects", "bysize", "received", "stamp", "want_version")
+    __slots__ = ("txn", "seq", "versions", "objects", "bysize", "received", "stamp", "want_version")
 
     def __init__(self, index: "Index", txn: lmdb.Transaction, h: Header) -> None:
         self.txn, self.seq = txn, h.seq
         self.versions = txn.cursor(db=index.versions)
-        self.refs = txn.cursor(db=index.refs)
         self.objects = txn.cursor(db=index.objects)
         self.bysize = txn.cursor(db=index.bysize)
         self.received = h.received.encode("ascii")
@@ -319,15 +322,28 @@ class Index:
         with self.env.begin(write=True) as txn:
             try:
                 for name in DB_NAMES:
-                    setattr(self, name, self.env.open_db(name.encode(), txn=txn, create=True,
-                                                         dupsort=name == "refs"))
+                    setattr(self, name, self.env.open_db(name.encode(), txn=txn, create=True))
             except lmdb.NotFoundError:
                 raise StoreFormatError("index is incomplete (run 'eidetic fsck --repair')", self.path) from None
             fmt = txn.get(b"format", db=self.meta)
             if fmt is None:
                 txn.put(b"format", INDEX_FORMAT, db=self.meta)
-            elif fmt not in (None, INDEX_FORMAT):
+            elif fmt not in READ_FORMATS:
                 raise StoreFormatError(f"index format {fmt!r} is not understood", self.path)
+            elif fmt != INDEX_FORMAT:
+                self._upgrade(txn)
+
+    def _upgrade(self, txn: lmdb.Transaction) -> None:
+        """Format 1 -> 2 in the writer's transaction *txn*: drop "refs" (its
+        pages go to LMDB's free list and are reused) and say format 2.  Every
+        other database is the same in both formats, so nothing is rebuilt."""
+        try:
+            refs = self.env.open_db(b"refs", txn=txn, create=False, dupsort=True)
+        except lmdb.NotFoundError:
+            refs = None
+        if refs is not None:
+            txn.drop(refs, delete=True)
+        txn.put(b"format", INDEX_FORMAT, db=self.meta)
 
     def _open_existing(self, durable: bool, write: bool) -> None:
         data = os.path.join(self.path, "data.mdb")
@@ -354,15 +370,18 @@ class Index:
             name = ""
             try:
                 for name in DB_NAMES:
-                    setattr(self, name, self.env.open_db(name.encode(), create=False, dupsort=name == "refs"))
+                    setattr(self, name, self.env.open_db(name.encode(), create=False))
             except lmdb.NotFoundError:
                 raise IndexUnusable(f"its index is damaged (it has no {name!r} database)", self.study) from None
             fmt = self.state().format
             if fmt is None:
                 raise IndexUnusable("its index is damaged (it records no format)", self.study)
-            if fmt != INDEX_FORMAT:
+            if fmt not in READ_FORMATS:
                 raise IndexUnusable(f"its index has format {fmt.decode('ascii', 'replace')!r}, which this "
                                     "eidetic does not read", self.study)
+            if fmt != INDEX_FORMAT and write and not self.lockless:
+                with self.env.begin(write=True) as txn:
+                    self._upgrade(txn)
         except BaseException:
             self.close()    # a damaged environment is not kept for the next open
             raise
@@ -591,7 +610,6 @@ class Index:
         if len(path) > KEY_ROOM:  # the key holds only part of it
             value += b"\0" + path
         cur.put(vkey, value)
-        w.refs.put(digest, vkey, dupdata=True)
         w.objects.put(digest, _OREC.pack(rec.size, h.seq), overwrite=False)
         if rec.size >= LARGE_OBJECT:
             w.bysize.put(_SEQ.pack(rec.size), b"")
@@ -782,21 +800,27 @@ class Index:
                 yield ScanVersion(long_path or k[:-5], _N.unpack_from(k, len(k) - 4)[0], seq, digest.hex(), stamp)
 
     @_reads
-    def users_of(self, oid: str, limit: int) -> tuple[list[Version], int]:
-        """The versions that use object *oid* (the first *limit*, in key order) and their number."""
-        out: list[Version] = []
+    def users_of(self, oids: Iterable[str], limit: int) -> dict[str, tuple[list[Version], int]]:
+        """For each object of *oids*: the versions that use it (the first
+        *limit*, in key order) and their number; an object no version uses
+        is left out.  One pass over every version (there is no reverse
+        database, see READ_FORMATS): ask for all the objects at once."""
+        want = {bytes.fromhex(o): o for o in oids}
+        out: dict[str, tuple[list[Version], int]] = {}
+        if not want:
+            return out
+        lo, hi = _DIGEST_AT, _DIGEST_END
         with self.env.begin() as txn:
-            cur = txn.cursor(db=self.refs)
-            if not cur.set_key(bytes.fromhex(oid)):
-                return out, 0
-            total = cur.count()
-            for vkey in cur.iternext_dup():      # each is a key of the versions database
-                if len(out) >= limit:
-                    break
-                value = txn.get(vkey, db=self.versions)
-                if value is not None:
-                    out.append(_decode_version(bytes(vkey), bytes(value)))
-        return out, total
+            limit_seq = self._limit(txn, self.meta)
+            for k, v in txn.cursor(db=self.versions):
+                oid = want.get(v[lo:hi])
+                if oid is None or _SEQ.unpack_from(v)[0] > limit_seq:
+                    continue
+                users, total = out.get(oid, ([], 0))
+                if len(users) < limit:
+                    users.append(_decode_version(bytes(k), bytes(v)))
+                out[oid] = (users, total + 1)
+        return out
 
     @_reads
     def first_seq(self, oid: str) -> int | None:
@@ -839,9 +863,14 @@ class Index:
 
     def _dump_in(self, txn: lmdb.Transaction) -> Iterator[tuple[str, bytes, bytes]]:
         for name in DB_NAMES:
-            cur = txn.cursor(db=getattr(self, name))
-            for k, v in cur:  # MDB_NEXT visits every duplicate too
+            for k, v in self._records(txn, name):
                 yield name, bytes(k), bytes(v)
+
+    def _records(self, txn: lmdb.Transaction, name: str) -> Iterator[tuple[bytes, bytes]]:
+        """The records of database *name* that say what the index holds: its
+        format is left out (a format 1 index holds what a format 2 one does)."""
+        cur = txn.cursor(db=getattr(self, name)).iternext()
+        return cur if name != "meta" else (kv for kv in cur if kv[0] != b"format")
 
     def close(self) -> None:
         env = getattr(self, "env", None)
@@ -874,8 +903,8 @@ class Snapshot:
         dumps: no Python per record; dump() then says where they differ.)"""
         with _reading(self.index):
             for name in DB_NAMES:
-                mine = self._txn.cursor(db=getattr(self.index, name)).iternext()
-                theirs = other._txn.cursor(db=getattr(other.index, name)).iternext()
+                mine = self.index._records(self._txn, name)
+                theirs = other.index._records(other._txn, name)
                 if not all(itertools.starmap(operator.eq, itertools.zip_longest(mine, theirs))):
                     return False
         return True
