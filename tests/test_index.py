@@ -407,11 +407,11 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
     real = Index._apply_file
     count = {"n": 0}
 
-    def flaky(self, txn, h, rec):
+    def flaky(self, *args):
         count["n"] += 1
         if count["n"] > calls:
             raise Interrupt(f"killed after {calls} records")
-        return real(self, txn, h, rec)
+        return real(self, *args)
 
     monkeypatch.setattr(Index, "_apply_file", flaky)
 

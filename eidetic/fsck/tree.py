@@ -56,7 +56,6 @@ class TreeScan:
         # names ask about one object, and a study's copies of the same data (the same files sent
         # again at another path) about the same objects.  Bounded: cleared when it is full.
         self._ids: dict[str, tuple[int, int] | None] = {}
-        self._odir = objects.root + b"/objects/"
 
     def run(self) -> None:
         try:
@@ -210,8 +209,8 @@ class TreeScan:
         if oid in ids:
             want = ids[oid]
         else:
-            try:    # objects.path(oid), without its check: the oid is the index's own hex digest
-                st = os.lstat(self._odir + oid[:2].encode() + b"/" + oid[2:].encode())
+            try:    # once per object: the answer is remembered
+                st = os.lstat(self.objects.path(oid))
                 want = (st.st_dev, st.st_ino)
             except FileNotFoundError:
                 want = None

@@ -60,6 +60,7 @@ LARGE_OBJECT = 1 << 20
 _MAP_SIZE = 1 << 40            # virtual address space only (docs/design.md, "LMDB": the 10 MiB default fails)
 _VREC = struct.Struct(">QQqI32s")  # seq, size, mtime_ns, mode, blake3
 _SEQ = struct.Struct(">Q")
+_N = struct.Struct(">I")               # a version number in a versions key
 DB_NAMES = ("meta", "versions", "objects", "bysize", "uploads", "upload_ids", "cutnames")
 _MIN_FILE = 2 * 4096           # two meta pages: anything shorter was never an LMDB file
 
@@ -110,7 +111,7 @@ def path_key(path: bytes) -> bytes:
 
 
 def _vkey(path: bytes, n: int) -> bytes:
-    return path_key(path) + b"\0" + struct.pack(">I", n)
+    return path_key(path) + b"\0" + _N.pack(n)
 
 
 def _cut_name_entries(path: bytes, n: int, stamp: str) -> Iterator[tuple[bytes, bytes]]:
@@ -140,10 +141,21 @@ def _decode_version(key: bytes, value: bytes) -> Version:
     return Version(path, n, seq, size, mtime, mode, digest.hex(), received.decode("ascii"))
 
 
-_N = struct.Struct(">I")
 _OREC = struct.Struct(">QQ")           # objects: size, first seq
 _DIGEST_AT = _VREC.size - 32          # where the blake3 starts in a versions value
 _DIGEST_END = _DIGEST_AT + 32
+
+
+def _is_key_of(key: bytes, pk: bytes) -> bool:
+    """Is *key* of the versions database (pk \\0 u32) one of path key *pk*?"""
+    return len(key) == len(pk) + 5 and key[-5] == 0 and key.startswith(pk)
+
+
+def _seek_last(cur: lmdb.Cursor, pk: bytes) -> bool:
+    """Put *cur* (on versions) on the latest version of path key *pk*: the
+    last key before pk \\0 ffffffff.  False when the path has none."""
+    found = cur.prev() if cur.set_range(pk + b"\0\xff\xff\xff\xff") else cur.last()
+    return found and _is_key_of(cur.key(), pk)
 
 
 class _Writer:
@@ -152,16 +164,16 @@ class _Writer:
     arguments and looks the database up at each call) and the manifest's
     constants, encoded once."""
 
-    __slots__ = ("txn", "seq", "versions", "objects", "bysize", "received", "stamp", "want_version")
+    __slots__ = ("txn", "h", "seq", "versions", "objects", "bysize", "received", "stamp", "want_version")
 
-    def __init__(self, index: "Index", txn: lmdb.Transaction, h: Header) -> None:
-        self.txn, self.seq = txn, h.seq
+    def __init__(self, index: "Index", txn: lmdb.Transaction, h: Header, want_version: bool) -> None:
+        self.txn, self.h, self.seq = txn, h, h.seq
         self.versions = txn.cursor(db=index.versions)
         self.objects = txn.cursor(db=index.objects)
         self.bysize = txn.cursor(db=index.bysize)
         self.received = h.received.encode("ascii")
         self.stamp = layout.compact_stamp(h.received)
-        self.want_version = index._visiting
+        self.want_version = want_version     # does a visitor take each new Version?
 
 
 # ------------------------------------------------------------------ faults
@@ -306,8 +318,6 @@ class Index:
         self.verified = False          # verify_structure() found it sound
         self.ident: tuple[int, int] | None = None
         self.lockless = False          # opened without LMDB's lock (a reader that may not write it)
-        self._w: _Writer | None = None  # the apply's cursors in its current write transaction
-        self._visiting = True           # does the apply in progress pass each new Version to a visitor?
         try:
             if create:
                 self._create(durable)
@@ -519,15 +529,15 @@ class Index:
             reader.close()
             return new_versions
         pos = 0
-        self._visiting = visit is not None
-        txn = self._begin_write()
+        w = self._begin_write(h, visit is not None)
+        txn = w.txn
         try:
             for rec in reader.records():
                 pos += 1
                 if pos <= start:
                     continue
                 if isinstance(rec, FileRecord):
-                    v = self._apply_file(txn, h, rec)
+                    v = self._apply_file(w, rec)
                     if v is not None:
                         new_versions += 1
                         if visit is not None:
@@ -538,7 +548,8 @@ class Index:
                     if pos == stop_after:
                         reader.close()
                         return new_versions
-                    txn = self._begin_write()
+                    w = self._begin_write(h, visit is not None)
+                    txn = w.txn
             info = reader.info
             assert info is not None
             summary = {"upload": h.upload, "seq": h.seq, "received": h.received, "source": h.source,
@@ -569,19 +580,11 @@ class Index:
             raise
         return new_versions
 
-    def _begin_write(self) -> lmdb.Transaction:
-        txn = self.env.begin(write=True)
-        self._w = None          # cursors of an earlier transaction are of no use (_Writer)
-        return txn
+    def _begin_write(self, h: Header, want_version: bool) -> _Writer:
+        """A write transaction for applying records of *h*, with its cursors."""
+        return _Writer(self, self.env.begin(write=True), h, want_version)
 
-    def _writer(self, txn: lmdb.Transaction, h: Header) -> "_Writer":
-        """The cursors and per-manifest constants for applying records of *h* in *txn*."""
-        w = self._w
-        if w is None or w.txn is not txn or w.seq != h.seq:
-            w = self._w = _Writer(self, txn, h)
-        return w
-
-    def _apply_file(self, txn: lmdb.Transaction, h: Header, rec: FileRecord) -> Version | bool | None:
+    def _apply_file(self, w: _Writer, rec: FileRecord) -> Version | bool | None:
         """One file record: None when it is no new version; else the new Version
         (True instead when no visitor wants it: building one costs as much as
         the lookups, and fsck's replay has no visitor).
@@ -589,35 +592,28 @@ class Index:
         The hot path of every apply (ingest and fsck's replay): the writer's
         cursors are made once per transaction, the latest version is read
         in place (no Version decoded) and only its digest compared."""
-        w = self._w
-        if w is None or w.txn is not txn or w.seq != h.seq:
-            w = self._writer(txn, h)
         path = rec.path
-        pk = path if len(path) <= KEY_ROOM else path_key(path)
+        pk = path_key(path)
         cur = w.versions
-        # the path's latest version is the last key of pk \0 *: step back from past its last possible key
-        found = cur.prev() if cur.set_range(pk + b"\0\xff\xff\xff\xff") else cur.last()
         digest = bytes.fromhex(rec.blake3)
         n = 1
-        if found:
-            key = cur.key()
-            if len(key) == len(pk) + 5 and key[-5] == 0 and key.startswith(pk):
-                if cur.value()[_DIGEST_AT:_DIGEST_END] == digest:
-                    return None
-                n = _N.unpack_from(key, len(pk) + 1)[0] + 1
+        if _seek_last(cur, pk):
+            if cur.value()[_DIGEST_AT:_DIGEST_END] == digest:
+                return None
+            n = _N.unpack_from(cur.key(), len(pk) + 1)[0] + 1
         vkey = pk + b"\0" + _N.pack(n)
-        value = _VREC.pack(h.seq, rec.size, rec.mtime_ns, rec.mode, digest) + w.received
+        value = _VREC.pack(w.seq, rec.size, rec.mtime_ns, rec.mode, digest) + w.received
         if len(path) > KEY_ROOM:  # the key holds only part of it
             value += b"\0" + path
         cur.put(vkey, value)
-        w.objects.put(digest, _OREC.pack(rec.size, h.seq), overwrite=False)
+        w.objects.put(digest, _OREC.pack(rec.size, w.seq), overwrite=False)
         if rec.size >= LARGE_OBJECT:
             w.bysize.put(_SEQ.pack(rec.size), b"")
         if layout.may_be_cut(path):
-            self._record_cut_names(txn, path, n, w.stamp)
+            self._record_cut_names(w.txn, path, n, w.stamp)
         if not w.want_version:
             return True
-        return Version(path, n, h.seq, rec.size, rec.mtime_ns, rec.mode, rec.blake3, h.received)
+        return Version(path, n, w.seq, rec.size, rec.mtime_ns, rec.mode, rec.blake3, w.h.received)
 
     def _record_cut_names(self, txn: lmdb.Transaction, path: bytes, n: int, stamp: str) -> None:
         for key, value in _cut_name_entries(path, n, stamp):
@@ -638,19 +634,13 @@ class Index:
         """The path's latest version; *limit* None (the writer, mid-apply) sees every one."""
         pk = path_key(path)
         cur = txn.cursor(db=self.versions)
-        if not cur.set_range(pk + b"\0\xff\xff\xff\xff"):
-            if not cur.last():
-                return None
-        elif not cur.prev():
+        if not _seek_last(cur, pk):
             return None
         while True:
-            key = cur.key()
-            if key[:-5] != pk or key[-5:-4] != b"\0":
-                return None
             value = cur.value()
             if limit is None or _SEQ.unpack_from(value)[0] <= limit:
-                return _decode_version(key, value)
-            if not cur.prev():
+                return _decode_version(cur.key(), value)
+            if not cur.prev() or not _is_key_of(cur.key(), pk):
                 return None
 
     @_reads
