@@ -36,7 +36,14 @@ _libc = None
 def _load_libc():
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The symbols already loaded (libc among them): ctypes.util.find_library
+        # would run ldconfig -p in a child process, slower than the call it serves,
+        # and a second process under the fault tests' strace.
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.syncfs     # noqa: B018 - is it there?
+        except (OSError, AttributeError):
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     return _libc
 
 
