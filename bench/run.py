@@ -34,6 +34,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loopfs  # noqa: E402  (bench/loopfs.py)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
 GiB = 1 << 30
@@ -185,6 +188,10 @@ class Bench:
 
     def settle(self) -> None:
         """What precedes every timed command, for every tool alike."""
+        subprocess.run(["sync"], check=True)
+        # On a loop image (ext4.py, xfs.py) one sync can leave what it pushed
+        # into the image's file dirty in the file system below, and the next
+        # tool's own sync would pay for the previous tool's writes.
         subprocess.run(["sync"], check=True)
         if self.a.drop_caches:
             with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -743,6 +750,9 @@ def machine_info(work: str) -> dict:
                                     capture_output=True, text=True).stdout.strip()
     except OSError:
         pass
+    journal = loopfs.journal_of(work)
+    if journal is not None:
+        info["ext4_journal"] = journal
     return info
 
 
@@ -818,6 +828,9 @@ def main(argv=None) -> int:
     if have["eidetic"]:
         setup_eidetic_env(have["eidetic"], os.path.join(run_dir, "pycache"))
     b.say(f"work directory: {run_dir}")
+    if loopfs.journal_of(run_dir) == "no":
+        b.say("  !! ext4 without a journal here: creating files is 10-30x slower for minutes after a mass "
+              "delete (bench/loopfs.py); bench/ext4.py runs these phases on a journaled ext4 image")
 
     versions = tool_versions(have)
     b.say(f"eidetic code: {versions.get('eidetic_commit')} "

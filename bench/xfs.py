@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import loopfs  # noqa: E402  (bench/loopfs.py: the loop image)
 import run  # noqa: E402  (bench/run.py: the harness this variant reuses)
 
 MiB = 1 << 20
@@ -47,41 +48,6 @@ from eidetic_cli.main import main
 sys.argv = ["eidetic", "--config", cfg, "ingest", "--once"]
 main()
 """
-
-
-def why_no_xfs() -> str | None:
-    if os.geteuid() != 0:
-        return "not root (mounting a loop image needs root)"
-    for tool in ("mkfs.xfs", "losetup", "mount", "umount"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install xfsprogs)"
-    return None
-
-
-def make_xfs(work: str, gib: int) -> tuple[str, str]:
-    """A sparse image of *gib* GiB under *work*, mkfs.xfs -m reflink=1, mounted; (image, mount point)."""
-    img, mnt = os.path.join(work, "xfs.img"), os.path.join(work, "xfs-mnt")
-    os.makedirs(mnt, exist_ok=True)
-    with open(img, "wb") as f:
-        f.truncate(gib << 30)
-    try:
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", img], check=True, capture_output=True)
-        r = subprocess.run(["mount", "-o", "loop", img, mnt], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"cannot mount a loop image here: {r.stderr.strip()}")
-    except BaseException:
-        os.unlink(img)
-        raise
-    return img, mnt
-
-
-def remove_xfs(img: str, mnt: str) -> None:
-    if subprocess.run(["umount", mnt], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
-    try:
-        os.unlink(img)
-    except FileNotFoundError:
-        pass
 
 
 def used_mib(path: str) -> float:
@@ -139,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("rest", nargs="*", help="further run.py options (after --)")
     a = ap.parse_args(argv)
 
-    reason = why_no_xfs()
+    reason = loopfs.why_not("xfs")
     if reason:
         print(f"XFS variant skipped: {reason}")
         return 0
@@ -154,7 +120,7 @@ def main(argv=None) -> int:
     # run.py keeps every repeat's copies until the end: the data set, then ~7x it per repeat.
     gib = a.image_gib or int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4
     try:
-        img, mnt = make_xfs(work, gib)
+        img, mnt = loopfs.make("xfs", work, gib)
     except (RuntimeError, subprocess.CalledProcessError) as e:
         detail = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else e
         print(f"XFS variant skipped: {detail}")
@@ -183,7 +149,7 @@ def main(argv=None) -> int:
                            "--repeat", str(a.repeat), "--json", out, *a.rest])
             doc["main"] = {"exit": rc, "results": out}
     finally:
-        remove_xfs(img, mnt)
+        loopfs.remove(img, mnt)
     doc["loadavg_end"] = os.getloadavg()
     path = a.json_out or os.path.join(HERE, "out", f"xfs-{stamp}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
