@@ -19,11 +19,15 @@ class _Bar:
         self.bar = None
 
     def __call__(self, files: int, nbytes: int) -> None:
+        count = f"{files} files" if files != 1 else "1 file"
         bar = self.bar
         if bar is None:
-            bar = self.bar = iec_bar(None, desc=self.what, disable=None, leave=False, file=sys.stderr,
-                                     dynamic_ncols=True)
-        bar.postfix = f"{files} files" if files != 1 else "1 file"
+            # Its first drawing (at once) already counts: tqdm may draw
+            # nothing more before a quick checkout ends.
+            self.bar = iec_bar(None, desc=self.what, initial=nbytes, postfix=count, disable=None, leave=False,
+                               file=sys.stderr, dynamic_ncols=True)
+            return
+        bar.postfix = count
         bar.update(nbytes - bar.n)
 
     def close(self) -> None:
