@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from datetime import datetime, timezone
 
@@ -43,34 +41,15 @@ def main(argv=None) -> int:
     ap.add_argument("rest", nargs="*", help="further run.py options (after --)")
     a = ap.parse_args(argv)
 
-    reason = loopfs.why_not("ext4")
-    if reason:
-        print(f"ext4 variant skipped: {reason}")
-        return 0
-    eidetic = a.eidetic or ("/work/venv/bin/eidetic" if os.path.exists("/work/venv/bin/eidetic")
-                            else shutil.which("eidetic"))
-    if not eidetic:
-        print("ext4 variant skipped: no eidetic executable (--eidetic PATH)")
-        return 0
     work = os.path.abspath(a.work)
-    os.makedirs(work, exist_ok=True)
-    # More than xfs.py's estimate: without clones every copy takes its room (a 40 GiB image
-    # filled up in the 2nd repeat at scale 1); the image is sparse, /work needs what is used.
+    # Room for xfs.py's estimate and more: without clones every copy takes its
+    # own (a 40 GiB image filled up in the 2nd repeat at scale 1).  The image is
+    # sparse: under --work it takes what the runs write (~7x the data per repeat).
     gib = a.image_gib or int((1 + 10 * a.repeat) * 2.2 * a.scale) + 8
-    # What the runs write (~7x the data set per repeat, xfs.py's estimate) must fit
-    # below the sparse image: a loop file system whose file cannot grow aborts its journal.
-    need = int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4
-    st = os.statvfs(work)
-    free = st.f_bavail * st.f_frsize >> 30
-    if free < need:
-        print(f"ext4 variant skipped: it needs about {need} GiB free under {work}, which has {free} GiB")
+    ready = loopfs.prepare("ext4", "ext4", a.eidetic, work, gib, int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4)
+    if ready is None:
         return 0
-    try:
-        img, mnt = loopfs.make("ext4", work, gib)
-    except (RuntimeError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else e
-        print(f"ext4 variant skipped: {detail}")
-        return 0
+    eidetic, img, mnt = ready
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     try:
         print(f"ext4 (journaled) loop image of {gib} GiB mounted at {mnt}", flush=True)

@@ -21,6 +21,34 @@ MKFS = {"xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],   # reflink: XFS clo
 PACKAGE = {"xfs": "xfsprogs", "ext4": "e2fsprogs"}
 
 
+def prepare(fs: str, label: str, eidetic: str | None, work: str, gib: int, need_gib: int) -> tuple | None:
+    """Everything a variant needs before its runs: (eidetic, image, mount
+    point), or None after one "<label> variant skipped: <why>" line (not
+    root, no tools, no eidetic executable, less than *need_gib* free under
+    *work* for what the runs write below the sparse image: a loop file
+    system whose file cannot grow aborts its journal, or no mount)."""
+    reason = why_not(fs)
+    eidetic = eidetic or ("/work/venv/bin/eidetic" if os.path.exists("/work/venv/bin/eidetic")
+                          else shutil.which("eidetic"))
+    if reason is None and not eidetic:
+        reason = "no eidetic executable (--eidetic PATH)"
+    if reason is None:
+        os.makedirs(work, exist_ok=True)
+        st = os.statvfs(work)
+        free = st.f_bavail * st.f_frsize >> 30
+        if free < need_gib:
+            reason = f"it needs about {need_gib} GiB free under {work}, which has {free} GiB"
+    if reason is None:
+        try:
+            return (eidetic, *make(fs, work, gib))
+        except RuntimeError as e:
+            reason = str(e)
+        except subprocess.CalledProcessError as e:
+            reason = e.stderr.decode(errors="replace").strip()
+    print(f"{label} variant skipped: {reason}")
+    return None
+
+
 def why_not(fs: str) -> str | None:
     """Why a loop image of *fs* cannot be made here, or None."""
     if os.geteuid() != 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -105,26 +104,15 @@ def main(argv=None) -> int:
     ap.add_argument("rest", nargs="*", help="further run.py options (after --)")
     a = ap.parse_args(argv)
 
-    reason = loopfs.why_not("xfs")
-    if reason:
-        print(f"XFS variant skipped: {reason}")
-        return 0
-    eidetic = a.eidetic or ("/work/venv/bin/eidetic" if os.path.exists("/work/venv/bin/eidetic")
-                            else shutil.which("eidetic"))
-    if not eidetic:
-        print("XFS variant skipped: no eidetic executable (--eidetic PATH)")
-        return 0
-    python = os.path.join(os.path.dirname(eidetic), "python")
     work = os.path.abspath(a.work)
-    os.makedirs(work, exist_ok=True)
     # run.py keeps every repeat's copies until the end: the data set, then ~7x it per repeat.
-    gib = a.image_gib or int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4
-    try:
-        img, mnt = loopfs.make("xfs", work, gib)
-    except (RuntimeError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else e
-        print(f"XFS variant skipped: {detail}")
+    writes = int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4
+    gib = a.image_gib or writes
+    ready = loopfs.prepare("xfs", "XFS", a.eidetic, work, gib, writes)
+    if ready is None:
         return 0
+    eidetic, img, mnt = ready
+    python = os.path.join(os.path.dirname(eidetic), "python")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     doc: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "image_gib": gib,
                  "scale": a.scale, "repeat": a.repeat, "loadavg_start": os.getloadavg()}
