@@ -46,10 +46,11 @@ def main(argv=None) -> int:
     # own (a 40 GiB image filled up in the 2nd repeat at scale 1).  The image is
     # sparse: under --work it takes what the runs write (~7x the data per repeat).
     gib = a.image_gib or int((1 + 10 * a.repeat) * 2.2 * a.scale) + 8
-    ready = loopfs.prepare("ext4", "ext4", a.eidetic, work, gib, int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4)
+    eidetic = a.eidetic or run.default_eidetic()
+    ready = loopfs.prepare("ext4", "ext4", eidetic, work, gib, int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4)
     if ready is None:
         return 0
-    eidetic, img, mnt = ready
+    img, mnt = ready
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     try:
         print(f"ext4 (journaled) loop image of {gib} GiB mounted at {mnt}", flush=True)

@@ -22,14 +22,12 @@ PACKAGE = {"xfs": "xfsprogs", "ext4": "e2fsprogs"}
 
 
 def prepare(fs: str, label: str, eidetic: str | None, work: str, gib: int, need_gib: int) -> tuple | None:
-    """Everything a variant needs before its runs: (eidetic, image, mount
-    point), or None after one "<label> variant skipped: <why>" line (not
-    root, no tools, no eidetic executable, less than *need_gib* free under
-    *work* for what the runs write below the sparse image: a loop file
-    system whose file cannot grow aborts its journal, or no mount)."""
+    """Everything a variant needs before its runs: (image, mount point), or
+    None after one "<label> variant skipped: <why>" line (not root, no
+    tools, no *eidetic* executable, less than *need_gib* free under *work*
+    for what the runs write below the sparse image: a loop file system whose
+    file cannot grow aborts its journal, or no mount)."""
     reason = why_not(fs)
-    eidetic = eidetic or ("/work/venv/bin/eidetic" if os.path.exists("/work/venv/bin/eidetic")
-                          else shutil.which("eidetic"))
     if reason is None and not eidetic:
         reason = "no eidetic executable (--eidetic PATH)"
     if reason is None:
@@ -40,7 +38,7 @@ def prepare(fs: str, label: str, eidetic: str | None, work: str, gib: int, need_
             reason = f"it needs about {need_gib} GiB free under {work}, which has {free} GiB"
     if reason is None:
         try:
-            return (eidetic, *make(fs, work, gib))
+            return make(fs, work, gib)
         except RuntimeError as e:
             reason = str(e)
         except subprocess.CalledProcessError as e:
@@ -87,20 +85,12 @@ def remove(img: str, mnt: str) -> None:
 
 
 def journal_of(path: str) -> str | None:
-    """For a path on ext4: whether its file system has a journal ("yes"/"no"), else None."""
+    """For a path on ext4: whether its file system has a journal ("yes"/"no"), else None.
+    The device comes from the path's st_dev (/sys/dev/block), so no mount table is parsed."""
     try:
         dev = os.stat(path).st_dev
-        name = None
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                major, minor = (int(x) for x in parts[2].split(":"))
-                sep = parts.index("-")
-                if os.makedev(major, minor) == dev and parts[sep + 1] == "ext4":
-                    name = os.path.basename(parts[sep + 2])
-        if name is None:
-            return None
-        with open(f"/sys/fs/ext4/{name}/journal_task") as f:
+        name = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+        with open(f"/sys/fs/ext4/{name}/journal_task") as f:     # only an ext4 is there
             return "no" if f.read().strip() == "<none>" else "yes"
-    except (OSError, ValueError):
+    except OSError:
         return None

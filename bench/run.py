@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 import loopfs  # noqa: E402  (bench/loopfs.py)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -758,6 +758,11 @@ def machine_info(work: str) -> dict:
 
 # ----------------------------------------------------------------- main
 
+def default_eidetic() -> str | None:
+    """The eidetic executable when --eidetic does not say: /work/venv's, else PATH's."""
+    return "/work/venv/bin/eidetic" if os.path.exists("/work/venv/bin/eidetic") else shutil.which("eidetic")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=float, default=1.0,
@@ -799,8 +804,7 @@ def main(argv=None) -> int:
                     help="write results as JSON here (default bench/out/results-<time>.json)")
     a = ap.parse_args(argv)
     if a.eidetic is None:
-        a.eidetic = "/work/venv/bin/eidetic" if os.path.exists("/work/venv/bin/eidetic") \
-            else shutil.which("eidetic")
+        a.eidetic = default_eidetic()
     work = os.path.abspath(a.work)
     repo_root = os.path.dirname(HERE)
     if os.path.commonpath([work, repo_root]) == repo_root:

@@ -108,10 +108,11 @@ def main(argv=None) -> int:
     # run.py keeps every repeat's copies until the end: the data set, then ~7x it per repeat.
     writes = int((1 + 7 * a.repeat) * 2.2 * a.scale) + 4
     gib = a.image_gib or writes
-    ready = loopfs.prepare("xfs", "XFS", a.eidetic, work, gib, writes)
+    eidetic = a.eidetic or run.default_eidetic()
+    ready = loopfs.prepare("xfs", "XFS", eidetic, work, gib, writes)
     if ready is None:
         return 0
-    eidetic, img, mnt = ready
+    img, mnt = ready
     python = os.path.join(os.path.dirname(eidetic), "python")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     doc: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "image_gib": gib,

@@ -111,7 +111,12 @@ def path_key(path: bytes) -> bytes:
 
 
 def _vkey(path: bytes, n: int) -> bytes:
-    return path_key(path) + b"\0" + _N.pack(n)
+    return _version_key(path_key(path), n)
+
+
+def _version_key(pk: bytes, n: int) -> bytes:
+    """The versions key of version *n* of path key *pk*: pk \\0 u32 (the one place it is spelt)."""
+    return pk + b"\0" + _N.pack(n)
 
 
 def _cut_name_entries(path: bytes, n: int, stamp: str) -> Iterator[tuple[bytes, bytes]]:
@@ -154,7 +159,7 @@ def _is_key_of(key: bytes, pk: bytes) -> bool:
 def _seek_last(cur: lmdb.Cursor, pk: bytes) -> bool:
     """Put *cur* (on versions) on the latest version of path key *pk*: the
     last key before pk \\0 ffffffff.  False when the path has none."""
-    found = cur.prev() if cur.set_range(pk + b"\0\xff\xff\xff\xff") else cur.last()
+    found = cur.prev() if cur.set_range(_version_key(pk, 0xFFFFFFFF)) else cur.last()
     return found and _is_key_of(cur.key(), pk)
 
 
@@ -601,7 +606,7 @@ class Index:
             if cur.value()[_DIGEST_AT:_DIGEST_END] == digest:
                 return None
             n = _N.unpack_from(cur.key(), len(pk) + 1)[0] + 1
-        vkey = pk + b"\0" + _N.pack(n)
+        vkey = _version_key(pk, n)
         value = _VREC.pack(w.seq, rec.size, rec.mtime_ns, rec.mode, digest) + w.received
         if len(path) > KEY_ROOM:  # the key holds only part of it
             value += b"\0" + path
